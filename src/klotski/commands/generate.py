@@ -1,0 +1,147 @@
+"""`klotski generate`: prompts in (flags or a JSONL file), completions and throughput out."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from klotski.errors import KlotskiError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate completions for many prompts")
+    p.add_argument("--model", help="checkpoint directory (default: the built-in random-weight model)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--input", help='JSONL: {"prompt": ...} | {"messages": [...]} | {"prompt_token_ids": [...]}, optional "id"')
+    p.add_argument("--output", help="write one JSON line per input: id, text, token_ids, finish_reason")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--min-tokens", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible)")
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--logprobs", type=int, default=None, help="top-N logprobs per generated token")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16 | float16")
+    p.add_argument("--json", action="store_true", help='print {"outputs": [...], "stats": {...}}')
+    add_engine_flags(p)
+    p.set_defaults(handler=run)
+
+
+def add_engine_flags(p) -> None:
+    """Budget, placement and schedule flags shared by the commands that run the engine."""
+    p.add_argument("--device-memory", help="device memory budget, e.g. 20GiB (CPU-only: RAM used as the device)")
+    p.add_argument("--host-memory", help="host memory budget, e.g. 64GiB")
+    p.add_argument("--offload-dir", help="directory for the repacked expert blobs (disk tier)")
+    p.add_argument("--schedule", default="klotski", help="sequential | overlap | multibatch | hot | klotski")
+    p.add_argument("--batch-size", type=int, help="bs: sequences per batch")
+    p.add_argument("--num-batches", type=int, help="n: batches sharing each loaded layer")
+    p.add_argument("--num-hot", type=int, help="K: hot experts prefetched per layer (default: top-k)")
+    p.add_argument("--trace", help="write the timeline as Chrome trace JSON (opens in Perfetto)")
+    p.add_argument("--timeline", help="draw the timeline's lanes to a PNG (needs matplotlib)")
+
+
+def engine_kwargs(args) -> dict:
+    """LLM(...) keyword arguments from the shared engine flags."""
+    return {"device_memory": args.device_memory, "host_memory": args.host_memory, "offload_dir": args.offload_dir,
+            "schedule": args.schedule, "batch_size": args.batch_size, "num_batches": args.num_batches,
+            "num_hot": args.num_hot}
+
+
+def read_jsonl(path: str) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, record) for each good line, and an error message for each bad one."""
+    file = Path(path)
+    if not file.is_file():
+        raise KlotskiError(f"--input {path} does not exist")
+    records, errors = [], []
+    for n, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.append(f"{path}:{n}: not valid JSON ({exc.msg}); this line was skipped")
+            continue
+        if not isinstance(record, dict) or not ({"prompt", "messages", "prompt_token_ids"} & set(record)):
+            errors.append(f'{path}:{n}: expected an object with "prompt", "messages" or "prompt_token_ids"; skipped')
+            continue
+        records.append((n, record))
+    return records, errors
+
+
+def run(args) -> int:
+    from klotski.default_model import NOTICE
+    from klotski.engine import LLM
+    from klotski.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+                            ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+    items, errors = [], []
+    for i, text in enumerate(args.prompt):
+        items.append((f"prompt-{i}", {"prompt": text}))
+    if args.input:
+        records, errors = read_jsonl(args.input)
+        items += [(str(r.get("id", f"line-{n}")), r) for n, r in records]
+    if not items and not errors:
+        raise KlotskiError("no prompts: give --prompt TEXT (repeatable) or --input FILE.jsonl")
+    if args.model is None:
+        print(NOTICE, file=sys.stderr)
+    llm = LLM(model=args.model, dtype=args.dtype, **engine_kwargs(args))
+    prompts, ids = _prompts(llm, items, errors)
+    outputs = llm.generate(prompts, params) if prompts else []
+    _write_outputs(args, ids, outputs, llm.last_stats)
+    _write_timeline(args, llm)
+    for message in errors:
+        print(f"klotski: error: {message}", file=sys.stderr)
+    return 2 if errors else 0
+
+
+def _prompts(llm, items, errors) -> tuple[list, list[str]]:
+    """Turn records into engine prompts; a bad record becomes an error, the rest still run."""
+    prompts, ids = [], []
+    for rid, record in items:
+        try:
+            prompt = llm.chat_prompt(record["messages"]) if "messages" in record else record
+            text, tokens = llm._prompt_ids(prompt, f"input {rid}")
+            llm._check_request(tokens, None, f"input {rid}")
+        except KlotskiError as exc:
+            errors.append(str(exc) + "; this input was skipped")
+            continue
+        prompts.append({"prompt": text, "prompt_token_ids": tokens})
+        ids.append(rid)
+    return prompts, ids
+
+
+def _write_outputs(args, ids, outputs, stats) -> None:
+    rows = [{"id": rid, "text": o.outputs[0].text, "token_ids": o.outputs[0].token_ids,
+             "finish_reason": o.outputs[0].finish_reason} for rid, o in zip(ids, outputs)]
+    if args.output:
+        with open(args.output, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    if args.json:
+        print(json.dumps({"outputs": rows, "stats": stats}, indent=2, default=str))
+        return
+    for rid, o in zip(ids, outputs):
+        print(f"--- {rid}: {o.prompt!r}\n{o.outputs[0].text}  [{o.outputs[0].finish_reason}]")
+    if outputs:
+        print(format_stats(stats))
+
+
+def format_stats(stats: dict) -> str:
+    """A short human summary of a run."""
+    pol = stats.get("policy", {})
+    return (f"{stats['generated_tokens']} tokens in {stats['wall_s']:.2f} s = {stats['tokens_per_s']:.2f} tok/s "
+            f"(prefill {stats['prefill_s']:.2f} s, decode {stats['decode_s']:.2f} s; bubble ratio "
+            f"{stats['bubble_ratio']:.3f}; schedule {pol.get('schedule')}, bs {pol.get('batch_size')}, "
+            f"n {pol.get('num_batches')}, {stats['dtype']} on {stats['device']})")
+
+
+def _write_timeline(args, llm) -> None:
+    if args.trace and llm.last_timeline is not None:
+        llm.last_timeline.write_chrome_trace(args.trace)
+    if args.timeline and llm.last_timeline is not None:
+        from klotski.runtime.plot import plot_timeline
+        plot_timeline(llm.last_timeline, args.timeline)

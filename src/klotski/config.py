@@ -1,0 +1,88 @@
+"""Frozen configuration: what the user asked for (EngineConfig) and what the planner decided (Policy)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from klotski.errors import KlotskiError
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: str | int | float | None, what: str = "memory") -> int | None:
+    """'20GiB', '1.5 GB', '512MiB' or a plain number of bytes -> bytes; None stays None."""
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise KlotskiError(f"cannot read {what} size {value!r}; write bytes or a size like 20GiB, 1.5GB, 512MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The compute dtype: 'auto' is the checkpoint's on CUDA and fp32 on CPU.
+
+    On CPU, fp32 compute over upcast bf16 weights ran about twice as fast as bf16 matmul on
+    this machine (ARCHITECTURE.md), so 'auto' picks fp32 there; weights stay stored as they are.
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return checkpoint_dtype if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise KlotskiError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the user asked for: the model, budgets, and the schedule knobs."""
+
+    model: str  # checkpoint directory
+    dtype: str = "auto"  # compute dtype; weights stay in the checkpoint's dtype until used
+    device: str = "auto"  # "cuda" when present, else "cpu"
+    seed: int = 0  # fallback seed for requests without their own
+    device_memory: int | None = None  # bytes of device memory weights + KV may use (None: unlimited)
+    host_memory: int | None = None  # bytes of host memory for cached weights (None: unlimited)
+    offload_dir: str | None = None  # where repacked expert blobs live (disk tier)
+    schedule: str = "klotski"  # the ablation ladder's rung
+    batch_size: int | None = None  # bs: sequences per batch (None: the planner's choice)
+    num_batches: int | None = None  # n: batches per group sharing each loaded layer
+    num_hot: int | None = None  # K: hot experts prefetched per layer (None: top_k)
+    max_model_len: int | None = None  # cap on prompt + generated tokens (None: the model's)
+
+    def __post_init__(self):
+        for name in ("batch_size", "num_batches", "num_hot"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise KlotskiError(f"{name} must be at least 1, got {value}")
+        for name in ("device_memory", "host_memory"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise KlotskiError(f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the planner decided: batch shape, hot experts, and where each kind of tensor lives."""
+
+    batch_size: int  # bs
+    num_batches: int  # n
+    num_hot: int  # K
+    schedule: str
+    placement: dict  # tensor kind / unit -> tier
+    host_window: int = 0  # L: layers kept in host memory ahead of use when disk is in play
+
+    def to_dict(self) -> dict:
+        return {"batch_size": self.batch_size, "num_batches": self.num_batches, "num_hot": self.num_hot,
+                "schedule": self.schedule, "host_window": self.host_window, "placement": self.placement}

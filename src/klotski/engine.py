@@ -1,0 +1,223 @@
+"""LLM: the public engine (vLLM's shape). Tokenize -> plan -> run batch groups -> detokenize.
+
+This is the one place that wires the parts together: checkpoint, store, runner, pipeline,
+sampler and tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from klotski.checkpoint.reader import Checkpoint
+from klotski.config import EngineConfig, Policy, parse_bytes, resolve_dtype
+from klotski.errors import KlotskiError
+from klotski.outputs import RequestOutput
+from klotski.runtime.generate import GroupBatch, Sequence, run_group
+from klotski.runtime.model import ModelRunner
+from klotski.runtime.pipeline import Pipeline
+from klotski.runtime.schedule import get_schedule
+from klotski.runtime.timeline import Timeline
+from klotski.sampling import Sampler, SamplingParams, derive_seed, make_generator
+from klotski.store.base import ResidentStore
+from klotski.tokenizer import StopChecker, Tokenizer
+
+Prompt = str | dict[str, Any]
+
+
+class LLM:
+    """Generate for many prompts with a MoE checkpoint that may not fit in device memory."""
+
+    def __init__(self, model: str | None = None, dtype: str = "auto", seed: int = 0, *,
+                 device: str = "auto", device_memory: str | int | None = None, host_memory: str | int | None = None,
+                 offload_dir: str | None = None, schedule: str = "klotski", batch_size: int | None = None,
+                 num_batches: int | None = None, num_hot: int | None = None, max_model_len: int | None = None,
+                 record_timeline: bool = True):
+        if model is None:
+            from klotski.default_model import ensure_default_model
+            model = str(ensure_default_model())
+        self.config = EngineConfig(
+            model=str(model), dtype=dtype, device=device, seed=seed,
+            device_memory=parse_bytes(device_memory, "device memory"), host_memory=parse_bytes(host_memory, "host memory"),
+            offload_dir=offload_dir, schedule=schedule, batch_size=batch_size, num_batches=num_batches,
+            num_hot=num_hot, max_model_len=max_model_len)
+        self.schedule = get_schedule(schedule)
+        self.checkpoint = Checkpoint.open(self.config.model)
+        self.spec = self.checkpoint.spec
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.dtype = resolve_dtype(dtype, self.checkpoint.dtype, self.device)
+        self.tokenizer = self._load_tokenizer(Path(self.config.model))
+        self.eos_token_ids = self._eos_ids(Path(self.config.model))
+        self.max_model_len = min(max_model_len or self.spec.max_position_embeddings, self.spec.max_position_embeddings)
+        self.runner = ModelRunner(self.spec, self.dtype, self.device)
+        self.store = ResidentStore(self.checkpoint, self.device)
+        self.record_timeline = record_timeline
+        self.sampler = Sampler()
+        self.last_stats: dict[str, Any] = {}
+        self.last_timeline: Timeline | None = None
+        self._requests_seen = 0
+
+    # -- setup --------------------------------------------------------------------------
+    def _load_tokenizer(self, path: Path) -> Tokenizer | None:
+        return Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+
+    def _eos_ids(self, path: Path) -> frozenset[int]:
+        """EOS ids from generation_config.json, config.json and the tokenizer."""
+        ids = set(self.spec.eos_token_ids)
+        gen = path / "generation_config.json"
+        if gen.is_file():
+            try:
+                eos = json.loads(gen.read_text()).get("eos_token_id")
+            except json.JSONDecodeError as exc:
+                raise KlotskiError(f"{gen} is not valid JSON ({exc}); fix or remove it") from None
+            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer is not None:
+            ids |= self.tokenizer.eos_token_ids
+        return frozenset(ids)
+
+    def policy(self, num_requests: int) -> Policy:
+        """bs, n and K for this many requests (the planner's choice once it lands; flags override)."""
+        cfg, multibatch = self.config, self.schedule.multibatch
+        bs = cfg.batch_size or max(1, min(num_requests, 64))
+        n = (cfg.num_batches or max(1, math.ceil(num_requests / bs))) if multibatch else 1
+        k = cfg.num_hot or self.spec.top_k
+        placement = {"weights": "device", "kv_cache": "device"}
+        return Policy(batch_size=bs, num_batches=n, num_hot=k, schedule=self.schedule.name, placement=placement)
+
+    # -- requests ------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: Prompt, where: str) -> tuple[str | None, list[int]]:
+        """(text, token ids) of one prompt: a string, or {"prompt": ...} / {"prompt_token_ids": [...]}."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                    raise KlotskiError(f"{where}: prompt_token_ids must be a list of integers")
+                bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+                if bad:
+                    raise KlotskiError(f"{where}: token id {bad[0]} is outside the vocabulary (0..{self.spec.vocab_size - 1})")
+                return prompt.get("prompt"), list(ids)
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise KlotskiError(f"{where}: a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if not isinstance(prompt, str):
+            raise KlotskiError(f"{where}: a prompt must be a string or a dict, got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise KlotskiError(f"{self.config.model} has no tokenizer.json: pass prompts as "
+                               "{'prompt_token_ids': [...]} or add the model's tokenizer files")
+        return prompt, self.tokenizer.encode(prompt)
+
+    def _check_request(self, ids: list[int], params: SamplingParams, where: str) -> None:
+        if not ids:
+            raise KlotskiError(f"{where}: the prompt is empty; give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise KlotskiError(f"{where}: the prompt has {len(ids)} tokens but the model's context is "
+                               f"{self.max_model_len}; shorten the prompt")
+
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate a completion for every prompt; outputs come back in the prompts' order."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        requests = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            text, ids = self._prompt_ids(prompt, f"prompt {i}")
+            self._check_request(ids, p, f"prompt {i}")
+            requests.append((text, ids, p))
+        return self._run(requests)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate replies to conversations, rendered with the checkpoint's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.chat_prompt(conv, add_generation_prompt) for conv in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> dict[str, Any]:
+        """A conversation rendered with the chat template, as a prompt dict for generate()."""
+        if self.tokenizer is None:
+            raise KlotskiError(f"{self.config.model} has no tokenizer.json, so chat templates are unavailable")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise KlotskiError("messages must be a list of {'role': ..., 'content': ...} objects")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        # The template writes BOS itself where it wants one, so no special tokens are added again.
+        return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+
+    def _params_per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * count
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        if len(sampling_params) != count:
+            raise KlotskiError(f"got {len(sampling_params)} SamplingParams for {count} prompts; give one or one each")
+        return list(sampling_params)
+
+    def prompt_logits(self, prompts: list[Prompt]) -> list[torch.Tensor]:
+        """Logits [len, V] (fp32) at every position of each prompt: scoring and reference checks."""
+        from klotski.runtime.generate import prefill_step
+
+        policy = self.policy(len(prompts))
+        pipeline = Pipeline(self.runner, self.store, self.schedule, Timeline(enabled=False), policy.num_hot)
+        seqs = []
+        for i, prompt in enumerate(prompts):
+            _, ids = self._prompt_ids(prompt, f"prompt {i}")
+            self._check_request(ids, SamplingParams(max_tokens=1), f"prompt {i}")
+            seqs.append(self._sequence(i, ids, SamplingParams(max_tokens=1)))
+        out: list[torch.Tensor] = []
+        for g in range(0, len(seqs), policy.batch_size):
+            batch = GroupBatch(0, seqs[g: g + policy.batch_size])
+            cap = max(len(s.prompt_ids) for s in batch.seqs)
+            batch.kv = [self.runner.new_kv(len(batch.seqs), cap) for _ in range(self.spec.num_layers)]
+            step = prefill_step(batch, 0)
+            step.last = None
+            logits = pipeline.forward([step])[0]  # [T, V], rows in (sequence, position) order
+            out += list(logits.split([len(s.prompt_ids) for s in batch.seqs]))
+        return out
+
+    # -- running ---------------------------------------------------------------------------
+    def _sequence(self, index: int, ids: list[int], params: SamplingParams) -> Sequence:
+        seed = derive_seed(self.config.seed, self._requests_seen + index)
+        stopper = StopChecker(params, frozenset() if params.ignore_eos else self.eos_token_ids, self.tokenizer, ids)
+        return Sequence(index, ids, params, make_generator(params.seed, seed), stopper,
+                        logprobs=[] if params.logprobs is not None else None)
+
+    def _run(self, requests: list[tuple[str | None, list[int], SamplingParams]]) -> list[RequestOutput]:
+        policy = self.policy(len(requests))
+        seqs = [self._sequence(i, ids, p) for i, (_, ids, p) in enumerate(requests)]
+        self._requests_seen += len(requests)
+        timeline = Timeline(enabled=self.record_timeline)
+        pipeline = Pipeline(self.runner, self.store, self.schedule, timeline, policy.num_hot)
+        group_size = policy.batch_size * policy.num_batches
+        start, steps, prefill_s = time.perf_counter(), 0, 0.0
+        for g in range(0, len(seqs), group_size):
+            group = seqs[g: g + group_size]
+            batches = [GroupBatch(i, group[j: j + policy.batch_size])
+                       for i, j in enumerate(range(0, len(group), policy.batch_size))]
+            group_steps, group_prefill = run_group(pipeline, self.sampler, batches, self.max_model_len)
+            steps, prefill_s = steps + group_steps, prefill_s + group_prefill
+        wall = time.perf_counter() - start
+        self.last_timeline = timeline
+        self.last_stats = self._stats(seqs, wall, timeline, policy, prefill_s) | {"forward_steps": steps}
+        return [RequestOutput(request_id=str(i), prompt=text, prompt_token_ids=ids, outputs=[s.output()], finished=True)
+                for i, ((text, ids, _), s) in enumerate(zip(requests, seqs))]
+
+    def _stats(self, seqs: list[Sequence], wall: float, timeline: Timeline, policy: Policy, prefill: float) -> dict:
+        generated = sum(len(s.stopper.token_ids) for s in seqs)
+        stats = {
+            "requests": len(seqs),
+            "prompt_tokens": sum(len(s.prompt_ids) for s in seqs),
+            "generated_tokens": generated,
+            "wall_s": wall,
+            "tokens_per_s": generated / wall if wall > 0 else 0.0,
+            "prefill_s": prefill,
+            "decode_s": max(wall - prefill, 0.0),
+            "policy": policy.to_dict(),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+        }
+        stats |= timeline.summary(wall)
+        return stats

@@ -1,0 +1,45 @@
+"""Model families as data: config.json -> ModelSpec (+ tensor-name table)."""
+from __future__ import annotations
+
+import importlib
+
+from klotski.errors import UnsupportedModelError
+from klotski.models.spec import ModelSpec, WeightKey
+
+# Family modules; each exports ARCHITECTURES and spec_from_config(config) -> ModelSpec.
+FAMILY_MODULES = ("mixtral", "qwen_moe", "deepseek", "olmoe")
+
+
+def _registry() -> dict[str, object]:
+    table = {}
+    for name in FAMILY_MODULES:
+        try:
+            module = importlib.import_module(f"klotski.models.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"klotski.models.{name}":
+                continue
+            raise
+        for arch in module.ARCHITECTURES:
+            table[arch] = module
+    return table
+
+
+def supported_architectures() -> list[str]:
+    """Architectures (config.json `architectures`) this engine runs."""
+    return sorted(_registry())
+
+
+def spec_from_config(config: dict) -> ModelSpec:
+    """The ModelSpec for a parsed config.json, or a clear error listing what is supported."""
+    archs = config.get("architectures") or []
+    registry = _registry()
+    for arch in archs:
+        if arch in registry:
+            return registry[arch].spec_from_config(config)
+    raise UnsupportedModelError(
+        f"unsupported architecture {archs or config.get('model_type')!r}; supported: "
+        + ", ".join(supported_architectures())
+    )
+
+
+__all__ = ["ModelSpec", "WeightKey", "spec_from_config", "supported_architectures"]

@@ -1,0 +1,55 @@
+"""Mixtral (MixtralForCausalLM): GQA, RoPE, softmax top-k router with renormalisation."""
+from __future__ import annotations
+
+from klotski.models import common
+from klotski.models.spec import EXPERT, MOE, AttentionSpec, ModelSpec, NameTable, RouterSpec, rule
+
+ARCHITECTURES = ("MixtralForCausalLM",)
+
+NAMES = NameTable(
+    rules=common.BASE_RULES + common.GQA_RULES + common.MLP_EXPERT_RULES + (
+        # Mixtral's hub names: w1 = gate, w3 = up, w2 = down.
+        rule("model.layers.{L}.block_sparse_moe.experts.{E}.w1.weight", EXPERT, "gate_proj"),
+        rule("model.layers.{L}.block_sparse_moe.experts.{E}.w3.weight", EXPERT, "up_proj"),
+        rule("model.layers.{L}.block_sparse_moe.experts.{E}.w2.weight", EXPERT, "down_proj"),
+        rule("model.layers.{L}.block_sparse_moe.gate.weight", MOE, "router"),
+    ),
+    shape_fn=common.unit_shapes,
+)
+
+
+def spec_from_config(config: dict) -> ModelSpec:
+    """A ModelSpec from a Mixtral config.json."""
+    hidden = common.need(config, "hidden_size")
+    heads = common.need(config, "num_attention_heads")
+    head_dim = config.get("head_dim") or hidden // heads
+    layers = common.need(config, "num_hidden_layers")
+    return ModelSpec(
+        family="mixtral",
+        architecture="MixtralForCausalLM",
+        vocab_size=common.need(config, "vocab_size"),
+        hidden_size=hidden,
+        num_layers=layers,
+        attention=AttentionSpec(
+            kind="gqa",
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            qk_head_dim=head_dim,
+            v_head_dim=head_dim,
+            rope=common.rope_from_config(config, head_dim),
+            sliding_window=config.get("sliding_window"),
+        ),
+        router=RouterSpec(num_experts=common.need(config, "num_local_experts"), top_k=common.need(config, "num_experts_per_tok")),
+        moe_intermediate_size=common.need(config, "intermediate_size"),
+        dense_intermediate_size=0,
+        shared_intermediate_size=0,
+        shared_expert_gate=False,
+        moe_layers=(True,) * layers,
+        rms_norm_eps=config.get("rms_norm_eps", 1e-5),
+        hidden_act=config.get("hidden_act", "silu"),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        max_position_embeddings=config.get("max_position_embeddings", 32768),
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_ids=common.eos_ids(config),
+        names=NAMES,
+    )

@@ -1,0 +1,131 @@
+"""The generation loop for one batch group: prefill, then decode steps until every sequence stops.
+
+Sequences are split into n batches of up to bs; each batch keeps its own KV cache per layer.
+Every forward step goes through the pipeline, which shares each loaded layer across the batches.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from klotski.layers.attention import StepInfo
+from klotski.outputs import CompletionOutput
+from klotski.runtime.pipeline import BatchStep, Pipeline
+from klotski.sampling import Sampler, SamplingParams
+from klotski.tokenizer import StopChecker
+
+# B = sequences in a batch, S = new tokens per sequence this step (padded)
+
+
+@dataclass
+class Sequence:
+    """One request's generation state."""
+
+    index: int  # position in the caller's request list
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    stopper: StopChecker
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    text: str = ""
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.stopper.token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def output(self) -> CompletionOutput:
+        return CompletionOutput(index=0, text=self.text, token_ids=list(self.stopper.token_ids),
+                                cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
+                                logprobs=self.logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+
+
+@dataclass
+class GroupBatch:
+    """A batch of the group: its sequences and its KV cache."""
+
+    index: int
+    seqs: list[Sequence]
+    kv: list = field(default_factory=list)
+
+
+def run_group(pipeline: Pipeline, sampler: Sampler, batches: list[GroupBatch], max_len: int,
+              pad_id: int = 0) -> tuple[int, float]:
+    """Generate until every sequence of the group stops; returns (forward steps, prefill seconds)."""
+    runner = pipeline.runner
+    for b in batches:
+        cap = min(max_len, max(len(s.prompt_ids) + s.params.max_tokens for s in b.seqs))
+        b.kv = [runner.new_kv(len(b.seqs), cap) for _ in range(runner.spec.num_layers)]
+    steps, prefill, t0, prefill_s = 0, True, time.perf_counter(), 0.0
+    while True:
+        live = [b for b in batches if not all(s.finished for s in b.seqs)]
+        if not live:
+            return steps, prefill_s
+        inputs = [prefill_step(b, pad_id) if prefill else decode_step(b, pad_id) for b in live]
+        pipeline.timeline.phase = "prefill" if prefill else "decode"
+        logits = pipeline.forward(inputs)
+        for b, lg in zip(live, logits):
+            with pipeline.timeline.span("compute", "sample", batch=b.index):
+                sample_batch(sampler, b, lg, max_len)
+        if prefill:
+            prefill_s = time.perf_counter() - t0
+        steps, prefill = steps + 1, False
+
+
+def _step_info(positions: torch.Tensor, total: torch.Tensor) -> StepInfo:
+    return StepInfo(positions=positions, total=total, max_total=int(total.max()), mask_cache={})
+
+
+def prefill_step(b: GroupBatch, pad_id: int) -> BatchStep:
+    """Every prompt token at once, right-padded to the longest prompt of the batch."""
+    lengths = torch.tensor([len(s.prompt_ids) for s in b.seqs])  # [B]
+    width = int(lengths.max())
+    tokens = torch.full((len(b.seqs), width), pad_id, dtype=torch.long)  # [B, S]
+    for i, s in enumerate(b.seqs):
+        tokens[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+    positions = torch.arange(width).expand(len(b.seqs), width)
+    valid = positions < lengths[:, None]
+    return BatchStep(b.index, tokens, valid, _step_info(positions, lengths), b.kv, lengths - 1)
+
+
+def decode_step(b: GroupBatch, pad_id: int) -> BatchStep:
+    """One new token per sequence; finished sequences ride along as padding."""
+    tokens, positions, valid = [], [], []
+    for s in b.seqs:
+        last = s.stopper.token_ids[-1] if s.stopper.token_ids else pad_id
+        tokens.append(pad_id if s.finished else last)
+        positions.append(s.length - 1)
+        valid.append(not s.finished)
+    positions_t = torch.tensor(positions)[:, None]  # [B, 1]
+    step = _step_info(positions_t, positions_t[:, 0] + 1)
+    return BatchStep(b.index, torch.tensor(tokens)[:, None], torch.tensor(valid)[:, None], step, b.kv,
+                     torch.zeros(len(b.seqs), dtype=torch.long))
+
+
+def sample_batch(sampler: Sampler, b: GroupBatch, logits: torch.Tensor, max_len: int) -> None:
+    """Pick each live sequence's next token and apply its stop rules."""
+    rows = [i for i, s in enumerate(b.seqs) if not s.finished]
+    seqs = [b.seqs[i] for i in rows]
+    suppress = [sorted(s.stopper.eos_token_ids | set(s.params.stop_token_ids))
+                if len(s.stopper.token_ids) < s.params.min_tokens else [] for s in seqs]
+    result = sampler.sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs], suppress)
+    for j, s in enumerate(seqs):
+        token = int(result.token_ids[j])
+        entry = result.logprob_dict(j)
+        if entry is not None:
+            s.logprobs = (s.logprobs or []) + [entry]
+            s.cumulative_logprob += result.logprobs[j]
+        state = s.stopper.append(token)
+        s.text = state.text
+        if state.finished:
+            s.finish_reason, s.stop_reason = state.finish_reason, state.stop_reason
+        elif s.length >= max_len:
+            s.finish_reason = "length"

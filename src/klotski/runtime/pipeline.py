@@ -1,0 +1,230 @@
+"""The expert-aware multi-batch pipeline: one forward step of a batch group through the model.
+
+Per layer, as in the paper: attention batch by batch; the gate batch by batch, starting an
+on-demand fetch for each newly selected expert at once; then experts expert by expert over all
+tokens of the group (hot first, cold in the order their fetches complete, each released after
+its last token). Which fetches start when is decided by the Schedule's switches, so every rung
+of the ablation ladder is this one loop.
+"""
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass, field
+
+import torch
+
+from klotski.layers.attention import KVBlock, StepInfo
+from klotski.models.spec import ATTN, EMBED, EXPERT, HEAD, MOE, WeightKey
+from klotski.runtime.model import GateOutput, ModelRunner
+from klotski.runtime.schedule import Schedule
+from klotski.runtime.timeline import Timeline
+from klotski.store.base import Handle, WeightStore
+
+# B = sequences in a batch, S = new tokens per sequence (padded), T = the group's valid tokens,
+# K = top_k, D = hidden, V = vocab
+
+
+@dataclass
+class BatchStep:
+    """One batch's input for one forward step."""
+
+    index: int  # batch number within the group (for the timeline)
+    token_ids: torch.Tensor  # [B, S]
+    valid: torch.Tensor  # [B, S] bool: real tokens (not padding)
+    step: StepInfo
+    kv: list[KVBlock]  # one block per layer
+    last: torch.Tensor | None  # [B] index along S of each row's last real token; None: every valid token
+
+
+class HotPredictor:
+    """The K hot experts a layer is expected to use; the prefetcher plugs in here."""
+
+    def predict(self, layer: int, prev_ids: torch.Tensor | None, k: int) -> list[int]:
+        raise NotImplementedError
+
+    def observe(self, layer: int, prev_ids: torch.Tensor | None, ids: torch.Tensor) -> None:
+        pass
+
+
+class FrequencyHot(HotPredictor):
+    """Until the correlation prefetcher is wired in: the experts most selected so far per layer."""
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+
+    def predict(self, layer, prev_ids, k):
+        return sorted(range(self.counts.shape[1]), key=lambda e: (-int(self.counts[layer, e]), e))[:k]
+
+    def observe(self, layer, prev_ids, ids):
+        self.counts[layer] += torch.bincount(ids.flatten(), minlength=self.counts.shape[1])
+
+
+@dataclass
+class Pipeline:
+    """Runs forward steps of a batch group through a weight store under one schedule."""
+
+    runner: ModelRunner
+    store: WeightStore
+    schedule: Schedule
+    timeline: Timeline
+    num_hot: int  # K: hot experts prefetched per layer
+    predictor: HotPredictor | None = None
+    routing_hooks: list = field(default_factory=list)  # fn(layer, batch, gate) -> ids [T, K]
+
+    def __post_init__(self):
+        spec = self.runner.spec
+        self.spec = spec
+        if self.predictor is None:
+            self.predictor = FrequencyHot(spec.num_layers, max(spec.num_experts, 1))
+
+    # -- fetching -------------------------------------------------------------------------
+    def _get(self, key: WeightKey, lane: str = "prefetch", **where) -> dict[str, torch.Tensor]:
+        """Fetch (if not already in flight) and wait; time spent waiting is a bubble."""
+        return self._wait(self.store.fetch(key, lane), **where)
+
+    def _wait(self, handle: Handle, **where) -> dict[str, torch.Tensor]:
+        if handle.done():
+            return handle.wait()
+        with self.timeline.span("compute", "wait", **where):
+            return handle.wait()
+
+    def _layer_keys(self, layer: int) -> list[WeightKey]:
+        keys = [WeightKey(layer, ATTN), WeightKey(layer, MOE)]
+        if self.spec.moe_layers[layer]:
+            keys += [WeightKey(layer, EXPERT, e) for e in range(self.spec.num_experts)]
+        return keys
+
+    def _prefetch_layer(self, layer: int) -> None:
+        """overlap / multibatch: the whole layer (attention, gate, every expert) ahead of use."""
+        if layer < self.spec.num_layers:
+            for key in self._layer_keys(layer):
+                self.store.fetch(key, "prefetch")
+
+    def _prefetch_gate_and_hot(self, layer: int, prev_ids: torch.Tensor | None) -> list[int]:
+        """hot / klotski: the gate and the K predicted hot experts, while attention runs."""
+        self.store.fetch(WeightKey(layer, MOE), "prefetch")
+        if not self.spec.moe_layers[layer]:
+            return []
+        hot = self.predictor.predict(layer, prev_ids, self.num_hot)
+        for e in hot:
+            self.store.fetch(WeightKey(layer, EXPERT, e), "prefetch")
+        return hot
+
+    # -- the step ---------------------------------------------------------------------------
+    def forward(self, batches: list[BatchStep]) -> list[torch.Tensor]:
+        """One step for every batch of the group: logits [B, V] of each row's last token (or [T, V] of all)."""
+        embed = self._get(WeightKey(None, EMBED))
+        xs = []
+        for b in batches:
+            with self.timeline.span("compute", "embed", batch=b.index):
+                xs.append(self.runner.embed(embed, b.token_ids))
+        if self.schedule.prefetch and not self.schedule.hot_only:
+            self._prefetch_layer(0)
+        elif self.schedule.prefetch:
+            self.store.fetch(WeightKey(0, ATTN), "prefetch")
+        prev_ids = None
+        for layer in range(self.spec.num_layers):
+            xs, prev_ids = self._layer(layer, batches, xs, prev_ids)
+        head = self._get(WeightKey(None, HEAD))
+        logits = []
+        for b, x in zip(batches, xs):
+            with self.timeline.span("compute", "head", batch=b.index):
+                rows = x[b.valid] if b.last is None else x[torch.arange(x.shape[0]), b.last]  # [B or T, D]
+                logits.append(self.runner.head(head, rows))
+        return logits
+
+    def _layer(self, layer, batches, xs, prev_ids):
+        """Attention per batch, then the MLP block (dense, or gate per batch + experts per expert)."""
+        sched = self.schedule
+        attn = self._get(WeightKey(layer, ATTN), layer=layer)
+        hot: list[int] = []
+        if sched.prefetch and not sched.hot_only:
+            self._prefetch_layer(layer + 1)
+        elif sched.prefetch:
+            hot = self._prefetch_gate_and_hot(layer, prev_ids)
+        for i, b in enumerate(batches):
+            with self.timeline.span("compute", "attention", layer=layer, batch=b.index):
+                xs[i] = self.runner.attention(attn, xs[i], b.kv[layer], b.step)
+        self.store.release(WeightKey(layer, ATTN))
+        mlp = self._get(WeightKey(layer, MOE), layer=layer)
+        if not self.spec.moe_layers[layer]:
+            if sched.hot_only and layer + 1 < self.spec.num_layers:
+                self.store.fetch(WeightKey(layer + 1, ATTN), "prefetch")
+            for i, b in enumerate(batches):
+                with self.timeline.span("compute", "dense_mlp", layer=layer, batch=b.index):
+                    xs[i] = self.runner.dense_mlp(mlp, xs[i])
+            self.store.release(WeightKey(layer, MOE))
+            return xs, prev_ids
+        gates = self._gates(layer, batches, xs, mlp)
+        self.store.release(WeightKey(layer, MOE))
+        if sched.hot_only and layer + 1 < self.spec.num_layers:
+            self.store.fetch(WeightKey(layer + 1, ATTN), "prefetch")
+        ids = torch.cat([g.ids for g in gates])  # [T, K]
+        self.predictor.observe(layer, prev_ids, ids)
+        outs = self._experts(layer, gates, ids, hot)
+        for i, b in enumerate(batches):
+            xs[i] = xs[i].clone()
+            xs[i][b.valid] = outs[i]
+        return xs, ids
+
+    def _gates(self, layer, batches, xs, mlp) -> list[GateOutput]:
+        """Gate per batch; under hot_only each newly selected expert's fetch starts at once."""
+        gates = []
+        for b, x in zip(batches, xs):
+            with self.timeline.span("compute", "gate", layer=layer, batch=b.index):
+                g = self.runner.gate(mlp, x, b.valid)
+            for hook in self.routing_hooks:
+                g.ids = hook(layer, b, g)
+            gates.append(g)
+            if self.schedule.hot_only:
+                for e in torch.unique(g.ids).tolist():
+                    self.store.fetch(WeightKey(layer, EXPERT, e), "ondemand")
+        return gates
+
+    def _experts(self, layer: int, gates: list[GateOutput], ids: torch.Tensor, hot: list[int]) -> list[torch.Tensor]:
+        """Every used expert over all its tokens of the group; returns each batch's MLP output."""
+        h = torch.cat([g.h for g in gates])  # [T, D]
+        weights = torch.cat([g.weights for g in gates])  # [T, K]
+        # Each (token, slot) gets its own row, summed over slots in a fixed order at the end, so
+        # the result never depends on the order experts ran in.
+        slots = torch.zeros(h.shape[0], ids.shape[1], h.shape[1], dtype=h.dtype)  # [T, K, D]
+        used = torch.unique(ids).tolist()
+        for e, w in self._expert_order(layer, used, hot):
+            tok, slot = torch.where(ids == e)
+            with self.timeline.span("compute", "expert", layer=layer, expert=e):
+                y = self.runner.expert(w, h[tok])
+                slots[tok, slot] = y * weights[tok, slot, None].to(y.dtype)
+            self.store.release(WeightKey(layer, EXPERT, e))
+        self._release_unused(layer, used)
+        out = torch.cat([g.base for g in gates]) + slots.sum(dim=1)
+        return list(out.split([g.h.shape[0] for g in gates]))
+
+    def _release_unused(self, layer: int, used: list[int]) -> None:
+        """Prefetched experts nobody selected are released too (their fetch was a wasted guess)."""
+        for e in set(range(self.spec.num_experts)) - set(used):
+            self.store.release(WeightKey(layer, EXPERT, e))
+
+    def _expert_order(self, layer: int, used: list[int], hot: list[int]):
+        """Yield (expert, weights): by id with a wait each, or (reorder) resident first, then by arrival."""
+        keys = {e: WeightKey(layer, EXPERT, e) for e in used}
+        if not self.schedule.reorder:
+            for e in used:
+                lane = "ondemand" if self.schedule.hot_only else "prefetch"
+                yield e, self._get(keys[e], lane, layer=layer, expert=e)
+            return
+        handles = {e: self.store.fetch(keys[e], "ondemand") for e in used}
+        ready = [e for e in used if handles[e].done()]
+        ready.sort(key=lambda e: (e not in hot, e))
+        for e in ready:
+            yield e, handles[e].wait()
+        arrivals: queue.SimpleQueue = queue.SimpleQueue()
+        pending = [e for e in used if e not in ready]
+        for e in pending:
+            handles[e].add_done_callback(lambda _h, e=e: arrivals.put(e))
+        for _ in pending:
+            if arrivals.empty():
+                with self.timeline.span("compute", "wait", layer=layer):
+                    e = arrivals.get()
+            else:
+                e = arrivals.get()
+            yield e, handles[e].wait()

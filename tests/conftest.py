@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny random-weight checkpoints written by transformers (the reference) or by us."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _klotski_home(tmp_path_factory, monkeypatch):
+    """Keep the default model's cache inside the test session, never in ~/.cache."""
+    home = os.environ.get("KLOTSKI_TEST_HOME") or str(tmp_path_factory.getbasetemp() / "klotski-home")
+    monkeypatch.setenv("KLOTSKI_HOME", home)
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> Path:
+    """A tiny random Mixtral checkpoint written by create-model (bf16, hub layout)."""
+    from klotski.commands.create_model import create_model
+
+    return create_model(tmp_path_factory.mktemp("tiny-mixtral"), "mixtral", "tiny", dtype="float32")
