@@ -20,12 +20,29 @@ def _mixtral(**kw):
     return MixtralConfig(**(COMMON | dict(num_local_experts=4, num_experts_per_tok=2) | kw))
 
 
-# name -> config factory; families add their variants here.
-VARIANTS = {
+MIXTRAL_VARIANTS = {
     "mixtral": lambda: _mixtral(),
+    "mixtral-fused": lambda: _mixtral(),  # saved in transformers' fused-expert layout
     "mixtral-sliding-window": lambda: _mixtral(sliding_window=5),
     "mixtral-top1-tied": lambda: _mixtral(num_experts_per_tok=1, tie_word_embeddings=True),
 }
+
+
+def _variants() -> dict:
+    """Every family's variants: name -> config factory (a name ending in -fused saves fused experts)."""
+    import importlib
+
+    table = dict(MIXTRAL_VARIANTS)
+    for module in ("tests.reference_qwen_olmoe", "tests.reference_deepseek"):
+        try:
+            table |= importlib.import_module(module).VARIANTS
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    return table
+
+
+VARIANTS = _variants()
 
 # Prompts of different lengths (token ids), shared by every parity test.
 PROMPTS = [[0, 17, 42, 99, 5, 300, 12, 7, 8, 250, 33], [0, 400, 3], [0, 1, 2, 3, 4, 5, 6, 7]]

@@ -53,3 +53,22 @@ def spec_from_config(config: dict) -> ModelSpec:
         eos_token_ids=common.eos_ids(config),
         names=NAMES,
     )
+
+
+# create-model presets: tiny test shapes and the real models' shapes.
+_BASE = {
+    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_act": "silu",
+    "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None, "tie_word_embeddings": False,
+    "router_jitter_noise": 0.0, "attention_dropout": 0.0,
+}
+FAMILY_PRESETS = {"mixtral": (_BASE, {
+    "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8,
+             "num_experts_per_tok": 2, "max_position_embeddings": 4096},
+    "mixtral-8x7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                     "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 32768},
+    "mixtral-8x22b": {"vocab_size": 32768, "hidden_size": 6144, "intermediate_size": 16384,
+                      "num_hidden_layers": 56, "num_attention_heads": 48, "num_key_value_heads": 8,
+                      "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 65536},
+})}
