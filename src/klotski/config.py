@@ -53,7 +53,7 @@ class EngineConfig:
     device: str = "auto"  # "cuda" when present, else "cpu"
     seed: int = 0  # fallback seed for requests without their own
     device_memory: int | None = None  # bytes of device memory weights + KV may use (None: unlimited)
-    host_memory: int | None = None  # bytes of host memory for cached weights (None: unlimited)
+    host_memory: int | None = None  # bytes of host memory for weights (None: 0 on CPU-only, else unlimited)
     offload_dir: str | None = None  # where repacked expert blobs live (disk tier)
     schedule: str = "klotski"  # the ablation ladder's rung
     batch_size: int | None = None  # bs: sequences per batch (None: the planner's choice)
@@ -66,10 +66,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise KlotskiError(f"{name} must be at least 1, got {value}")
-        for name in ("device_memory", "host_memory"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise KlotskiError(f"{name} must be positive, got {value}")
+        if self.device_memory is not None and self.device_memory <= 0:
+            raise KlotskiError(f"device_memory must be positive, got {self.device_memory}")
+        if self.host_memory is not None and self.host_memory < 0:
+            raise KlotskiError(f"host_memory cannot be negative, got {self.host_memory}")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,10 @@ from klotski.runtime.schedule import get_schedule
 from klotski.runtime.timeline import Timeline
 from klotski.sampling import Sampler, SamplingParams, derive_seed, make_generator
 from klotski.store.base import ResidentStore
+from klotski.store.offload import OffloadDir, default_offload_dir
+from klotski.store.placement import DISK, greedy_placement, working_set
+from klotski.store.pool import TierPool
+from klotski.store.tiered import TieredStore
 from klotski.tokenizer import StopChecker, Tokenizer
 
 Prompt = str | dict[str, Any]
@@ -54,7 +58,7 @@ class LLM:
         self.eos_token_ids = self._eos_ids(Path(self.config.model))
         self.max_model_len = min(max_model_len or self.spec.max_position_embeddings, self.spec.max_position_embeddings)
         self.runner = ModelRunner(self.spec, self.dtype, self.device)
-        self.store = ResidentStore(self.checkpoint, self.device)
+        self.store = self._make_store()
         self.record_timeline = record_timeline
         self.sampler = Sampler()
         self.last_stats: dict[str, Any] = {}
@@ -62,6 +66,24 @@ class LLM:
         self._requests_seen = 0
 
     # -- setup --------------------------------------------------------------------------
+    def _make_store(self):
+        """All resident when no budget is given; else greedy placement over device / host / disk."""
+        cfg = self.config
+        if cfg.device_memory is None and cfg.host_memory is None and cfg.offload_dir is None:
+            return ResidentStore(self.checkpoint, self.device)
+        spec = self.spec
+        unit_bytes = {k: self.checkpoint.unit_nbytes(k) for k in spec.weight_keys()}
+        # Without a GPU the device tier is host RAM already: a separate host tier would count RAM twice.
+        host = cfg.host_memory if cfg.host_memory is not None else (0 if self.device.type == "cpu" else None)
+        reserve = working_set(spec, unit_bytes, self.schedule, cfg.num_hot or spec.top_k)
+        placement = greedy_placement(spec, unit_bytes, cfg.device_memory, host, reserve)
+        offload = None
+        if DISK in placement.values():
+            offload = OffloadDir.prepare(self.checkpoint, cfg.offload_dir or default_offload_dir(self.checkpoint),
+                                         progress=True)
+        return TieredStore(self.checkpoint, offload, placement, TierPool("device", cfg.device_memory),
+                           TierPool("host", host), Timeline(enabled=False))
+
     def _load_tokenizer(self, path: Path) -> Tokenizer | None:
         return Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
 
@@ -190,6 +212,7 @@ class LLM:
         seqs = [self._sequence(i, ids, p) for i, (_, ids, p) in enumerate(requests)]
         self._requests_seen += len(requests)
         timeline = Timeline(enabled=self.record_timeline)
+        self.store.timeline = timeline
         pipeline = Pipeline(self.runner, self.store, self.schedule, timeline, policy.num_hot)
         group_size = policy.batch_size * policy.num_batches
         start, steps, prefill_s = time.perf_counter(), 0, 0.0
@@ -220,4 +243,5 @@ class LLM:
             "device": str(self.device),
         }
         stats |= timeline.summary(wall)
+        stats |= self.store.stats()
         return stats

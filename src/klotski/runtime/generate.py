@@ -60,10 +60,22 @@ class GroupBatch:
 def run_group(pipeline: Pipeline, sampler: Sampler, batches: list[GroupBatch], max_len: int,
               pad_id: int = 0) -> tuple[int, float]:
     """Generate until every sequence of the group stops; returns (forward steps, prefill seconds)."""
-    runner = pipeline.runner
+    runner, store = pipeline.runner, pipeline.store
     for b in batches:
         cap = min(max_len, max(len(s.prompt_ids) + s.params.max_tokens for s in b.seqs))
         b.kv = [runner.new_kv(len(b.seqs), cap) for _ in range(runner.spec.num_layers)]
+    kv_bytes = sum(kv.nbytes for b in batches for kv in b.kv)
+    store.charge_kv(kv_bytes)
+    try:
+        return _generate(pipeline, sampler, batches, max_len, pad_id)
+    finally:
+        store.uncharge_kv(kv_bytes)
+        for b in batches:
+            b.kv = []
+
+
+def _generate(pipeline: Pipeline, sampler: Sampler, batches: list[GroupBatch], max_len: int,
+              pad_id: int) -> tuple[int, float]:
     steps, prefill, t0, prefill_s = 0, True, time.perf_counter(), 0.0
     while True:
         live = [b for b in batches if not all(s.finished for s in b.seqs)]

@@ -92,12 +92,22 @@ class ResidentStore:
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self._units: dict[WeightKey, Weights] = {}
-        self.bytes_read = 0
+        self.bytes_read = {"checkpoint": 0}
+        self.timeline = None
+
+    def charge_kv(self, nbytes: int) -> None:
+        """KV cache is not budgeted when everything is resident."""
+
+    def uncharge_kv(self, nbytes: int) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {"bytes_read": dict(self.bytes_read), "peak_bytes": {}, "placement": "all resident"}
 
     def fetch(self, key: WeightKey, lane: str = "prefetch") -> Handle:
         if key not in self._units:
             unit = self.checkpoint.load_unit(key)
-            self.bytes_read += sum(t.nbytes for t in unit.values())
+            self.bytes_read["checkpoint"] += sum(t.nbytes for t in unit.values())
             self._units[key] = {k: t.to(self.device) for k, t in unit.items()}
         return Handle.ready(key, self._units[key])
 

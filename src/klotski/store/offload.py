@@ -1,0 +1,246 @@
+"""The offload directory: the checkpoint repacked once into one aligned blob per weight unit.
+
+Fetching an expert is then one sequential read of one file (O_DIRECT where the filesystem
+allows it, buffered otherwise). A manifest records each blob's tensors, size and CRC32, and a
+fingerprint of the source checkpoint, so an unchanged checkpoint is never repacked twice.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import sys
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from klotski.checkpoint.reader import Checkpoint, read_tensor
+from klotski.errors import KlotskiError
+from klotski.models.spec import WeightKey
+
+FORMAT_VERSION = 1
+ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the logical block size
+TENSOR_ALIGN = 64
+
+
+class OffloadError(KlotskiError):
+    """The offload directory is unusable (vanished, truncated, corrupt): the run stops."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlobTensor:
+    """One tensor inside a blob."""
+
+    name: str
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """One weight unit on disk: its file, padded size, payload size and checksum."""
+
+    key: WeightKey
+    file: str
+    nbytes: int  # payload bytes
+    padded: int  # file size (multiple of ALIGN)
+    crc32: int
+    tensors: tuple[BlobTensor, ...]
+
+
+def _round_up(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+def blob_layout(units: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], int]:
+    """Offsets of each tensor (aligned) and the payload size."""
+    offsets, pos = [], 0
+    for name, nbytes in units:
+        pos = _round_up(pos, TENSOR_ALIGN)
+        offsets.append((name, pos))
+        pos += nbytes
+    return offsets, pos
+
+
+def key_name(key: WeightKey) -> str:
+    """File-name-safe text for a key."""
+    return str(key)
+
+
+def source_fingerprint(checkpoint: Checkpoint) -> list:
+    """Names, sizes and mtimes of the checkpoint's files: changes when the checkpoint does."""
+    files = sorted({ref.path for unit in checkpoint.units.values() for ref in unit.values()})
+    out = [["config.json", (checkpoint.path / "config.json").stat().st_size]]
+    for f in files:
+        st = os.stat(f)
+        out.append([os.path.basename(f), st.st_size, int(st.st_mtime)])
+    return out
+
+
+def default_offload_dir(checkpoint: Checkpoint) -> Path:
+    """$KLOTSKI_HOME/offload/<name>-<hash of the checkpoint's path>."""
+    from klotski.default_model import home
+
+    digest = zlib.crc32(str(checkpoint.path.resolve()).encode())
+    return home() / "offload" / f"{checkpoint.path.name}-{digest:08x}"
+
+
+class OffloadDir:
+    """A repacked checkpoint: manifest + blobs; reads blobs into caller-provided aligned buffers."""
+
+    def __init__(self, path: Path, blobs: dict[WeightKey, Blob], verify: str = "first"):
+        self.path = path
+        self.blobs = blobs
+        self.verify = verify  # "first": check each blob's CRC on its first read; "always"; "never"
+        self._verified: set[WeightKey] = set()
+        self._lock = threading.Lock()
+        self._direct = hasattr(os, "O_DIRECT")
+
+    # -- creating -------------------------------------------------------------------------
+    @classmethod
+    def prepare(cls, checkpoint: Checkpoint, path: str | os.PathLike, keys: list[WeightKey] | None = None,
+                progress: bool = False) -> "OffloadDir":
+        """Open the offload dir for this checkpoint, repacking it first when missing or stale."""
+        path = Path(path)
+        keys = keys if keys is not None else checkpoint.spec.weight_keys()
+        fingerprint = source_fingerprint(checkpoint)
+        existing = cls._load_manifest(path, fingerprint)
+        if existing is not None and all(k in existing.blobs for k in keys):
+            return existing
+        cls._check_room(checkpoint, path, keys)
+        blobs = {}
+        total = sum(checkpoint.unit_nbytes(k) for k in keys)
+        done = 0
+        for key in keys:
+            blobs[key] = cls._write_blob(checkpoint, path, key)
+            done += blobs[key].nbytes
+            if progress:
+                print(f"\rrepacking into {path}: {done / 1e9:6.2f} / {total / 1e9:.2f} GB", end="", file=sys.stderr, flush=True)
+        if progress:
+            print(file=sys.stderr)
+        manifest = {"version": FORMAT_VERSION, "source": str(checkpoint.path), "fingerprint": fingerprint,
+                    "blobs": [cls._blob_json(b) for b in blobs.values()]}
+        tmp = path / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest))
+        os.replace(tmp, path / "manifest.json")
+        return cls(path, blobs)
+
+    @staticmethod
+    def _check_room(checkpoint: Checkpoint, path: Path, keys: list[WeightKey]) -> None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write-test"
+            probe.write_bytes(b"x")
+            probe.unlink()
+        except OSError as exc:
+            raise KlotskiError(f"offload dir {path} is not writable ({exc.strerror}); choose another --offload-dir") from None
+        need = sum(_round_up(checkpoint.unit_nbytes(k) + TENSOR_ALIGN * 16, ALIGN) for k in keys)
+        free = shutil.disk_usage(path).free
+        if free < need:
+            raise KlotskiError(f"offload dir {path} has {free / 1e9:.2f} GB free but repacking needs "
+                               f"{need / 1e9:.2f} GB; free space or choose another --offload-dir")
+
+    @staticmethod
+    def _write_blob(checkpoint: Checkpoint, path: Path, key: WeightKey) -> Blob:
+        refs = checkpoint.units[key]
+        offsets, payload = blob_layout([(name, ref.nbytes) for name, ref in refs.items()])
+        buf = bytearray(_round_up(max(payload, 1), ALIGN))
+        tensors = []
+        for (name, off), ref in zip(offsets, refs.values()):
+            data = read_tensor(ref)
+            buf[off: off + ref.nbytes] = data.contiguous().view(torch.uint8).numpy().tobytes()
+            tensors.append(BlobTensor(name, off, ref.dtype, tuple(ref.shape)))
+        fname = f"{key_name(key)}.bin"
+        tmp = path / (fname + ".tmp")
+        tmp.write_bytes(buf)
+        os.replace(tmp, path / fname)
+        return Blob(key, fname, payload, len(buf), zlib.crc32(memoryview(buf)[:payload]), tuple(tensors))
+
+    @staticmethod
+    def _blob_json(b: Blob) -> dict:
+        return {"layer": b.key.layer, "part": b.key.part, "expert": b.key.expert, "file": b.file, "nbytes": b.nbytes,
+                "padded": b.padded, "crc32": b.crc32,
+                "tensors": [[t.name, t.offset, str(t.dtype).removeprefix("torch."), list(t.shape)] for t in b.tensors]}
+
+    @classmethod
+    def _load_manifest(cls, path: Path, fingerprint: list) -> "OffloadDir | None":
+        manifest = path / "manifest.json"
+        if not manifest.is_file():
+            return None
+        try:
+            data = json.loads(manifest.read_text())
+        except json.JSONDecodeError:
+            return None  # a torn manifest: repack
+        if data.get("version") != FORMAT_VERSION or data.get("fingerprint") != fingerprint:
+            return None
+        blobs = {}
+        for b in data["blobs"]:
+            key = WeightKey(b["layer"], b["part"], b["expert"])
+            tensors = tuple(BlobTensor(n, o, getattr(torch, d), tuple(s)) for n, o, d, s in b["tensors"])
+            blobs[key] = Blob(key, b["file"], b["nbytes"], b["padded"], b["crc32"], tensors)
+        return cls(path, blobs)
+
+    # -- reading --------------------------------------------------------------------------
+    def read_into(self, key: WeightKey, buf: mmap.mmap) -> dict[str, torch.Tensor]:
+        """Read one blob into an aligned buffer (one sequential read); return tensor views on it."""
+        blob = self.blobs[key]
+        file = self.path / blob.file
+        got = self._read(file, buf, blob.padded)
+        if got < blob.nbytes:
+            raise OffloadError(f"offload blob {file} is truncated ({got} of {blob.nbytes} bytes); "
+                               f"delete {self.path} to repack it")
+        self._check(blob, buf, file)
+        return self.views(blob, buf)
+
+    def views(self, blob: Blob, buf) -> dict[str, torch.Tensor]:
+        """Tensor views over a blob's bytes in a buffer (no copy)."""
+        raw = torch.frombuffer(buf, dtype=torch.uint8, count=blob.padded)
+        return {t.name: raw[t.offset: t.offset + t.nbytes].view(t.dtype).view(t.shape) for t in blob.tensors}
+
+    def _check(self, blob: Blob, buf, file: Path) -> None:
+        with self._lock:
+            if self.verify == "never" or (self.verify == "first" and blob.key in self._verified):
+                return
+        if zlib.crc32(memoryview(buf)[: blob.nbytes]) != blob.crc32:
+            raise OffloadError(f"offload blob {file} fails its checksum (corrupt); delete {self.path} to repack it")
+        with self._lock:
+            self._verified.add(blob.key)
+
+    def _read(self, file: Path, buf, length: int) -> int:
+        """pread the whole blob: O_DIRECT when possible (no page-cache copy), else buffered."""
+        view = memoryview(buf)[:length]
+        try:
+            fd = os.open(file, os.O_RDONLY | (os.O_DIRECT if self._direct else 0))
+        except FileNotFoundError:
+            raise OffloadError(f"offload blob {file} has vanished; the offload dir was removed during the run. "
+                               f"Re-run to repack it") from None
+        except OSError:
+            self._direct = False  # the filesystem refuses O_DIRECT (tmpfs, some overlays)
+            return self._read(file, buf, length)
+        try:
+            done = 0
+            while done < length:
+                n = os.preadv(fd, [view[done:]], done)
+                if n == 0:
+                    break
+                done += n
+            return done
+        except OSError as exc:
+            if self._direct and exc.errno == 22:  # EINVAL: O_DIRECT not supported for this file
+                self._direct = False
+                return self._read(file, buf, length)
+            raise OffloadError(f"reading offload blob {file} failed: {exc.strerror}") from None
+        finally:
+            os.close(fd)

@@ -1,0 +1,63 @@
+"""Greedy placement (until the planner decides): fill the device budget, then host, then disk.
+
+Units that every token needs (embeddings, head, attention, gates) go first, then experts layer
+by layer. Room for the schedule's in-flight working set is kept free on the device.
+"""
+from __future__ import annotations
+
+from klotski.models.spec import ATTN, EMBED, EXPERT, HEAD, MOE, ModelSpec, WeightKey
+from klotski.runtime.schedule import Schedule
+
+DEVICE, HOST, DISK = "device", "host", "disk"
+
+
+def placement_order(spec: ModelSpec) -> list[WeightKey]:
+    """Units by how much keeping them resident saves: dense parts first, then experts by layer."""
+    keys = spec.weight_keys()
+    dense = [k for k in keys if k.part in (EMBED, HEAD, ATTN, MOE)]
+    return dense + [k for k in keys if k.part == EXPERT]
+
+
+def working_set(spec: ModelSpec, unit_bytes: dict[WeightKey, int], schedule: Schedule, num_hot: int) -> int:
+    """Device bytes the schedule keeps in flight for non-resident units at once (at most)."""
+    layer = max(range(spec.num_layers), key=lambda l: _layer_bytes(spec, unit_bytes, l))
+    expert = max((b for k, b in unit_bytes.items() if k.part == EXPERT), default=0)
+    dense = unit_bytes[WeightKey(layer, ATTN)] + unit_bytes[WeightKey(layer, MOE)]
+    if not schedule.prefetch:
+        return max(unit_bytes.values())
+    if not schedule.hot_only:  # this layer and the whole next one
+        return 2 * _layer_bytes(spec, unit_bytes, layer)
+    return dense + unit_bytes[WeightKey(layer, ATTN)] + (num_hot + 2) * expert
+
+
+def _layer_bytes(spec: ModelSpec, unit_bytes: dict[WeightKey, int], layer: int) -> int:
+    return sum(b for k, b in unit_bytes.items() if k.layer == layer)
+
+
+def greedy_placement(spec: ModelSpec, unit_bytes: dict[WeightKey, int], device_budget: int | None,
+                     host_budget: int | None, reserve: int) -> dict[WeightKey, str]:
+    """Tier per unit: device while it fits (leaving `reserve` free), then host, then disk."""
+    free = {DEVICE: None if device_budget is None else device_budget - reserve, HOST: host_budget}
+    placement = {}
+    for key in placement_order(spec):
+        nbytes = unit_bytes[key]
+        for tier in (DEVICE, HOST):
+            if free[tier] is None or free[tier] >= nbytes:
+                placement[key] = tier
+                if free[tier] is not None:
+                    free[tier] -= nbytes
+                break
+        else:
+            placement[key] = DISK
+    return placement
+
+
+def summarize(placement: dict[WeightKey, str], unit_bytes: dict[WeightKey, int]) -> dict:
+    """Bytes and unit counts per tier and per kind of tensor."""
+    out: dict = {}
+    for key, tier in placement.items():
+        kind = out.setdefault(key.part, {})
+        slot = kind.setdefault(tier, {"units": 0, "bytes": 0})
+        slot["units"] += 1
+        slot["bytes"] += unit_bytes[key]
+    return out

@@ -1,0 +1,74 @@
+"""Memory tiers as byte budgets: aligned buffers, reuse, and exact current/peak accounting."""
+from __future__ import annotations
+
+import mmap
+import threading
+
+from klotski.store.offload import ALIGN
+
+
+def round_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+class TierPool:
+    """One tier's memory under a budget: every byte the store holds there is counted.
+
+    Buffers are page-aligned (anonymous mmap), so O_DIRECT reads land in them directly, and are
+    reused by size: copying into fresh memory ran at a third of the speed of reused memory here.
+    """
+
+    def __init__(self, name: str, budget: int | None):
+        self.name = name
+        self.budget = budget  # None: unlimited
+        self.used = 0  # bytes allocated (buffers in use or free for reuse, plus charges)
+        self.peak = 0
+        self._free: dict[int, list[mmap.mmap]] = {}
+        self._lock = threading.Lock()
+
+    def _fits(self, nbytes: int) -> bool:
+        return self.budget is None or self.used + nbytes <= self.budget
+
+    def _grow(self, nbytes: int) -> None:
+        self.used += nbytes
+        self.peak = max(self.peak, self.used)
+
+    def try_alloc(self, nbytes: int) -> mmap.mmap | None:
+        """A buffer of at least nbytes, or None when the budget cannot hold it."""
+        size = round_up(max(nbytes, 1))
+        with self._lock:
+            if self._free.get(size):
+                return self._free[size].pop()
+            if not self._fits(size):
+                self._drop_free(size)
+            if not self._fits(size):
+                return None
+            self._grow(size)
+        return mmap.mmap(-1, size)
+
+    def _drop_free(self, want: int) -> None:
+        """Unmap cached free buffers of other sizes until `want` fits."""
+        for size, bufs in self._free.items():
+            while bufs and not self._fits(want):
+                bufs.pop().close()
+                self.used -= size
+
+    def give_back(self, buf: mmap.mmap) -> None:
+        """Return a buffer for reuse (it stays counted until dropped)."""
+        with self._lock:
+            self._free.setdefault(len(buf), []).append(buf)
+
+    def charge(self, nbytes: int, what: str) -> bool:
+        """Count bytes held outside buffers (resident weights, KV cache); False if over budget."""
+        with self._lock:
+            if not self._fits(nbytes):
+                return False
+            self._grow(nbytes)
+            return True
+
+    def uncharge(self, nbytes: int) -> None:
+        with self._lock:
+            self.used -= nbytes
+
+    def stats(self) -> dict:
+        return {"budget": self.budget, "used": self.used, "peak": self.peak}

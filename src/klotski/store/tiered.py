@@ -1,0 +1,259 @@
+"""The tiered weight store: resident units on the device and host tiers, the rest fetched from
+the offload directory on lanes (threads on the CPU), each fetch with its own handle.
+
+Every byte is counted against its tier's budget before it is read, in-flight fetches included.
+When the device budget is full, a prefetch waits its turn (issued as soon as the pipeline
+releases a unit); a fetch the pipeline is blocked on may evict units that were prefetched but
+not yet used (they are fetched again when asked for). Nothing here knows the schedule.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from klotski.errors import KlotskiError
+from klotski.models.spec import WeightKey
+from klotski.runtime.timeline import Timeline
+from klotski.store.base import Handle, Weights
+from klotski.store.offload import OffloadDir
+from klotski.store.pool import TierPool
+
+DEVICE, HOST, DISK = "device", "host", "disk"
+
+
+@dataclass(eq=False)
+class Entry:
+    """One non-resident unit's fetch: its state, buffer and handle."""
+
+    key: WeightKey
+    handle: Handle
+    lane: str
+    state: str = "deferred"  # deferred -> inflight -> ready -> claimed; "released" once dropped
+    buffer: object = None
+    weights: Weights | None = None
+    error: BaseException | None = None
+    serial: int = 0  # issue order: the newest prefetch is the first evicted
+
+
+class Lane:
+    """A named FIFO worker thread for transfers (the CPU stand-in for a CUDA stream)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=f"klotski-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn) -> None:
+        self._jobs.put(fn)
+
+    def _loop(self) -> None:
+        while (fn := self._jobs.get()) is not None:
+            fn()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=5)
+
+
+class StoreHandle(Handle):
+    """A handle whose wait() goes through the store, so an evicted unit is fetched again."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, key: WeightKey, store: "TieredStore"):
+        super().__init__(key)
+        self._store = store
+
+    def wait(self) -> Weights:
+        return self._store.claim(self.key, self)
+
+
+@dataclass
+class TieredStore:
+    """Weights across device / host / disk under budgets; see the module docstring."""
+
+    checkpoint: object
+    offload: OffloadDir | None
+    placement: dict[WeightKey, str]
+    device_pool: TierPool
+    host_pool: TierPool
+    timeline: Timeline
+    lanes: dict[str, Lane] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._cond = threading.Condition()
+        self._entries: dict[WeightKey, Entry] = {}
+        self._deferred: deque[Entry] = deque()
+        self._resident: dict[WeightKey, Weights] = {}
+        self._serial = 0
+        self.bytes_read = {DISK: 0}
+        for name in ("prefetch", "ondemand"):
+            self.lanes.setdefault(name, Lane(name))
+        self._load_resident()
+
+    # -- resident units ---------------------------------------------------------------------
+    def _load_resident(self) -> None:
+        """Load device- and host-placed units once, counting them against their tier."""
+        for key, tier in self.placement.items():
+            if tier == DISK:
+                continue
+            pool = self.device_pool if tier == DEVICE else self.host_pool
+            nbytes = self.checkpoint.unit_nbytes(key)
+            if not pool.charge(nbytes, str(key)):
+                raise KlotskiError(f"{key} ({nbytes / 1e6:.1f} MB) does not fit the {tier} budget "
+                                   f"({pool.budget / 1e9:.2f} GB); raise --{tier}-memory or place less there")
+            self._resident[key] = self.checkpoint.load_unit(key)
+
+    def resident(self, key: WeightKey) -> bool:
+        return key in self._resident
+
+    # -- fetching ---------------------------------------------------------------------------
+    def fetch(self, key: WeightKey, lane: str = "prefetch") -> Handle:
+        """Start fetching a unit (idempotent): a ready handle if resident, else its fetch's handle."""
+        if key in self._resident:
+            return Handle.ready(key, self._resident[key])
+        with self._cond:
+            entry = self._entries.get(key)
+            if entry is None:
+                self._serial += 1
+                entry = Entry(key, StoreHandle(key, self), lane, serial=self._serial)
+                self._entries[key] = entry
+                self._deferred.append(entry)
+                self._issue_deferred()
+            return entry.handle
+
+    def _issue_deferred(self) -> None:
+        """Issue waiting fetches in FIFO order while the device budget allows (lock held)."""
+        while self._deferred:
+            entry = self._deferred[0]
+            buf = self.device_pool.try_alloc(self.offload.blobs[entry.key].padded)
+            if buf is None:
+                return
+            self._deferred.popleft()
+            self._start(entry, buf)
+
+    def _start(self, entry: Entry, buf) -> None:
+        entry.state, entry.buffer = "inflight", buf
+        entry.handle._event.clear()
+        self.lanes[entry.lane].submit(lambda: self._read(entry))
+
+    def _read(self, entry: Entry) -> None:
+        """Lane thread: one sequential read of the unit's blob into its buffer."""
+        blob = self.offload.blobs[entry.key]
+        start = self.timeline.now()
+        try:
+            weights, error = self.offload.read_into(entry.key, entry.buffer), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who re-raises it
+            weights, error = None, exc
+        end = self.timeline.now()
+        self.timeline.add(entry.lane, "read", start, end, layer=entry.key.layer, expert=entry.key.expert,
+                          bytes=blob.padded)
+        with self._cond:
+            self.bytes_read[DISK] += blob.padded
+            arrived = entry.state != "released"
+            if arrived:
+                entry.weights, entry.error, entry.state = weights, error, "ready"
+            else:  # nobody wants it any more
+                self.device_pool.give_back(entry.buffer)
+                self._issue_deferred()
+            self._cond.notify_all()
+        if arrived:
+            entry.handle.arrived = end
+            entry.handle._finish()
+
+    def claim(self, key: WeightKey, handle: StoreHandle) -> Weights:
+        """The consumer's wait: block until the unit is usable, evicting idle prefetches if needed."""
+        with self._cond:
+            entry = self._entries.get(key)
+            if entry is None or entry.handle is not handle:  # released, then asked again: fetch anew
+                self._cond.release()
+                try:
+                    return self.fetch(key, "ondemand").wait()
+                finally:
+                    self._cond.acquire()
+            while entry.state not in ("ready", "claimed"):
+                if entry.state == "deferred" and not self._make_room(entry):
+                    raise KlotskiError(self._too_small(entry))
+                self._cond.wait()
+            if entry.error is not None:
+                raise entry.error
+            entry.state = "claimed"
+            return entry.weights
+
+    def _make_room(self, wanted: Entry) -> bool:
+        """Issue `wanted` now, evicting ready-but-unclaimed units (newest first) if it must."""
+        if wanted in self._deferred:
+            self._deferred.remove(wanted)
+        need = self.offload.blobs[wanted.key].padded
+        while (buf := self.device_pool.try_alloc(need)) is None:
+            idle = [e for e in self._entries.values() if e.state == "ready" and e is not wanted]
+            if not idle:
+                inflight = any(e.state == "inflight" for e in self._entries.values())
+                self._deferred.appendleft(wanted)
+                return inflight  # an arriving fetch may become evictable; else nothing can free memory
+            victim = max(idle, key=lambda e: e.serial)
+            self._evict(victim)
+        self._start(wanted, buf)
+        return True
+
+    def _evict(self, entry: Entry) -> None:
+        """Drop an unclaimed unit's buffer; it goes back to waiting and is fetched again on demand."""
+        self.device_pool.give_back(entry.buffer)
+        entry.state, entry.buffer, entry.weights = "deferred", None, None
+        entry.handle._event.clear()
+        self._deferred.append(entry)
+
+    def _too_small(self, entry: Entry) -> str:
+        pool = self.device_pool
+        return (f"the device budget ({pool.budget / 1e6:.2f} MB) cannot hold {entry.key} "
+                f"({self.offload.blobs[entry.key].padded / 1e6:.2f} MB) next to what the pipeline holds "
+                f"({pool.used / 1e6:.2f} MB in use, KV cache included); raise --device-memory")
+
+    def release(self, key: WeightKey) -> None:
+        """The pipeline is done with a unit: its buffer returns to the pool, waiting fetches start."""
+        if key in self._resident:
+            return
+        with self._cond:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                return
+            if entry.state == "inflight":
+                entry.state = "released"  # the lane frees it on arrival
+            elif entry.state == "deferred":
+                self._deferred.remove(entry)
+            else:
+                self.device_pool.give_back(entry.buffer)
+            entry.state = "released"
+            self._issue_deferred()
+            self._cond.notify_all()
+
+    def charge_kv(self, nbytes: int) -> None:
+        """Count a KV cache allocation against the device budget, or refuse it clearly."""
+        if not self.device_pool.charge(nbytes, "kv"):
+            pool = self.device_pool
+            raise KlotskiError(f"the KV cache ({nbytes / 1e6:.2f} MB) does not fit the device budget "
+                               f"({pool.budget / 1e6:.2f} MB, {pool.used / 1e6:.2f} MB in use); lower --batch-size "
+                               "or --num-batches, shorten max_tokens, or raise --device-memory")
+
+    def uncharge_kv(self, nbytes: int) -> None:
+        self.device_pool.uncharge(nbytes)
+
+    def stats(self) -> dict:
+        """Bytes read and peak bytes per tier (the store's own accounting)."""
+        from klotski.store.placement import summarize
+
+        unit_bytes = {k: self.checkpoint.unit_nbytes(k) for k in self.placement}
+        return {"bytes_read": dict(self.bytes_read),
+                "peak_bytes": {DEVICE: self.device_pool.peak, HOST: self.host_pool.peak},
+                "budgets": {DEVICE: self.device_pool.budget, HOST: self.host_pool.budget},
+                "placement": summarize(self.placement, unit_bytes)}
+
+    def close(self) -> None:
+        for lane in self.lanes.values():
+            lane.close()
+        self._resident.clear()
