@@ -17,8 +17,8 @@ def calibrate_from_trace(trace_path: str | Path, path_length: int = 1,
                                                      f"({trace.num_tokens} tokens)")
 
 
-def calibrate_from_model(model_dir: str | Path, input_path: str | Path, path_length: int = 1,
-                         max_tokens: int = 1) -> CorrelationTable:
+def calibrate_from_model(model_dir: str | Path, input_path: str | Path,
+                         path_length: int = 1) -> CorrelationTable:
     """Run the prompts of `input_path` through the model, recording routing into a table."""
     raise KlotskiError("calibrate --model is not available yet: the runtime cannot record "
                        "routing; use `klotski calibrate --from-trace FILE.npz`")
