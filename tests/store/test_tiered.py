@@ -1,0 +1,112 @@
+"""The tiered store and the pipeline over it: schedule-independent results, hard budgets, clean failures."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from klotski import LLM, SamplingParams
+from klotski.errors import KlotskiError
+from klotski.runtime.schedule import SCHEDULES
+
+PROMPTS = [{"prompt_token_ids": [0, 5, 9, 100 + i, 7 * i + 3][: 2 + i % 4]} for i in range(7)]
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    from klotski.commands.create_model import create_model
+
+    return create_model(tmp_path_factory.mktemp("store-model"), "mixtral", "tiny", layers=3, dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def resident_tokens(model) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in LLM(str(model)).generate(PROMPTS, GREEDY)]
+
+
+def _run(model, tmp_path, **kw):
+    llm = LLM(str(model), offload_dir=str(tmp_path / "offload"), **kw)
+    try:
+        tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        return tokens, llm.last_stats
+    finally:
+        llm.store.close()
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("budget", ["420KB", "900KB"])
+def test_tokens_identical_across_schedules_and_budgets(model, resident_tokens, tmp_path, schedule, budget):
+    tokens, stats = _run(model, tmp_path, schedule=schedule, device_memory=budget, batch_size=2, num_batches=2)
+    assert tokens == resident_tokens
+    assert stats["peak_bytes"]["device"] <= stats["budgets"]["device"]
+    assert stats["bytes_read"]["disk"] > 0  # the model does not fit: experts came from disk
+
+
+@pytest.mark.parametrize("bs,n", [(1, 7), (3, 1), (4, 2), (7, 1)])
+def test_tokens_identical_across_batch_shapes(model, resident_tokens, tmp_path, bs, n):
+    tokens, _ = _run(model, tmp_path, device_memory="600KB", batch_size=bs, num_batches=n)
+    assert tokens == resident_tokens
+
+
+def test_everything_on_device_reads_nothing(model, resident_tokens, tmp_path):
+    tokens, stats = _run(model, tmp_path, device_memory="64MB")
+    assert tokens == resident_tokens
+    assert stats["bytes_read"]["disk"] == 0
+
+
+def test_timeline_records_transfers_and_bubbles(model, tmp_path):
+    _, stats = _run(model, tmp_path, device_memory="500KB", schedule="klotski")
+    assert stats["io_busy_s"] > 0 and stats["compute_busy_s"] > 0
+    assert 0.0 <= stats["bubble_ratio"] < 1.0
+    assert set(stats["io_busy_s_per_lane"]) <= {"prefetch", "ondemand"}
+
+
+def test_budget_too_small_is_a_clear_error(model, tmp_path):
+    with pytest.raises(KlotskiError, match="device-memory|device budget"):
+        _run(model, tmp_path, device_memory="100KB")
+
+
+def _corrupt(model, tmp_path, how: str):
+    llm = LLM(str(model), offload_dir=str(tmp_path / "offload"), device_memory="500KB")
+    blob = next(p for p in sorted((tmp_path / "offload").glob("L1.expert*.bin")))
+    if how == "truncate":
+        os.truncate(blob, 100)
+    elif how == "flip":
+        data = bytearray(blob.read_bytes())
+        data[10] ^= 0xFF
+        blob.write_bytes(data)
+    else:
+        for p in (tmp_path / "offload").glob("*.bin"):
+            p.unlink()
+    return llm
+
+
+@pytest.mark.parametrize("how,match", [("truncate", "truncated"), ("flip", "checksum"), ("vanish", "vanished")])
+def test_failed_reads_stop_the_run(model, tmp_path, how, match):
+    llm = _corrupt(model, tmp_path, how)
+    try:
+        with pytest.raises(KlotskiError, match=match):
+            llm.generate(PROMPTS, GREEDY)
+    finally:
+        llm.store.close()
+
+
+def test_offload_dir_is_reused_until_the_checkpoint_changes(model, tmp_path):
+    from klotski.checkpoint.reader import Checkpoint
+    from klotski.store.offload import OffloadDir
+
+    ckpt = Checkpoint.open(model)
+    first = OffloadDir.prepare(ckpt, tmp_path / "off")
+    stamp = (tmp_path / "off" / "manifest.json").stat().st_mtime_ns
+    OffloadDir.prepare(ckpt, tmp_path / "off")
+    assert (tmp_path / "off" / "manifest.json").stat().st_mtime_ns == stamp
+    assert len(first.blobs) == len(ckpt.spec.weight_keys())
+
+
+def test_unwritable_offload_dir_is_a_clear_error(model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(KlotskiError, match="not writable"):
+        LLM(str(model), offload_dir=str(blocker / "sub"), device_memory="500KB")
