@@ -59,17 +59,24 @@ def make_reference(variant: str, out: Path, fused: bool = False, dtype: torch.dt
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     _perturb_norms(model, seed)
+    # Casting round-trips non-persistent buffers (RoPE inv_freq) too: keep them fp32, as a fresh load would.
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     model.to(dtype).save_pretrained(out, save_original_format=not fused)
     model.to(torch.float32)
+    for name, b in model.named_buffers():
+        b.copy_(buffers[name])
     write_tokenizer(out, config.vocab_size)
     return model
 
 
 def _perturb_norms(model, seed: int) -> None:
-    """Norm weights and biases default to ones/zeros; randomise them so a wrong one shows."""
+    """Norm weights and biases default to ones/zeros; randomise them so a wrong one shows.
+
+    Buffers too: DeepSeek-V3's e_score_correction_bias is a buffer.
+    """
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
 
