@@ -23,6 +23,8 @@ from klotski.runtime.pipeline import Pipeline
 from klotski.runtime.schedule import get_schedule
 from klotski.runtime.timeline import Timeline
 from klotski.sampling import Sampler, SamplingParams, derive_seed, make_generator
+from klotski.prefetch.runtime import RoutingRecording, make_predictor
+from klotski.prefetch.table import find_model_table
 from klotski.store.base import ResidentStore
 from klotski.store.offload import OffloadDir, default_offload_dir
 from klotski.store.placement import DISK, greedy_placement, working_set
@@ -40,7 +42,7 @@ class LLM:
                  device: str = "auto", device_memory: str | int | None = None, host_memory: str | int | None = None,
                  offload_dir: str | None = None, schedule: str = "klotski", batch_size: int | None = None,
                  num_batches: int | None = None, num_hot: int | None = None, max_model_len: int | None = None,
-                 record_timeline: bool = True):
+                 prefetch_table: str | None = None, record_timeline: bool = True):
         if model is None:
             from klotski.default_model import ensure_default_model
             model = str(ensure_default_model())
@@ -59,6 +61,9 @@ class LLM:
         self.max_model_len = min(max_model_len or self.spec.max_position_embeddings, self.spec.max_position_embeddings)
         self.runner = ModelRunner(self.spec, self.dtype, self.device)
         self.store = self._make_store()
+        self.prefetch_table = self._find_table(prefetch_table)
+        self.predictor = make_predictor(self.spec, self.prefetch_table)
+        self.routing: RoutingRecording | None = None  # set by record_routing()
         self.record_timeline = record_timeline
         self.sampler = Sampler()
         self.last_stats: dict[str, Any] = {}
@@ -83,6 +88,18 @@ class LLM:
                                          progress=True)
         return TieredStore(self.checkpoint, offload, placement, TierPool("device", cfg.device_memory),
                            TierPool("host", host), Timeline(enabled=False))
+
+    def _find_table(self, override: str | None):
+        """--prefetch-table, else a table saved beside the model or in its offload dir."""
+        table = find_model_table(self.config.model, override)
+        if table is None and getattr(self.store, "offload", None) is not None:
+            table = find_model_table(self.store.offload.path)
+        return table
+
+    def record_routing(self) -> RoutingRecording:
+        """Record every token's experts from now on (`generate --record-routing`, calibration)."""
+        self.routing = RoutingRecording(self.spec)
+        return self.routing
 
     def _load_tokenizer(self, path: Path) -> Tokenizer | None:
         return Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
@@ -210,10 +227,13 @@ class LLM:
     def _run(self, requests: list[tuple[str | None, list[int], SamplingParams]]) -> list[RequestOutput]:
         policy = self.policy(len(requests))
         seqs = [self._sequence(i, ids, p) for i, (_, ids, p) in enumerate(requests)]
+        for s in seqs:  # routing traces number sequences across calls
+            s.index += self._requests_seen
         self._requests_seen += len(requests)
         timeline = Timeline(enabled=self.record_timeline)
         self.store.timeline = timeline
-        pipeline = Pipeline(self.runner, self.store, self.schedule, timeline, policy.num_hot)
+        pipeline = Pipeline(self.runner, self.store, self.schedule, timeline, policy.num_hot, self.predictor,
+                            [self.routing] if self.routing is not None else [])
         group_size = policy.batch_size * policy.num_batches
         start, steps, prefill_s = time.perf_counter(), 0, 0.0
         for g in range(0, len(seqs), group_size):
@@ -225,8 +245,8 @@ class LLM:
         wall = time.perf_counter() - start
         self.last_timeline = timeline
         self.last_stats = self._stats(seqs, wall, timeline, policy, prefill_s) | {"forward_steps": steps}
-        return [RequestOutput(request_id=str(i), prompt=text, prompt_token_ids=ids, outputs=[s.output()], finished=True)
-                for i, ((text, ids, _), s) in enumerate(zip(requests, seqs))]
+        return [RequestOutput(request_id=str(s.index), prompt=text, prompt_token_ids=ids, outputs=[s.output()],
+                              finished=True) for (text, ids, _), s in zip(requests, seqs)]
 
     def _stats(self, seqs: list[Sequence], wall: float, timeline: Timeline, policy: Policy, prefill: float) -> dict:
         generated = sum(len(s.stopper.token_ids) for s in seqs)

@@ -25,6 +25,7 @@ def register(sub) -> None:
     p.add_argument("--logprobs", type=int, default=None, help="top-N logprobs per generated token")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16 | float16")
     p.add_argument("--json", action="store_true", help='print {"outputs": [...], "stats": {...}}')
+    p.add_argument("--record-routing", help="write every token's experts to FILE.npz (a routing trace)")
     add_engine_flags(p)
     p.set_defaults(handler=run)
 
@@ -38,6 +39,7 @@ def add_engine_flags(p) -> None:
     p.add_argument("--batch-size", type=int, help="bs: sequences per batch")
     p.add_argument("--num-batches", type=int, help="n: batches sharing each loaded layer")
     p.add_argument("--num-hot", type=int, help="K: hot experts prefetched per layer (default: top-k)")
+    p.add_argument("--prefetch-table", help="correlation table (ours, or the authors' JSON) driving hot-expert prefetch")
     p.add_argument("--trace", help="write the timeline as Chrome trace JSON (opens in Perfetto)")
     p.add_argument("--timeline", help="draw the timeline's lanes to a PNG (needs matplotlib)")
 
@@ -46,14 +48,14 @@ def engine_kwargs(args) -> dict:
     """LLM(...) keyword arguments from the shared engine flags."""
     return {"device_memory": args.device_memory, "host_memory": args.host_memory, "offload_dir": args.offload_dir,
             "schedule": args.schedule, "batch_size": args.batch_size, "num_batches": args.num_batches,
-            "num_hot": args.num_hot}
+            "num_hot": args.num_hot, "prefetch_table": args.prefetch_table}
 
 
 def read_jsonl(path: str) -> tuple[list[tuple[int, dict]], list[str]]:
     """(line number, record) for each good line, and an error message for each bad one."""
     file = Path(path)
     if not file.is_file():
-        raise KlotskiError(f"--input {path} does not exist")
+        raise KlotskiError(f"--input {path} does not exist or is not a file")
     records, errors = [], []
     for n, line in enumerate(file.read_text().splitlines(), start=1):
         if not line.strip():
@@ -88,9 +90,13 @@ def run(args) -> int:
         raise KlotskiError("no prompts: give --prompt TEXT (repeatable) or --input FILE.jsonl")
     if args.model is None:
         print(NOTICE, file=sys.stderr)
+    _check_writable(args.output)
     llm = LLM(model=args.model, dtype=args.dtype, **engine_kwargs(args))
+    recording = llm.record_routing() if args.record_routing else None
     prompts, ids = _prompts(llm, items, errors)
     outputs = llm.generate(prompts, params) if prompts else []
+    if recording is not None:
+        recording.recorder.to_trace().save(args.record_routing)
     _write_outputs(args, ids, outputs, llm.last_stats)
     _write_timeline(args, llm)
     for message in errors:
@@ -112,6 +118,17 @@ def _prompts(llm, items, errors) -> tuple[list, list[str]]:
         prompts.append({"prompt": text, "prompt_token_ids": tokens})
         ids.append(rid)
     return prompts, ids
+
+
+def _check_writable(path: str | None) -> None:
+    """Fail before generating, not after, when --output cannot be written."""
+    if path is None:
+        return
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise KlotskiError(f"--output {path} cannot be written ({exc.strerror}); choose another path") from None
 
 
 def _write_outputs(args, ids, outputs, stats) -> None:

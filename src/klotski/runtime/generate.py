@@ -105,7 +105,8 @@ def prefill_step(b: GroupBatch, pad_id: int) -> BatchStep:
         tokens[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
     positions = torch.arange(width).expand(len(b.seqs), width)
     valid = positions < lengths[:, None]
-    return BatchStep(b.index, tokens, valid, _step_info(positions, lengths), b.kv, lengths - 1)
+    return BatchStep(b.index, tokens, valid, _step_info(positions, lengths), b.kv, lengths - 1,
+                     torch.tensor([s.index for s in b.seqs]), prefill=True)
 
 
 def decode_step(b: GroupBatch, pad_id: int) -> BatchStep:
@@ -119,7 +120,7 @@ def decode_step(b: GroupBatch, pad_id: int) -> BatchStep:
     positions_t = torch.tensor(positions)[:, None]  # [B, 1]
     step = _step_info(positions_t, positions_t[:, 0] + 1)
     return BatchStep(b.index, torch.tensor(tokens)[:, None], torch.tensor(valid)[:, None], step, b.kv,
-                     torch.zeros(len(b.seqs), dtype=torch.long))
+                     torch.zeros(len(b.seqs), dtype=torch.long), torch.tensor([s.index for s in b.seqs]))
 
 
 def sample_batch(sampler: Sampler, b: GroupBatch, logits: torch.Tensor, max_len: int) -> None:

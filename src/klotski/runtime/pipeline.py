@@ -34,6 +34,8 @@ class BatchStep:
     step: StepInfo
     kv: list[KVBlock]  # one block per layer
     last: torch.Tensor | None  # [B] index along S of each row's last real token; None: every valid token
+    seq_ids: torch.Tensor | None = None  # [B] request index of each row (routing traces)
+    prefill: bool = False
 
 
 class HotPredictor:

@@ -1,0 +1,66 @@
+"""Glue between the pipeline and the prefetcher: torch routing in, predictions out, traces recorded.
+
+The pipeline numbers every layer; tables and traces count MoE layers only (DeepSeek's first
+dense layers, Qwen's mlp_only layers have no routing), so layer numbers are mapped here.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from klotski.errors import KlotskiError
+from klotski.models.spec import ModelSpec
+from klotski.prefetch.predictor import CorrelationPredictor, FrequencyPredictor, Predictor
+from klotski.prefetch.table import CorrelationTable
+from klotski.prefetch.trace import RoutingRecorder
+from klotski.runtime.pipeline import HotPredictor
+
+
+def moe_index(spec: ModelSpec) -> dict[int, int]:
+    """Model layer -> MoE-layer ordinal (the table's and the trace's layer numbers)."""
+    return {layer: i for i, layer in enumerate(l for l in range(spec.num_layers) if spec.moe_layers[l])}
+
+
+def _paths(ids: torch.Tensor | None) -> np.ndarray | None:
+    """The previous MoE layer's choices [T, K] as the prefetcher's paths [T, 1, K]."""
+    return None if ids is None else ids.cpu().numpy()[:, None, :].astype(np.int64)
+
+
+class PipelinePredictor(HotPredictor):
+    """Drives the pipeline's hot experts from a prefetch predictor (online updates, never saved)."""
+
+    def __init__(self, spec: ModelSpec, predictor: Predictor):
+        self.index = moe_index(spec)
+        self.predictor = predictor
+
+    def predict(self, layer: int, prev_ids: torch.Tensor | None, k: int) -> list[int]:
+        return self.predictor.predict(self.index[layer], _paths(prev_ids), k)
+
+    def observe(self, layer: int, prev_ids: torch.Tensor | None, ids: torch.Tensor) -> None:
+        self.predictor.observe(self.index[layer], _paths(prev_ids), ids.cpu().numpy())
+
+
+def make_predictor(spec: ModelSpec, table: CorrelationTable | None) -> PipelinePredictor:
+    """The correlation predictor over a calibrated table, else frequencies learnt online."""
+    layers = len(moe_index(spec))
+    if table is None:
+        return PipelinePredictor(spec, FrequencyPredictor(CorrelationTable.empty(layers, spec.num_experts, spec.top_k)))
+    if table.num_layers != layers or table.num_experts != spec.num_experts:
+        raise KlotskiError(f"the prefetch table has {table.num_layers} layers x {table.num_experts} experts but the model "
+                           f"has {layers} MoE layers x {spec.num_experts} experts; calibrate one for this model")
+    return PipelinePredictor(spec, CorrelationPredictor(table.copy()))
+
+
+class RoutingRecording:
+    """A pipeline routing hook that records every token's experts into a RoutingRecorder."""
+
+    def __init__(self, spec: ModelSpec):
+        self.index = moe_index(spec)
+        self.recorder = RoutingRecorder(len(self.index), spec.top_k, spec.num_experts)
+
+    def __call__(self, layer: int, batch, gate) -> torch.Tensor:
+        valid = batch.valid
+        seq_ids = batch.seq_ids[:, None].expand_as(valid)[valid]
+        positions = batch.step.positions[valid]
+        self.recorder.record(self.index[layer], seq_ids, positions, batch.prefill, gate.ids)
+        return gate.ids
