@@ -86,6 +86,8 @@ def gqa_attention(spec: AttentionSpec, eps: float, w: dict[str, torch.Tensor], x
     v = linear(h, w["v_proj"], w.get("v_proj_bias"))
     if spec.qk_norm == "full":  # OLMoE normalises the whole projection
         q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
+    if spec.clip_qkv is not None:  # OLMoE's clip_qkv, applied before the per-head split as transformers does
+        q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
     q = q.view(b, s, spec.num_heads, spec.qk_head_dim)
     k = k.view(b, s, spec.num_kv_heads, spec.qk_head_dim)
     if spec.qk_norm == "head":  # Qwen3 normalises each head

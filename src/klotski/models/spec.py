@@ -57,6 +57,7 @@ class AttentionSpec:
     qk_norm: str = "none"  # "none" | "head" (Qwen3: per head) | "full" (OLMoE: over all heads)
     sliding_window: int | None = None
     softmax_scale: float | None = None  # None: 1/sqrt(qk_head_dim)
+    clip_qkv: float | None = None  # OLMoE: clamp q, k, v to [-c, c] after the projections (and q/k norms)
     # MLA only
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
