@@ -31,8 +31,10 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 def _yarn(rope: RopeSpec, s: dict, pos_freqs: torch.Tensor, max_positions: int) -> tuple[torch.Tensor, float]:
     """YaRN: interpolate low frequencies, keep high ones, blend with a linear ramp between."""
-    factor, dim = s["factor"], rope.dim
+    dim = rope.dim
     original = s.get("original_max_position_embeddings") or max_positions
+    # No factor: transformers derives it from the context extension (DeepSeek-V3-style configs).
+    factor = s.get("factor") or max_positions / original
     attention_factor = s.get("attention_factor")
     if attention_factor is None:
         if s.get("mscale") and s.get("mscale_all_dim"):
