@@ -93,7 +93,12 @@ class Tokenizer:
                 "or drive the checkpoint with prompt_token_ids instead of text prompts "
                 "(a checkpoint without a tokenizer still generates token ids)")
         config = _read_json(directory / "tokenizer_config.json")
-        return cls(HFTokenizer.from_file(str(tokenizer_file)), config,
+        try:
+            backend = HFTokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
+            raise KlotskiError(f"{tokenizer_file} cannot be read ({e}): "
+                               "restore it from the original checkpoint") from None
+        return cls(backend, config,
                    _read_json(directory / "generation_config.json"),
                    _pick_chat_template(directory, config))
 
@@ -130,10 +135,15 @@ class Tokenizer:
             raise KlotskiError(
                 "this checkpoint has no chat template (tokenizer_config.json 'chat_template' or "
                 "chat_template.jinja): send plain text prompts, or add a template to the checkpoint")
-        template = _jinja_env().from_string(self.chat_template)
+        import jinja2
+
         specials = {k: v for k, v in self.special_tokens.items() if v is not None}
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               tools=None, documents=None, **specials)
+        try:
+            template = _jinja_env().from_string(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   tools=None, documents=None, **specials)
+        except jinja2.TemplateError as e:  # raise_exception() in the template, or a broken template
+            raise KlotskiError(f"chat template: {e}") from None
 
     def encode_chat(self, messages: list[dict[str, Any]],
                     add_generation_prompt: bool = True) -> list[int]:

@@ -8,6 +8,7 @@ weight units (`WeightKey`), the pieces the store moves.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from klotski.errors import CheckpointError
+from klotski.errors import CheckpointError, KlotskiError
 from klotski.models import ModelSpec, WeightKey, spec_from_config
 from klotski.models.spec import EMBED, EXPERT, HEAD
 
@@ -51,21 +52,31 @@ def read_header(path: Path) -> dict[str, TensorRef]:
             header = json.loads(f.read(hlen))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path} has a corrupt safetensors header ({exc}); re-download it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (not a JSON object); re-download it")
     base = 8 + hlen
-    refs = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if info["dtype"] not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        if base + end > size:
-            raise CheckpointError(
-                f"{path} is truncated: tensor {name} ends at byte {base + end} but the file has {size} bytes; "
-                "re-download or re-save the checkpoint"
-            )
-        refs[name] = TensorRef(str(path), base + start, end - start, DTYPES[info["dtype"]], tuple(info["shape"]))
-    return refs
+    return {name: _tensor_ref(path, size, base, name, info) for name, info in header.items() if name != "__metadata__"}
+
+
+def _tensor_ref(path: Path, size: int, base: int, name: str, info) -> TensorRef:
+    """One header entry as a TensorRef, after checking it is well formed and inside the file."""
+    try:
+        dtype_name, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+        start, end = (int(o) for o in info["data_offsets"])
+    except (TypeError, KeyError, ValueError):
+        raise CheckpointError(f"{path}: the header entry of tensor {name} is corrupt ({info!r}); re-download it") from None
+    if dtype_name not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype_name}")
+    dtype = DTYPES[dtype_name]
+    if not 0 <= start <= end or end - start != math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(f"{path}: tensor {name} has byte range [{start}, {end}) that does not fit its "
+                              f"shape {list(shape)} and dtype {dtype_name}; the file is corrupt, re-download it")
+    if base + end > size:
+        raise CheckpointError(
+            f"{path} is truncated: tensor {name} ends at byte {base + end} but the file has {size} bytes; "
+            "re-download or re-save the checkpoint"
+        )
+    return TensorRef(str(path), base + start, end - start, dtype, shape)
 
 
 def read_tensor(ref: TensorRef) -> torch.Tensor:
@@ -113,7 +124,7 @@ class Checkpoint:
         """Parse config.json and the safetensors headers; check every unit against config.json."""
         path = Path(path)
         config = load_config(path)
-        spec = spec_from_config(config)
+        spec = spec_of(config, path)
         tensors = {}
         for file in safetensors_files(path):
             tensors |= read_header(file)
@@ -144,9 +155,23 @@ def load_config(path: Path) -> dict:
     if not cfg.is_file():
         raise CheckpointError(f"{path} has no config.json; a Hugging Face checkpoint directory needs one")
     try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as exc:
+        config = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{cfg} is not valid JSON ({exc}); restore the file") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg} is not a JSON object; restore the checkpoint's config.json")
+    return config
+
+
+def spec_of(config: dict, path: Path) -> ModelSpec:
+    """spec_from_config, with a field of the wrong type reported as a config.json problem."""
+    try:
+        return spec_from_config(config)
+    except KlotskiError:
+        raise
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path / 'config.json'} has a field of the wrong type or value "
+                              f"({type(exc).__name__}: {exc}); restore the checkpoint's config.json") from None
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -155,7 +180,7 @@ def safetensors_files(path: Path) -> list[Path]:
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{index} is corrupt ({exc}); re-download it") from None
         files = [path / n for n in names]
         missing = [str(f) for f in files if not f.is_file()]
