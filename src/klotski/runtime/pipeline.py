@@ -8,7 +8,6 @@ of the ablation ladder is this one loop.
 """
 from __future__ import annotations
 
-import queue
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +17,7 @@ from klotski.models.spec import ATTN, EMBED, EXPERT, HEAD, MOE, WeightKey
 from klotski.runtime.model import GateOutput, ModelRunner
 from klotski.runtime.schedule import Schedule
 from klotski.runtime.timeline import Timeline
-from klotski.store.base import Handle, WeightStore
+from klotski.store.base import Handle, WeightStore, wait_any
 
 # B = sequences in a batch, S = new tokens per sequence (padded), T = the group's valid tokens,
 # K = top_k, D = hidden, V = vocab
@@ -219,14 +218,12 @@ class Pipeline:
         ready.sort(key=lambda e: (e not in hot, e))
         for e in ready:
             yield e, handles[e].wait()
-        arrivals: queue.SimpleQueue = queue.SimpleQueue()
-        pending = [e for e in used if e not in ready]
-        for e in pending:
-            handles[e].add_done_callback(lambda _h, e=e: arrivals.put(e))
-        for _ in pending:
-            if arrivals.empty():
-                with self.timeline.span("compute", "wait", layer=layer):
-                    e = arrivals.get()
+        pending = {handles[e]: e for e in used if e not in ready}
+        while pending:
+            arrived = [h for h in pending if h.done()]
+            if arrived:
+                handle = min(arrived, key=lambda h: (h.arrived, pending[h]))
             else:
-                e = arrivals.get()
-            yield e, handles[e].wait()
+                with self.timeline.span("compute", "wait", layer=layer):
+                    handle = wait_any(list(pending))
+            yield pending.pop(handle), handle.wait()

@@ -1,6 +1,7 @@
 """What the pipeline asks of a weight store: fetch a unit (get a handle), wait on it, release it."""
 from __future__ import annotations
 
+import queue
 import threading
 from typing import Protocol
 
@@ -67,6 +68,14 @@ class Handle:
         if self._error is not None:
             raise self._error
         return self._weights
+
+
+def wait_any(handles: list[Handle]) -> Handle:
+    """Block until one of the handles finishes; return it (a simulated store's handles finish at once)."""
+    arrivals: queue.SimpleQueue = queue.SimpleQueue()
+    for h in handles:
+        h.add_done_callback(arrivals.put)
+    return arrivals.get()
 
 
 class WeightStore(Protocol):
