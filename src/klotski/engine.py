@@ -23,6 +23,7 @@ from klotski.runtime.pipeline import Pipeline
 from klotski.runtime.schedule import get_schedule
 from klotski.runtime.timeline import Timeline
 from klotski.sampling import Sampler, SamplingParams, derive_seed, make_generator
+from klotski.prefetch.replay import make_replay
 from klotski.prefetch.runtime import RoutingRecording, make_predictor
 from klotski.prefetch.table import find_model_table
 from klotski.store.base import ResidentStore
@@ -42,7 +43,7 @@ class LLM:
                  device: str = "auto", device_memory: str | int | None = None, host_memory: str | int | None = None,
                  offload_dir: str | None = None, schedule: str = "klotski", batch_size: int | None = None,
                  num_batches: int | None = None, num_hot: int | None = None, max_model_len: int | None = None,
-                 prefetch_table: str | None = None, record_timeline: bool = True):
+                 prefetch_table: str | None = None, record_timeline: bool = True, routing_replay: str | None = None):
         if model is None:
             from klotski.default_model import ensure_default_model
             model = str(ensure_default_model())
@@ -64,6 +65,8 @@ class LLM:
         self.prefetch_table = self._find_table(prefetch_table)
         self.predictor = make_predictor(self.spec, self.prefetch_table)
         self.routing: RoutingRecording | None = None  # set by record_routing()
+        # Benchmarks only: a real model's routing replaces the router's choices (never on by default).
+        self.replay = make_replay(self.spec, routing_replay, seed)
         self.record_timeline = record_timeline
         self.sampler = Sampler()
         self.last_stats: dict[str, Any] = {}
@@ -100,6 +103,10 @@ class LLM:
         """Record every token's experts from now on (`generate --record-routing`, calibration)."""
         self.routing = RoutingRecording(self.spec)
         return self.routing
+
+    def _routing_hooks(self) -> list:
+        """Replay first (when on), so a recording sees the routing that actually ran."""
+        return [h for h in (self.replay, self.routing) if h is not None]
 
     def _load_tokenizer(self, path: Path) -> Tokenizer | None:
         return Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
@@ -200,7 +207,8 @@ class LLM:
         from klotski.runtime.generate import prefill_step
 
         policy = self.policy(len(prompts))
-        pipeline = Pipeline(self.runner, self.store, self.schedule, Timeline(enabled=False), policy.num_hot)
+        pipeline = Pipeline(self.runner, self.store, self.schedule, Timeline(enabled=False), policy.num_hot,
+                            routing_hooks=self._routing_hooks())
         seqs = []
         for i, prompt in enumerate(prompts):
             _, ids = self._prompt_ids(prompt, f"prompt {i}")
@@ -233,7 +241,7 @@ class LLM:
         timeline = Timeline(enabled=self.record_timeline)
         self.store.timeline = timeline
         pipeline = Pipeline(self.runner, self.store, self.schedule, timeline, policy.num_hot, self.predictor,
-                            [self.routing] if self.routing is not None else [])
+                            self._routing_hooks())
         group_size = policy.batch_size * policy.num_batches
         start, steps, prefill_s = time.perf_counter(), 0, 0.0
         for g in range(0, len(seqs), group_size):
@@ -261,6 +269,7 @@ class LLM:
             "policy": policy.to_dict(),
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
+            "routing_replay": self.replay.describe() if self.replay is not None else None,
         }
         stats |= timeline.summary(wall)
         stats |= self.store.stats()

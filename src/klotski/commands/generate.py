@@ -26,6 +26,9 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16 | float16")
     p.add_argument("--json", action="store_true", help='print {"outputs": [...], "stats": {...}}')
     p.add_argument("--record-routing", help="write every token's experts to FILE.npz (a routing trace)")
+    p.add_argument("--routing-replay", metavar="SOURCE",
+                   help="benchmarks only: replace the router's choices with routing sampled from a real table "
+                        "(mixtral-8x7b | mixtral-8x22b | TABLE.json) or replayed from TRACE.npz")
     add_engine_flags(p)
     p.set_defaults(handler=run)
 
@@ -91,7 +94,10 @@ def run(args) -> int:
     if args.model is None:
         print(NOTICE, file=sys.stderr)
     _check_writable(args.output)
-    llm = LLM(model=args.model, dtype=args.dtype, **engine_kwargs(args))
+    llm = LLM(model=args.model, dtype=args.dtype, routing_replay=args.routing_replay, **engine_kwargs(args))
+    if llm.replay is not None:
+        print(f"klotski: routing replay ON ({llm.replay.describe()}): the router's choices are replaced; "
+              "text is not the model's", file=sys.stderr)
     recording = llm.record_routing() if args.record_routing else None
     prompts, ids = _prompts(llm, items, errors)
     outputs = llm.generate(prompts, params) if prompts else []
