@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,15 +30,16 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float3
 
 
 def resolve_dtype(name: str | torch.dtype, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The compute dtype: 'auto' is the checkpoint's on CUDA and fp32 on CPU.
-
-    On CPU, fp32 compute over upcast bf16 weights ran about twice as fast as bf16 matmul on
-    this machine (ARCHITECTURE.md), so 'auto' picks fp32 there; weights stay stored as they are.
-    """
+    """The compute dtype: 'auto' is the checkpoint's on CUDA; on CPU, whichever of the checkpoint's
+    dtype and fp32 (upcasting weights per matmul) measured faster on this machine."""
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
-        return checkpoint_dtype if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return checkpoint_dtype
+        from klotski.runtime.compute_dtype import cpu_compute_dtype
+
+        return cpu_compute_dtype(checkpoint_dtype)
     if name not in DTYPES:
         raise KlotskiError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
     return DTYPES[name]
@@ -82,6 +83,8 @@ class Policy:
     schedule: str
     placement: dict  # tensor kind / unit -> tier
     host_window: int = 0  # L: layers kept in host memory ahead of use when disk is in play
+    # The planner's tier per weight unit (WeightKey -> tier), for the store to lay out; None: greedy.
+    unit_tiers: dict | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         return {"batch_size": self.batch_size, "num_batches": self.num_batches, "num_hot": self.num_hot,
