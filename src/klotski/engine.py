@@ -28,7 +28,7 @@ from klotski.prefetch.runtime import RoutingRecording, make_predictor
 from klotski.prefetch.table import find_model_table
 from klotski.store.base import ResidentStore
 from klotski.store.offload import OffloadDir, default_offload_dir
-from klotski.store.placement import DISK, greedy_placement, working_set
+from klotski.store.placement import DISK, HOST, greedy_placement, working_set
 from klotski.store.pool import TierPool
 from klotski.store.tiered import TieredStore
 from klotski.tokenizer import StopChecker, Tokenizer
@@ -70,6 +70,7 @@ class LLM:
         self.record_timeline = record_timeline
         self.sampler = Sampler()
         self.last_stats: dict[str, Any] = {}
+        self.plan_stats: dict[str, Any] = {}  # the planner's prediction for the last run
         self.last_timeline: Timeline | None = None
         self._requests_seen = 0
 
@@ -83,14 +84,19 @@ class LLM:
         unit_bytes = {k: self.checkpoint.unit_nbytes(k) for k in spec.weight_keys()}
         # Without a GPU the device tier is host RAM already: a separate host tier would count RAM twice.
         host = cfg.host_memory if cfg.host_memory is not None else (0 if self.device.type == "cpu" else None)
-        reserve = working_set(spec, unit_bytes, self.schedule, cfg.num_hot or spec.top_k)
-        placement = greedy_placement(spec, unit_bytes, cfg.device_memory, host, reserve)
+        if self._planned():
+            from klotski.planner.engine_glue import load_placement
+            placement = load_placement(self.checkpoint, cfg, self.device, self.dtype, self.schedule.name)
+        else:
+            reserve = working_set(spec, unit_bytes, self.schedule, cfg.num_hot or spec.top_k)
+            placement = greedy_placement(spec, unit_bytes, cfg.device_memory, host, reserve)
         offload = None
-        if DISK in placement.values():
+        # On CUDA host-placed units are copied in per use, from their blobs held in pinned memory.
+        if DISK in placement.values() or (self.device.type == "cuda" and HOST in placement.values()):
             offload = OffloadDir.prepare(self.checkpoint, cfg.offload_dir or default_offload_dir(self.checkpoint),
                                          progress=True)
-        return TieredStore(self.checkpoint, offload, placement, TierPool("device", cfg.device_memory),
-                           TierPool("host", host), Timeline(enabled=False))
+        return TieredStore(self.checkpoint, offload, placement, TierPool("device", cfg.device_memory, self.device),
+                           TierPool("host", host), Timeline(enabled=False), device=self.device)
 
     def _find_table(self, override: str | None):
         """--prefetch-table, else a table saved beside the model or in its offload dir."""
@@ -125,8 +131,22 @@ class LLM:
             ids |= self.tokenizer.eos_token_ids
         return frozenset(ids)
 
-    def policy(self, num_requests: int) -> Policy:
-        """bs, n and K for this many requests (the planner's choice once it lands; flags override)."""
+    def _planned(self) -> bool:
+        """The planner picks bs / n (and the placement) when a budget is set and a flag is missing."""
+        cfg = self.config
+        budgeted = cfg.device_memory is not None or cfg.host_memory is not None or cfg.offload_dir is not None
+        return budgeted and (cfg.batch_size is None or cfg.num_batches is None)
+
+    def policy(self, num_requests: int, prompt_len: int | None = None, gen_len: int | None = None) -> Policy:
+        """bs, n and K for this many requests: the planner's under a budget (flags override), else simple rules."""
+        self.plan_stats = {}
+        if self._planned() and prompt_len is not None:
+            from klotski.planner.engine_glue import routing_table, run_policy
+            policy, self.plan_stats = run_policy(
+                self.checkpoint, self.config, self.device, self.dtype, self.schedule.name,
+                getattr(self.store, "placement", None), num_requests, prompt_len, gen_len or 1,
+                routing_table(self.prefetch_table, getattr(self, "replay", None), self.spec.top_k))
+            return policy
         cfg, multibatch = self.config, self.schedule.multibatch
         bs = cfg.batch_size or max(1, min(num_requests, 64))
         n = (cfg.num_batches or max(1, math.ceil(num_requests / bs))) if multibatch else 1
@@ -221,7 +241,7 @@ class LLM:
             batch.kv = [self.runner.new_kv(len(batch.seqs), cap) for _ in range(self.spec.num_layers)]
             step = prefill_step(batch, 0)
             step.last = None
-            logits = pipeline.forward([step])[0]  # [T, V], rows in (sequence, position) order
+            logits = pipeline.forward([step])[0].cpu()  # [T, V], rows in (sequence, position) order
             out += list(logits.split([len(s.prompt_ids) for s in batch.seqs]))
         return out
 
@@ -233,7 +253,8 @@ class LLM:
                         logprobs=[] if params.logprobs is not None else None)
 
     def _run(self, requests: list[tuple[str | None, list[int], SamplingParams]]) -> list[RequestOutput]:
-        policy = self.policy(len(requests))
+        policy = self.policy(len(requests), max((len(ids) for _, ids, _ in requests), default=1),
+                             max((p.max_tokens for _, _, p in requests), default=1))
         seqs = [self._sequence(i, ids, p) for i, (_, ids, p) in enumerate(requests)]
         for s in seqs:  # routing traces number sequences across calls
             s.index += self._requests_seen
@@ -272,5 +293,6 @@ class LLM:
             "routing_replay": self.replay.describe() if self.replay is not None else None,
         }
         stats |= timeline.summary(wall)
+        stats |= self.plan_stats  # the planner's prediction next to the measured figures
         stats |= self.store.stats()
         return stats

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from klotski import LLM, SamplingParams
 from tests.reference import PROMPTS, VARIANTS, make_reference, reference_greedy, reference_logits

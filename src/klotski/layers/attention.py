@@ -44,7 +44,7 @@ class StepInfo:
     def mask(self, window: int | None) -> torch.Tensor:
         """Boolean attention mask [B, 1, S, L]: causal, within each row's length, within the window."""
         if window not in self.mask_cache:
-            keys = torch.arange(self.max_total)
+            keys = torch.arange(self.max_total, device=self.positions.device)
             pos = self.positions[:, :, None]  # [B, S, 1]
             ok = (keys <= pos) & (keys < self.total[:, None, None])
             if window:

@@ -59,8 +59,8 @@ class RoutingRecording:
         self.recorder = RoutingRecorder(len(self.index), spec.top_k, spec.num_experts)
 
     def __call__(self, layer: int, batch, gate) -> torch.Tensor:
-        valid = batch.valid
+        valid = batch.valid.cpu()
         seq_ids = batch.seq_ids[:, None].expand_as(valid)[valid]
-        positions = batch.step.positions[valid]
+        positions = batch.step.positions.cpu()[valid]
         self.recorder.record(self.index[layer], seq_ids, positions, batch.prefill, gate.ids)
         return gate.ids

@@ -129,7 +129,8 @@ def sample_batch(sampler: Sampler, b: GroupBatch, logits: torch.Tensor, max_len:
     seqs = [b.seqs[i] for i in rows]
     suppress = [sorted(s.stopper.eos_token_ids | set(s.params.stop_token_ids))
                 if len(s.stopper.token_ids) < s.params.min_tokens else [] for s in seqs]
-    result = sampler.sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs], suppress)
+    # Sampling runs on the CPU: each request's generator lives there, whatever the compute device.
+    result = sampler.sample(logits[rows].cpu(), [s.params for s in seqs], [s.generator for s in seqs], suppress)
     for j, s in enumerate(seqs):
         token = int(result.token_ids[j])
         entry = result.logprob_dict(j)

@@ -33,8 +33,17 @@ class BatchStep:
     step: StepInfo
     kv: list[KVBlock]  # one block per layer
     last: torch.Tensor | None  # [B] index along S of each row's last real token; None: every valid token
-    seq_ids: torch.Tensor | None = None  # [B] request index of each row (routing traces)
+    seq_ids: torch.Tensor | None = None  # [B] request index of each row (routing traces; stays on CPU)
     prefill: bool = False
+
+    def to(self, device: torch.device) -> "BatchStep":
+        """The same step with its index tensors on the compute device (a no-op on CPU)."""
+        if self.token_ids.device == device:
+            return self
+        step = StepInfo(self.step.positions.to(device), self.step.total.to(device), self.step.max_total, {})
+        last = None if self.last is None else self.last.to(device)
+        return BatchStep(self.index, self.token_ids.to(device), self.valid.to(device), step, self.kv, last,
+                         self.seq_ids, self.prefill)
 
 
 class HotPredictor:
@@ -57,7 +66,7 @@ class FrequencyHot(HotPredictor):
         return sorted(range(self.counts.shape[1]), key=lambda e: (-int(self.counts[layer, e]), e))[:k]
 
     def observe(self, layer, prev_ids, ids):
-        self.counts[layer] += torch.bincount(ids.flatten(), minlength=self.counts.shape[1])
+        self.counts[layer] += torch.bincount(ids.flatten().cpu(), minlength=self.counts.shape[1])
 
 
 @dataclass
@@ -114,6 +123,7 @@ class Pipeline:
     # -- the step ---------------------------------------------------------------------------
     def forward(self, batches: list[BatchStep]) -> list[torch.Tensor]:
         """One step for every batch of the group: logits [B, V] of each row's last token (or [T, V] of all)."""
+        batches = [b.to(self.runner.device) for b in batches]
         embed = self._get(WeightKey(None, EMBED))
         xs = []
         for b in batches:
@@ -188,7 +198,7 @@ class Pipeline:
         weights = torch.cat([g.weights for g in gates])  # [T, K]
         # Each (token, slot) gets its own row, summed over slots in a fixed order at the end, so
         # the result never depends on the order experts ran in.
-        slots = torch.zeros(h.shape[0], ids.shape[1], h.shape[1], dtype=h.dtype)  # [T, K, D]
+        slots = torch.zeros(h.shape[0], ids.shape[1], h.shape[1], dtype=h.dtype, device=h.device)  # [T, K, D]
         used = torch.unique(ids).tolist()
         for e, w in self._expert_order(layer, used, hot):
             tok, slot = torch.where(ids == e)
@@ -225,5 +235,6 @@ class Pipeline:
                 handle = min(arrived, key=lambda h: (h.arrived, pending[h]))
             else:
                 with self.timeline.span("compute", "wait", layer=layer):
-                    handle = wait_any(list(pending))
+                    # A store may wait its own way (the simulator's moves a virtual clock).
+                    handle = getattr(self.store, "wait_any", wait_any)(list(pending))
             yield pending.pop(handle), handle.wait()

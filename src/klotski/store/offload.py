@@ -7,7 +7,6 @@ fingerprint of the source checkpoint, so an unchanged checkpoint is never repack
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import shutil
 import sys
@@ -193,8 +192,13 @@ class OffloadDir:
         return cls(path, blobs)
 
     # -- reading --------------------------------------------------------------------------
-    def read_into(self, key: WeightKey, buf: mmap.mmap) -> dict[str, torch.Tensor]:
-        """Read one blob into an aligned buffer (one sequential read); return tensor views on it."""
+    def read_into(self, key: WeightKey, buf) -> dict[str, torch.Tensor]:
+        """Read one blob into an aligned host buffer (one sequential read); return tensor views on it."""
+        self.read_raw(key, buf)
+        return self.views(self.blobs[key], buf)
+
+    def read_raw(self, key: WeightKey, buf) -> None:
+        """Read and check one blob's bytes into an aligned host buffer (mmap or pinned tensor)."""
         blob = self.blobs[key]
         file = self.path / blob.file
         got = self._read(file, buf, blob.padded)
@@ -202,25 +206,25 @@ class OffloadDir:
             raise OffloadError(f"offload blob {file} is truncated ({got} of {blob.nbytes} bytes); "
                                f"delete {self.path} to repack it")
         self._check(blob, buf, file)
-        return self.views(blob, buf)
 
     def views(self, blob: Blob, buf) -> dict[str, torch.Tensor]:
-        """Tensor views over a blob's bytes in a buffer (no copy)."""
-        raw = torch.frombuffer(buf, dtype=torch.uint8, count=blob.padded)
+        """Tensor views over a blob's bytes in a buffer, host or device (no copy)."""
+        raw = buf if isinstance(buf, torch.Tensor) else torch.frombuffer(buf, dtype=torch.uint8, count=blob.padded)
         return {t.name: raw[t.offset: t.offset + t.nbytes].view(t.dtype).view(t.shape) for t in blob.tensors}
 
     def _check(self, blob: Blob, buf, file: Path) -> None:
         with self._lock:
             if self.verify == "never" or (self.verify == "first" and blob.key in self._verified):
                 return
-        if zlib.crc32(memoryview(buf)[: blob.nbytes]) != blob.crc32:
+        data = memoryview(buf.numpy() if isinstance(buf, torch.Tensor) else buf)
+        if zlib.crc32(data[: blob.nbytes]) != blob.crc32:
             raise OffloadError(f"offload blob {file} fails its checksum (corrupt); delete {self.path} to repack it")
         with self._lock:
             self._verified.add(blob.key)
 
     def _read(self, file: Path, buf, length: int) -> int:
         """pread the whole blob: O_DIRECT when possible (no page-cache copy), else buffered."""
-        view = memoryview(buf)[:length]
+        view = memoryview(buf.numpy() if isinstance(buf, torch.Tensor) else buf)[:length]
         try:
             fd = os.open(file, os.O_RDONLY | (os.O_DIRECT if self._direct else 0))
         except FileNotFoundError:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import mmap
 import threading
 
+import torch
+
 from klotski.store.offload import ALIGN
 
 
@@ -18,9 +20,10 @@ class TierPool:
     reused by size: copying into fresh memory ran at a third of the speed of reused memory here.
     """
 
-    def __init__(self, name: str, budget: int | None):
+    def __init__(self, name: str, budget: int | None, device: torch.device | str = "cpu"):
         self.name = name
         self.budget = budget  # None: unlimited
+        self.device = torch.device(device)  # CUDA buffers are uint8 tensors; CPU ones anonymous mmaps
         self.used = 0  # bytes allocated (buffers in use or free for reuse, plus charges)
         self.peak = 0
         self._free: dict[int, list[mmap.mmap]] = {}
@@ -33,7 +36,7 @@ class TierPool:
         self.used += nbytes
         self.peak = max(self.peak, self.used)
 
-    def try_alloc(self, nbytes: int) -> mmap.mmap | None:
+    def try_alloc(self, nbytes: int):
         """A buffer of at least nbytes, or None when the budget cannot hold it."""
         size = round_up(max(nbytes, 1))
         with self._lock:
@@ -44,19 +47,24 @@ class TierPool:
             if not self._fits(size):
                 return None
             self._grow(size)
+        if self.device.type == "cuda":
+            return torch.empty(size, dtype=torch.uint8, device=self.device)
         return mmap.mmap(-1, size)
 
     def _drop_free(self, want: int) -> None:
         """Unmap cached free buffers of other sizes until `want` fits."""
         for size, bufs in self._free.items():
             while bufs and not self._fits(want):
-                bufs.pop().close()
+                buf = bufs.pop()
+                if isinstance(buf, mmap.mmap):
+                    buf.close()
                 self.used -= size
 
-    def give_back(self, buf: mmap.mmap) -> None:
+    def give_back(self, buf) -> None:
         """Return a buffer for reuse (it stays counted until dropped)."""
+        size = buf.numel() if isinstance(buf, torch.Tensor) else len(buf)
         with self._lock:
-            self._free.setdefault(len(buf), []).append(buf)
+            self._free.setdefault(size, []).append(buf)
 
     def charge(self, nbytes: int, what: str) -> bool:
         """Count bytes held outside buffers (resident weights, KV cache); False if over budget."""

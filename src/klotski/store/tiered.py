@@ -84,6 +84,7 @@ class TieredStore:
     host_pool: TierPool
     timeline: Timeline
     lanes: dict[str, Lane] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def __post_init__(self):
         self._cond = threading.Condition()
@@ -94,6 +95,14 @@ class TieredStore:
         self.bytes_read = {DISK: 0}
         for name in ("prefetch", "ondemand"):
             self.lanes.setdefault(name, Lane(name))
+        self._cuda = self.device.type == "cuda"
+        self._host_blobs: dict[WeightKey, torch.Tensor] = {}  # CUDA: host-placed units, pinned
+        if self._cuda:
+            # Each lane reads disk into its own pinned staging buffer, then copies on its own stream.
+            biggest = max((b.padded for b in self.offload.blobs.values()), default=0) if self.offload else 0
+            self._streams = {name: torch.cuda.Stream(self.device) for name in self.lanes}
+            self._staging = {name: torch.empty(biggest, dtype=torch.uint8, pin_memory=True) for name in self.lanes}
+            self.bytes_read[HOST] = 0
         self._load_resident()
 
     # -- resident units ---------------------------------------------------------------------
@@ -107,7 +116,12 @@ class TieredStore:
             if not pool.charge(nbytes, str(key)):
                 raise KlotskiError(f"{key} ({nbytes / 1e6:.1f} MB) does not fit the {tier} budget "
                                    f"({pool.budget / 1e9:.2f} GB); raise --{tier}-memory or place less there")
-            self._resident[key] = self.checkpoint.load_unit(key)
+            if self._cuda and tier == HOST:
+                blob = torch.empty(self.offload.blobs[key].padded, dtype=torch.uint8, pin_memory=True)
+                self.offload.read_raw(key, blob)
+                self._host_blobs[key] = blob
+            else:
+                self._resident[key] = {k: t.to(self.device) for k, t in self.checkpoint.load_unit(key).items()}
 
     def resident(self, key: WeightKey) -> bool:
         return key in self._resident
@@ -117,6 +131,8 @@ class TieredStore:
         """Start fetching a unit (idempotent): a ready handle if resident, else its fetch's handle."""
         if key in self._resident:
             return Handle.ready(key, self._resident[key])
+        if self.offload is None or key not in self.offload.blobs:
+            raise KlotskiError(f"{key} is placed off the device but has no offload blob; give --offload-dir")
         with self._cond:
             entry = self._entries.get(key)
             if entry is None:
@@ -147,14 +163,16 @@ class TieredStore:
         blob = self.offload.blobs[entry.key]
         start = self.timeline.now()
         try:
-            weights, error = self.offload.read_into(entry.key, entry.buffer), None
+            weights, error = (self._copy_in(entry, blob) if self._cuda
+                              else self.offload.read_into(entry.key, entry.buffer)), None
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who re-raises it
             weights, error = None, exc
         end = self.timeline.now()
-        self.timeline.add(entry.lane, "read", start, end, layer=entry.key.layer, expert=entry.key.expert,
-                          bytes=blob.padded)
+        source = HOST if entry.key in self._host_blobs else DISK
+        self.timeline.add(entry.lane, "read" if source == DISK else "copy", start, end, layer=entry.key.layer,
+                          expert=entry.key.expert, bytes=blob.padded)
         with self._cond:
-            self.bytes_read[DISK] += blob.padded
+            self.bytes_read[source] += blob.padded
             arrived = entry.state != "released"
             if arrived:
                 entry.weights, entry.error, entry.state = weights, error, "ready"
@@ -165,6 +183,18 @@ class TieredStore:
         if arrived:
             entry.handle.arrived = end
             entry.handle._finish()
+
+    def _copy_in(self, entry: Entry, blob) -> Weights:
+        """CUDA: disk -> pinned staging (or the pinned host copy) -> device buffer on the lane's stream."""
+        staging = self._host_blobs.get(entry.key)
+        if staging is None:
+            staging = self._staging[entry.lane]
+            self.offload.read_raw(entry.key, staging)
+        stream = self._streams[entry.lane]
+        with torch.cuda.stream(stream):
+            entry.buffer[: blob.padded].copy_(staging[: blob.padded], non_blocking=True)
+        stream.synchronize()  # the lane waits for its own copy; the consumer waits on the handle
+        return self.offload.views(blob, entry.buffer)
 
     def claim(self, key: WeightKey, handle: StoreHandle) -> Weights:
         """The consumer's wait: block until the unit is usable, evicting idle prefetches if needed."""
