@@ -80,3 +80,21 @@ def test_index_naming_a_missing_shard(single_and_sharded, tmp_path):
     (path / gone).unlink()
     with pytest.raises(CheckpointError, match=gone):
         Checkpoint.open(path)
+
+
+def test_deepseek_v3_mtp_layers_are_skipped_like_the_reference(tmp_path):
+    """V3 hub checkpoints carry a multi-token-prediction layer after the last; it is not run."""
+    from safetensors.torch import load_file, save_file
+
+    from klotski.commands.create_model import create_model
+
+    path = create_model(tmp_path / "v3", "deepseek_v3", dtype="float32")
+    config = json.loads((path / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    weights = load_file(path / "model.safetensors")
+    weights[f"model.layers.{layers}.eh_proj.weight"] = torch.zeros(4, 4)
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="do not belong"):
+        Checkpoint.open(path)  # without the config's say-so, an extra layer is an error
+    (path / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
+    assert Checkpoint.open(path).spec.num_layers == layers

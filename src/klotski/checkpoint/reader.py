@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,8 @@ def group_units(spec: ModelSpec, tensors: dict[str, TensorRef]) -> dict[WeightKe
     units: dict[WeightKey, dict[str, TensorRef]] = {}
     unknown = []
     for name, ref in tensors.items():
+        if _extra_layer(spec, name):
+            continue
         match = spec.names.match(name)
         if match is None:
             unknown.append(name)
@@ -218,6 +221,15 @@ def group_units(spec: ModelSpec, tensors: dict[str, TensorRef]) -> dict[WeightKe
             raise CheckpointError("the checkpoint has no lm_head.weight and config.json does not tie embeddings")
         head["lm_head"] = units[WeightKey(None, EMBED)]["weight"]
     return units
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _extra_layer(spec: ModelSpec, name: str) -> bool:
+    """A tensor of a trailing layer the model does not run (e.g. DeepSeek-V3's MTP layer)."""
+    m = _LAYER.match(name)
+    return bool(m) and spec.num_layers <= int(m.group(1)) < spec.num_layers + spec.extra_layers
 
 
 def _split_fused(spec, units, fused: str, layer: int, ref: TensorRef, name: str) -> None:

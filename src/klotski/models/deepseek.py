@@ -81,6 +81,8 @@ def spec_from_config(config: dict) -> ModelSpec:
         max_position_embeddings=config.get("max_position_embeddings") or _VERSIONS[arch].default_positions,
         bos_token_id=config.get("bos_token_id"),
         eos_token_ids=common.eos_ids(config),
+        # V3 checkpoints carry multi-token-prediction layers after the last one; the reference skips them.
+        extra_layers=int(config.get("num_nextn_predict_layers") or 0),
         names=NAMES,
     )
 
