@@ -110,3 +110,9 @@ def test_unwritable_offload_dir_is_a_clear_error(model, tmp_path):
     blocker.write_text("x")
     with pytest.raises(KlotskiError, match="not writable"):
         LLM(str(model), offload_dir=str(blocker / "sub"), device_memory="500KB")
+
+
+def test_a_deeper_prefetch_table_drives_the_first_layers(model, resident_tokens, tmp_path):
+    """The real 32-layer Mixtral table can drive a checkpoint cut to its first layers; tokens are unchanged."""
+    tokens, _ = _run(model, tmp_path, device_memory="500KB", prefetch_table="mixtral-8x7b")
+    assert tokens == resident_tokens

@@ -45,10 +45,13 @@ def make_predictor(spec: ModelSpec, table: CorrelationTable | None) -> PipelineP
     layers = len(moe_index(spec))
     if table is None:
         return PipelinePredictor(spec, FrequencyPredictor(CorrelationTable.empty(layers, spec.num_experts, spec.top_k)))
-    if table.num_layers != layers or table.num_experts != spec.num_experts:
+    if table.num_layers < layers or table.num_experts != spec.num_experts:
         raise KlotskiError(f"the prefetch table has {table.num_layers} layers x {table.num_experts} experts but the model "
                            f"has {layers} MoE layers x {spec.num_experts} experts; calibrate one for this model")
-    return PipelinePredictor(spec, CorrelationPredictor(table.copy()))
+    private = table.copy()
+    # A deeper table (a real model's, driving a checkpoint cut to its first layers) serves its first layers.
+    private.counts = private.counts[:layers]
+    return PipelinePredictor(spec, CorrelationPredictor(private))
 
 
 class RoutingRecording:
