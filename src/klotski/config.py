@@ -63,10 +63,12 @@ class EngineConfig:
     max_model_len: int | None = None  # cap on prompt + generated tokens (None: the model's)
 
     def __post_init__(self):
-        for name in ("batch_size", "num_batches", "num_hot"):
+        for name in ("batch_size", "num_batches"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise KlotskiError(f"{name} must be at least 1, got {value}")
+        if self.num_hot is not None and self.num_hot < 0:  # 0: no hot prefetch at all
+            raise KlotskiError(f"num_hot must be 0 or more, got {self.num_hot}")
         if self.device_memory is not None and self.device_memory <= 0:
             raise KlotskiError(f"device_memory must be positive, got {self.device_memory}")
         if self.host_memory is not None and self.host_memory < 0:

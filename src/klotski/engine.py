@@ -88,7 +88,7 @@ class LLM:
             from klotski.planner.engine_glue import load_placement
             placement = load_placement(self.checkpoint, cfg, self.device, self.dtype, self.schedule.name)
         else:
-            reserve = working_set(spec, unit_bytes, self.schedule, cfg.num_hot or spec.top_k)
+            reserve = working_set(spec, unit_bytes, self.schedule, spec.top_k if cfg.num_hot is None else cfg.num_hot)
             placement = greedy_placement(spec, unit_bytes, cfg.device_memory, host, reserve)
         offload = None
         # On CUDA host-placed units are copied in per use, from their blobs held in pinned memory.
@@ -150,7 +150,7 @@ class LLM:
         cfg, multibatch = self.config, self.schedule.multibatch
         bs = cfg.batch_size or max(1, min(num_requests, 64))
         n = (cfg.num_batches or max(1, math.ceil(num_requests / bs))) if multibatch else 1
-        k = cfg.num_hot or self.spec.top_k
+        k = self.spec.top_k if cfg.num_hot is None else cfg.num_hot
         placement = {"weights": "device", "kv_cache": "device"}
         return Policy(batch_size=bs, num_batches=n, num_hot=k, schedule=self.schedule.name, placement=placement)
 
