@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "klotski.commands.generate",
     "klotski.commands.create_model",
     "klotski.prefetch.cli",
+    "klotski.planner.cli",
 )
 
 

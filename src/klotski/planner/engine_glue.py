@@ -1,0 +1,78 @@
+"""What LLM asks of the planner: a placement at load time and a policy with a prediction per run.
+
+The placement is chosen once, when the store is laid out, for a nominal workload (prompts are not
+known yet); each generate() call then picks bs and n for its real prompt and generation lengths
+within the room that placement leaves. The profile is this machine's cached measurement when
+`klotski profile` has run for these shapes, else the built-in estimate: no run waits on profiling.
+"""
+from __future__ import annotations
+
+import torch
+
+from klotski.config import Policy
+from klotski.planner.api import PlanReport, make_plan, pick_profile
+from klotski.planner.shapes import ModelShape
+from klotski.planner.solver import Budgets, Workload
+from klotski.prefetch.table import CorrelationTable
+from klotski.store.placement import DEVICE
+
+# Load-time placement assumes this workload: a few modest groups of short prompts.
+NOMINAL = Workload(prompt_len=128, gen_len=32, num_prompts=64)
+
+
+def engine_shape(checkpoint) -> ModelShape:
+    """The checkpoint's own unit sizes (exactly what the store will hold)."""
+    units = {k: checkpoint.unit_nbytes(k) for k in checkpoint.spec.weight_keys()}
+    return ModelShape(checkpoint.path.name, checkpoint.spec, checkpoint.dtype, units)
+
+
+def _budgets(config, device: torch.device) -> Budgets:
+    host = config.host_memory if config.host_memory is not None else (0 if device.type == "cpu" else None)
+    return Budgets(config.device_memory, host)
+
+
+def load_placement(checkpoint, config, device: torch.device, dtype: torch.dtype, schedule: str) -> dict:
+    """Tier per unit for the store, planned for the nominal workload (bs / n flags respected)."""
+    shape = engine_shape(checkpoint)
+    profile, source = pick_profile(shape, dtype, device.type)
+    work = NOMINAL if config.max_model_len is None else Workload(
+        min(NOMINAL.prompt_len, config.max_model_len // 2), min(NOMINAL.gen_len, config.max_model_len // 4), 64)
+    report = make_plan(shape, profile, _budgets(config, device), work, dtype, profile_from=source,
+                       schedule=schedule, batch_size=config.batch_size, num_batches=config.num_batches,
+                       num_hot=config.num_hot, run_simulation=False)
+    return report.plan.placement
+
+
+def run_policy(checkpoint, config, device: torch.device, dtype: torch.dtype, schedule: str,
+               placement: dict | None, num_requests: int, prompt_len: int, gen_len: int,
+               table: CorrelationTable | None) -> tuple[Policy, dict]:
+    """bs, n, K for this run within the store's placement, and the stats lines about the plan."""
+    shape = engine_shape(checkpoint)
+    profile, source = pick_profile(shape, dtype, device.type)
+    placement = placement or {k: DEVICE for k in shape.unit_bytes}
+    work = Workload(prompt_len, gen_len, num_requests)
+    report = make_plan(shape, profile, _budgets(config, device), work, dtype, profile_from=source, table=table,
+                       schedule=schedule, batch_size=config.batch_size, num_batches=config.num_batches,
+                       num_hot=config.num_hot, placement=placement)
+    return report.plan.policy, plan_stats(report)
+
+
+def plan_stats(report: PlanReport) -> dict:
+    """What a run's stats say about the plan: the prediction and what it was based on."""
+    d = report.to_dict()
+    return {"predicted_tokens_per_s": d.get("predicted_tokens_per_s"),
+            "planner": {"predicted_tokens_per_s": d.get("predicted_tokens_per_s"),
+                        "predicted_bubble_ratio": d.get("predicted_bubble_ratio"),
+                        "predicted_wall_s": d.get("predicted_wall_s"),
+                        "binding_constraints": d["binding_constraints"], "profile": d["profile"],
+                        "routing": d["routing"]}}
+
+
+def routing_table(prefetch_table: CorrelationTable | None, replay, top_k: int) -> CorrelationTable | None:
+    """The routing the run will see: a replayed table's (benchmarks), else the prefetch table, else none."""
+    source = getattr(replay, "source", None)
+    if source is not None and not str(source).endswith(".npz"):
+        from klotski.prefetch.table import load_table
+
+        return load_table(source, top_k)
+    return prefetch_table

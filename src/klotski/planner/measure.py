@@ -1,0 +1,119 @@
+"""`klotski profile`'s compute part: time the real ModelRunner ops at a model's shapes and dtype.
+
+Each op runs on random weights of the model's unit shapes (storage dtype) at a few sizes, and a
+linear model is fitted: seconds = a + b * tokens (+ c * tokens * context for attention). Sizes
+are few and small, so Mixtral-8x7B's shapes profile in well under a minute on two CPU cores.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from klotski.layers.attention import StepInfo
+from klotski.models.spec import ATTN, EXPERT, HEAD, MOE, WeightKey
+from klotski.planner.shapes import ModelShape
+from klotski.runtime.model import ModelRunner
+
+# B = sequences, S = new tokens per sequence, C = context, D = hidden, T = tokens
+
+EXPERT_TOKENS = (1, 8, 32)
+GATE_TOKENS = (1, 64, 512)
+HEAD_TOKENS = (1, 16, 64)
+ATTENTION_POINTS = ((1, 1, 128), (8, 1, 512), (32, 1, 128), (1, 64, 64), (2, 64, 64))  # (B, S, C)
+
+
+def measure_ops(shape: ModelShape, dtype: torch.dtype, device: str = "cpu", reps: int = 2,
+                log: Callable[[str], None] = lambda _: None) -> dict[str, dict]:
+    """Fitted op times {op: {a, b, c}} for these shapes in this compute dtype on this device."""
+    runner = ModelRunner(shape.spec, dtype, device)
+    timer = _Timer(device, reps)
+    layer = shape.moe_layers()[0] if shape.moe_layers() else 0
+    out: dict[str, dict] = {}
+    if shape.moe_layers():
+        w = _weights(shape, WeightKey(layer, EXPERT, 0), device)
+        out["expert"] = _fit(EXPERT_TOKENS, [timer(lambda t=t: runner.expert(w, _x(t, shape, dtype, device)))
+                                             for t in EXPERT_TOKENS])
+        log(f"expert: {out['expert']}")
+        w = _weights(shape, WeightKey(layer, MOE), device)
+        out["gate"] = _fit(GATE_TOKENS, [timer(lambda t=t: _gate(runner, w, t, shape, dtype, device))
+                                         for t in GATE_TOKENS])
+    dense = [l for l in range(shape.spec.num_layers) if not shape.spec.moe_layers[l]]
+    if dense:
+        w = _weights(shape, WeightKey(dense[0], MOE), device)
+        out["dense_mlp"] = _fit(EXPERT_TOKENS, [timer(lambda t=t: runner.dense_mlp(w, _x(t, shape, dtype, device)[None]))
+                                                for t in EXPERT_TOKENS])
+    w = _weights(shape, WeightKey(None, HEAD), device)
+    out["head"] = _fit(HEAD_TOKENS, [timer(lambda t=t: runner.head(w, _x(t, shape, dtype, device))) for t in HEAD_TOKENS])
+    out["attention"] = _attention(shape, runner, timer, dtype, device)
+    log(f"attention: {out['attention']}")
+    return out
+
+
+class _Timer:
+    """Best-of-reps wall time of a callable after one warm-up (synchronising CUDA)."""
+
+    def __init__(self, device: str, reps: int):
+        self.cuda, self.reps = device.startswith("cuda"), max(reps, 1)
+
+    def __call__(self, fn) -> float:
+        fn()
+        best = float("inf")
+        for _ in range(self.reps):
+            if self.cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if self.cuda:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+
+def _weights(shape: ModelShape, key: WeightKey, device: str) -> dict[str, torch.Tensor]:
+    """Random weights of a unit's shapes in the storage dtype (norms are ones)."""
+    out = {}
+    for name, s in shape.spec.unit_shapes(key).items():
+        t = torch.empty(s, dtype=shape.weight_dtype, device=device)
+        out[name] = t.fill_(1.0) if len(s) == 1 else t.uniform_(-0.02, 0.02)
+    if "lm_head" not in out and key.part == HEAD:
+        out["lm_head"] = torch.empty(shape.spec.vocab_size, shape.spec.hidden_size, dtype=shape.weight_dtype,
+                                     device=device).uniform_(-0.02, 0.02)
+    return out
+
+
+def _x(tokens: int, shape: ModelShape, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return torch.randn(tokens, shape.spec.hidden_size, dtype=dtype, device=device)  # [T, D]
+
+
+def _gate(runner: ModelRunner, w, tokens: int, shape: ModelShape, dtype, device):
+    x = _x(tokens, shape, dtype, device)[None]  # [1, T, D]
+    return runner.gate(w, x, torch.ones(1, tokens, dtype=torch.bool, device=device))
+
+
+def _attention(shape: ModelShape, runner: ModelRunner, timer: _Timer, dtype, device) -> dict:
+    """Fit a + b*T + c*T*C over decode and prefill points (T = B*S new tokens, C = keys attended)."""
+    w = _weights(shape, WeightKey(0, ATTN), device)
+    rows, times = [], []
+    for b, s, c in ATTENTION_POINTS:
+        kv = runner.new_kv(b, c)
+        positions = torch.arange(c - s, c).expand(b, s)  # [B, S]
+        step = StepInfo(positions=positions, total=torch.full((b,), c), max_total=c, mask_cache={})
+        x = torch.randn(b, s, shape.spec.hidden_size, dtype=dtype, device=device)  # [B, S, D]
+        times.append(timer(lambda: runner.attention(w, x, kv, step)))
+        rows.append((1.0, b * s, b * s * c))
+    return _lstsq(np.array(rows), np.array(times))
+
+
+def _fit(tokens: tuple[int, ...], times: list[float]) -> dict:
+    return _lstsq(np.array([(1.0, t, 0.0) for t in tokens]), np.array(times))
+
+
+def _lstsq(rows: np.ndarray, times: np.ndarray) -> dict:
+    """Least squares weighted by 1/time (relative error), coefficients clamped at zero."""
+    weight = 1.0 / np.maximum(times, 1e-9)
+    coef, *_ = np.linalg.lstsq(rows * weight[:, None], times * weight, rcond=None)
+    a, b, c = (max(float(v), 0.0) for v in coef)
+    return {"a": a, "b": b, "c": c} if rows[:, 2].any() else {"a": a, "b": b}

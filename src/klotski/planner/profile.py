@@ -1,0 +1,207 @@
+"""Hardware profiles: link bandwidths and per-op compute times, measured once and cached.
+
+A profile is either measured here (`klotski profile`), written by hand from public figures (the
+paper's Env 1 and Env 2 ship in klotski/data/hardware/), or the built-in estimate used when no
+cached profile exists. Measured op times are fits at one model's shapes and compute dtype; where
+a profile has no fit for an op, the cost model falls back to a roofline over its peak figures.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import platform
+import socket
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from klotski.errors import KlotskiError
+
+BUNDLED = {"env1": "env1-rtx3090.json", "env2": "env2-h800.json"}
+
+
+@dataclass(frozen=True)
+class OpFit:
+    """seconds = a + b * tokens + c * tokens * context (c only for attention)."""
+
+    a: float
+    b: float
+    c: float = 0.0
+
+    def __call__(self, tokens: float, context: float = 0.0) -> float:
+        return self.a + self.b * tokens + self.c * tokens * context
+
+
+@dataclass
+class HardwareProfile:
+    """One machine's links and compute, as the cost model reads them."""
+
+    name: str
+    source: str  # "measured" | "estimate from public figures" | "built-in estimate"
+    device: str  # "cuda" | "cpu"
+    disk_gbps: float  # disk -> host (or -> the device tier on a CPU-only machine), O_DIRECT
+    host_to_device_gbps: float | None  # None: the device tier is host memory, no copy needed
+    peak_tflops: float  # dense matmul peak in the compute dtype
+    efficiency: float  # share of the peak a matmul reaches (roofline fallback only)
+    memory_gbps: float  # device memory bandwidth: small batches stream the weights at this rate
+    op_overhead_s: float = 20e-6  # fixed cost per op (kernel launches, Python dispatch)
+    io_latency_s: float = 50e-6  # fixed cost per transfer
+    device_memory: int | None = None
+    host_memory: int | None = None
+    machine: dict = field(default_factory=dict)
+    ops: dict = field(default_factory=dict)  # "<shape key>|<dtype>" -> op name -> OpFit fields
+    notes: str = ""
+
+    def fits(self, shape_key: str, dtype: torch.dtype) -> dict[str, OpFit]:
+        """Measured op fits for these shapes and this dtype (empty when not measured)."""
+        raw = self.ops.get(f"{shape_key}|{_dtype_name(dtype)}", {})
+        return {op: OpFit(**v) for op, v in raw.items()}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HardwareProfile:
+        known = set(cls.__dataclass_fields__)
+        missing = {"name", "disk_gbps", "peak_tflops", "memory_gbps"} - set(data)
+        if missing:
+            raise KlotskiError(f"hardware profile lacks {', '.join(sorted(missing))}")
+        data = {"source": "hand-written", "device": "cuda", "host_to_device_gbps": None, "efficiency": 0.5} | data
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def load_profile(spec: str | Path) -> HardwareProfile:
+    """A profile from a JSON file or a bundled name (env1, env2)."""
+    if str(spec) in BUNDLED and not Path(spec).exists():
+        res = resources.files("klotski") / "data" / "hardware" / BUNDLED[str(spec)]
+        return HardwareProfile.from_dict(json.loads(res.read_text()))
+    path = Path(spec)
+    if not path.is_file():
+        raise KlotskiError(f"hardware profile {path} not found; pass a JSON written by `klotski profile` "
+                           f"or one of {', '.join(BUNDLED)}")
+    try:
+        return HardwareProfile.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise KlotskiError(f"{path} is not a hardware profile ({exc})") from None
+
+
+def builtin_estimate(device: str = "cpu") -> HardwareProfile:
+    """The estimate used when nothing was measured: this project's CPU figures, or a generic GPU."""
+    if device == "cpu":
+        # ARCHITECTURE.md, measured on the 2-core dev machine: O_DIRECT 1.4-2.1 GB/s; fp32 matmul
+        # over upcast bf16 weights 27-37 GFLOP/s; the upcast copy streams weights at a few GB/s.
+        return HardwareProfile("built-in cpu", "built-in estimate", "cpu", disk_gbps=1.4, host_to_device_gbps=None,
+                               peak_tflops=0.032, efficiency=1.0, memory_gbps=5.0, op_overhead_s=100e-6,
+                               io_latency_s=200e-6, machine=machine_id(),
+                               notes="from ARCHITECTURE.md's measured figures; run `klotski profile` to measure")
+    return HardwareProfile("built-in gpu", "built-in estimate", "cuda", disk_gbps=2.0, host_to_device_gbps=20.0,
+                           peak_tflops=100.0, efficiency=0.5, memory_gbps=1000.0, machine=machine_id(),
+                           notes="a generic PCIe 4.0 GPU; run `klotski profile` to measure")
+
+
+# -- the cache ---------------------------------------------------------------------------------
+def machine_id() -> dict:
+    """What a measured profile is valid for: host, CPU model, torch version, GPU if any."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"hostname": socket.gethostname(), "cpu": cpu, "torch": torch.__version__, "gpu": gpu}
+
+
+def profiles_dir() -> Path:
+    from klotski.default_model import home
+
+    return home() / "profiles"
+
+
+def cache_path(shape_key: str, dtype: torch.dtype, device: str) -> Path:
+    """$KLOTSKI_HOME/profiles/<host>-<device>-<dtype>-<hash of machine and shapes>.json."""
+    m = machine_id()
+    digest = zlib.crc32(json.dumps([m, shape_key, _dtype_name(dtype), device], sort_keys=True).encode())
+    return profiles_dir() / f"{m['hostname']}-{device}-{_dtype_name(dtype)}-{digest:08x}.json"
+
+
+def cached_profile(shape_key: str, dtype: torch.dtype, device: str) -> tuple[HardwareProfile, Path] | None:
+    """The measured profile for this machine, shapes and dtype, if one was saved."""
+    path = cache_path(shape_key, dtype, device)
+    if not path.is_file():
+        return None
+    try:
+        return HardwareProfile.from_dict(json.loads(path.read_text())), path
+    except (json.JSONDecodeError, KlotskiError, TypeError):
+        return None  # a stale or broken cache entry is remeasured, not fatal
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# -- measuring links -----------------------------------------------------------------------------
+def measure_disk(directory: str | Path | None = None, size: int = 256 << 20, chunk: int = 16 << 20) -> tuple[float, str]:
+    """Disk -> memory bandwidth (GB/s) with O_DIRECT reads of a fresh temp file; (GB/s, method)."""
+    directory = Path(directory or profiles_dir())
+    directory.mkdir(parents=True, exist_ok=True)
+    chunk = min(chunk, size)
+    fd, name = tempfile.mkstemp(dir=directory, prefix="klotski-disk-", suffix=".bin")
+    try:
+        block = np.random.default_rng(0).integers(0, 255, chunk, dtype=np.uint8).tobytes()
+        with os.fdopen(fd, "wb") as f:
+            for _ in range(size // chunk):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        return _timed_read(name, size, chunk)
+    finally:
+        os.unlink(name)
+
+
+def _timed_read(name: str, size: int, chunk: int) -> tuple[float, str]:
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+    try:
+        fd, method = os.open(name, os.O_RDONLY | os.O_DIRECT), "O_DIRECT"
+    except (OSError, AttributeError):  # tmpfs and some filesystems refuse O_DIRECT
+        fd, method = os.open(name, os.O_RDONLY), "buffered after fadvise(DONTNEED)"
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    try:
+        start, done = time.perf_counter(), 0
+        while done < size:
+            n = os.preadv(fd, [buf], done)
+            if n <= 0:
+                break
+            done += n
+        return done / (time.perf_counter() - start) / 1e9, method
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def measure_host_to_device(size: int = 256 << 20, reps: int = 3) -> float | None:
+    """Pinned host -> device copy bandwidth (GB/s) on CUDA; None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    src = torch.empty(size, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(size, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    return size * reps / (time.perf_counter() - start) / 1e9

@@ -1,0 +1,81 @@
+"""The simulator drives the real Pipeline and run_group on a virtual clock."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from klotski.config import Policy
+from klotski.models.spec import EXPERT
+from klotski.planner.simulate import simulate
+from klotski.prefetch.table import bundled_table
+from klotski.runtime import pipeline as pipeline_module
+from klotski.store.placement import DEVICE, DISK
+
+
+def _run(shape, costs, schedule, bs=4, n=4, budget=None, table=None):
+    placement = {k: (DISK if k.part == EXPERT else DEVICE) for k in shape.unit_bytes}
+    n = n if schedule not in ("sequential", "overlap") else 1
+    return simulate(shape, costs, Policy(bs, n, 2, schedule, {}), placement, 8, 4, bs * n, table, budget)
+
+
+def test_schedule_switches_order_the_bubble(tiny_shape, io_costs):
+    """I/O-bound, real routing, a group that leaves some experts unused: klotski <= hot <= multibatch bubble."""
+    table = bundled_table("mixtral-8x7b")
+    bubble = {s: _run(tiny_shape, io_costs, s, bs=2, n=2, table=table).summary["bubble_s"]
+              for s in ("multibatch", "hot", "klotski")}
+    assert bubble["klotski"] <= bubble["hot"] <= bubble["multibatch"]
+    assert bubble["klotski"] < bubble["multibatch"]
+
+
+def test_it_is_the_real_pipeline(tiny_shape, io_costs, monkeypatch):
+    calls = []
+    real = pipeline_module.Pipeline._experts
+
+    def spy(self, *a, **kw):
+        calls.append(type(self.store).__name__)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(pipeline_module.Pipeline, "_experts", spy)
+    _run(tiny_shape, io_costs, "klotski")
+    assert calls and set(calls) == {"SimStore"}
+
+
+def test_deterministic_and_consistent(tiny_shape, io_costs):
+    a, b = _run(tiny_shape, io_costs, "klotski"), _run(tiny_shape, io_costs, "klotski")
+    assert a.wall_s == b.wall_s > 0
+    assert a.tokens_per_s == pytest.approx(a.generated_tokens / a.wall_s)
+    s = a.summary
+    assert s["compute_busy_s"] + s["bubble_s"] <= a.wall_s + 1e-9
+    assert 0 < s["bubble_ratio"] < 1
+
+
+def test_budget_makes_fetches_wait(tiny_shape, io_costs):
+    free = _run(tiny_shape, io_costs, "klotski")
+    tight = _run(tiny_shape, io_costs, "klotski", budget=free.peak_device * 3 // 4)
+    assert tight.wall_s >= free.wall_s
+    assert tight.peak_device <= free.peak_device
+
+
+def test_chrome_trace_has_the_real_runs_lanes(tiny_shape, io_costs, tmp_path):
+    sim = _run(tiny_shape, io_costs, "klotski")
+    path = tmp_path / "t.json"
+    sim.timeline.write_chrome_trace(str(path))
+    trace = json.loads(path.read_text())
+    names = {e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    assert {"compute", "prefetch", "ondemand"} <= names
+    kinds = {e["name"].split()[0] for e in trace["traceEvents"] if e["ph"] == "X"}
+    assert {"attention", "gate", "expert", "wait", "read"} <= kinds
+
+
+def test_routing_from_the_real_table(io_costs):
+    """A skewed real table at 32 layers: the hot experts cover more, so fewer waits than uniform."""
+    from klotski.planner.cost import OpCosts
+    from klotski.planner.shapes import shape_from_preset
+
+    shape = shape_from_preset("tiny", layers=3)
+    table = bundled_table("mixtral-8x22b")
+    costs = OpCosts(shape, io_costs.profile, io_costs.dtype)
+    real = _run(shape, costs, "klotski", table=table)
+    uniform = _run(shape, costs, "klotski")
+    assert real.wall_s < uniform.wall_s
