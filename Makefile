@@ -19,5 +19,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The benchmark rig (benchmarks/README.md): every engine under one memory-cgroup cap. Needs root for the cgroup.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.run --quick
+
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""The benchmark rig: klotski's ablation ladder beside Hugging Face Accelerate under one RAM cap."""
