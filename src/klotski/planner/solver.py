@@ -80,6 +80,11 @@ class Solver:
     batch_sizes: tuple[int, ...] = BATCH_SIZES
     max_batches: int = MAX_BATCHES
 
+    @property
+    def k(self) -> int:
+        """Hot experts per layer: as asked (0 = no hot prefetch), else top-k."""
+        return self.shape.spec.top_k if self.num_hot is None else self.num_hot
+
     def solve(self, work: Workload, batch_size: int | None = None, num_batches: int | None = None,
               placement: dict[WeightKey, str] | None = None) -> Plan:
         """The best plan, or a KlotskiError naming the smallest budgets that would work."""
@@ -110,7 +115,7 @@ class Solver:
 
     def _plan(self, bs: int, n: int, work: Workload, placement) -> Plan | None:
         """Placement, memory and constraint slack for (bs, n); None when it does not fit."""
-        k = self.num_hot or self.shape.spec.top_k
+        k = self.k
         probe = memory_model(self.costs, {}, self.schedule, bs, n, work.prompt_len, work.gen_len, k, self.kv_tier)
         reserve = probe.kv_cache * (self.kv_tier == DEVICE) + self._inflight(k) + probe.activations
         if placement is None:
@@ -134,7 +139,7 @@ class Solver:
         device, host = self.budgets.device, self.budgets.host
         if (device is not None and device < reserve) or (host is not None and host < host_reserve):
             return None
-        inflight = self._inflight(self.num_hot or self.shape.spec.top_k)
+        inflight = self._inflight(self.k)
         everything = device is None or self.shape.total_bytes + reserve - inflight <= device
         if everything:  # it all fits: nothing is fetched, so no in-flight room is needed
             return {key: DEVICE for key in self.shape.unit_bytes}
@@ -193,7 +198,7 @@ class Solver:
 
     def _no_room(self, placement, work: Workload, bs: int, n: int) -> str:
         """The weights are laid out already: say what this run needs beside them."""
-        k = self.num_hot or self.shape.spec.top_k
+        k = self.k
         m = memory_model(self.costs, placement, self.schedule, bs, n, work.prompt_len, work.gen_len, k, self.kv_tier)
         return (f"this run does not fit beside the weights already on the device: bs={bs}, n={n} with "
                 f"{work.prompt_len} + {work.gen_len} tokens needs {m.device_peak / 2**20:.1f} MiB of device memory "
@@ -204,7 +209,7 @@ class Solver:
 
     def _infeasible(self, work: Workload, bs: int, n: int) -> str:
         """The smallest budgets that would work: bs, n as asked (1, 1 by default), weights off the device."""
-        k = self.num_hot or self.shape.spec.top_k
+        k = self.k
         m = memory_model(self.costs, {}, self.schedule, bs, n, work.prompt_len, work.gen_len, k, self.kv_tier)
         need = m.kv_cache * (self.kv_tier == DEVICE) + self._inflight(k) + m.activations
         gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
