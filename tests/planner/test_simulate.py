@@ -24,7 +24,8 @@ def test_schedule_switches_order_the_bubble(tiny_shape, io_costs):
     table = bundled_table("mixtral-8x7b")
     bubble = {s: _run(tiny_shape, io_costs, s, bs=2, n=2, table=table).summary["bubble_s"]
               for s in ("multibatch", "hot", "klotski")}
-    assert bubble["klotski"] <= bubble["hot"] <= bubble["multibatch"]
+    eps = 1e-9  # equal bubbles may differ in the last bit of a float sum
+    assert bubble["klotski"] <= bubble["hot"] + eps <= bubble["multibatch"] + 2 * eps
     assert bubble["klotski"] < bubble["multibatch"]
 
 

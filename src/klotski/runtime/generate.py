@@ -69,6 +69,7 @@ def run_group(pipeline: Pipeline, sampler: Sampler, batches: list[GroupBatch], m
     try:
         return _generate(pipeline, sampler, batches, max_len, pad_id)
     finally:
+        pipeline.drain()
         store.uncharge_kv(kv_bytes)
         for b in batches:
             b.kv = []

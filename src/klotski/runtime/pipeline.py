@@ -86,6 +86,8 @@ class Pipeline:
         self.spec = spec
         if self.predictor is None:
             self.predictor = FrequencyHot(spec.num_layers, max(spec.num_experts, 1))
+        self._moe_layers = [l for l in range(spec.num_layers) if spec.moe_layers[l]]
+        self._ahead: dict[int, list[int]] = {}  # MoE layer -> hot experts already being prefetched
 
     # -- fetching -------------------------------------------------------------------------
     def _get(self, key: WeightKey, lane: str = "prefetch", **where) -> dict[str, torch.Tensor]:
@@ -120,6 +122,27 @@ class Pipeline:
             self.store.fetch(WeightKey(layer, EXPERT, e), "prefetch")
         return hot
 
+    def _prefetch_ahead(self, layer: int, ids: torch.Tensor) -> None:
+        """hot / klotski: once a layer's routing is known, start the next MoE layer's gate and hot experts.
+
+        They queue behind this layer's cold experts, so the transfer lanes stay busy through this
+        layer's expert compute. After the last MoE layer the next step's first one is started
+        (its prediction needs no routing); drain() releases it if no step follows.
+        """
+        later = [l for l in self._moe_layers if l > layer]
+        if later:
+            self._ahead[later[0]] = self._prefetch_gate_and_hot(later[0], ids)
+        elif self._moe_layers:
+            self._ahead[self._moe_layers[0]] = self._prefetch_gate_and_hot(self._moe_layers[0], None)
+
+    def drain(self) -> None:
+        """Release prefetches made for a step that will not come (the group finished)."""
+        for layer, hot in self._ahead.items():
+            self.store.release(WeightKey(layer, MOE))
+            for e in hot:
+                self.store.release(WeightKey(layer, EXPERT, e))
+        self._ahead.clear()
+
     # -- the step ---------------------------------------------------------------------------
     def forward(self, batches: list[BatchStep]) -> list[torch.Tensor]:
         """One step for every batch of the group: logits [B, V] of each row's last token (or [T, V] of all)."""
@@ -152,7 +175,7 @@ class Pipeline:
         if sched.prefetch and not sched.hot_only:
             self._prefetch_layer(layer + 1)
         elif sched.prefetch:
-            hot = self._prefetch_gate_and_hot(layer, prev_ids)
+            hot = self._ahead.pop(layer) if layer in self._ahead else self._prefetch_gate_and_hot(layer, prev_ids)
         for i, b in enumerate(batches):
             with self.timeline.span("compute", "attention", layer=layer, batch=b.index):
                 xs[i] = self.runner.attention(attn, xs[i], b.kv[layer], b.step)
@@ -172,6 +195,8 @@ class Pipeline:
             self.store.fetch(WeightKey(layer + 1, ATTN), "prefetch")
         ids = torch.cat([g.ids for g in gates])  # [T, K]
         self.predictor.observe(layer, prev_ids, ids)
+        if sched.hot_only:
+            self._prefetch_ahead(layer, ids)
         outs = self._experts(layer, gates, ids, hot)
         for i, b in enumerate(batches):
             xs[i] = xs[i].clone()
