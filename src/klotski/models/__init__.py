@@ -1,27 +1,16 @@
 """Model families as data: config.json -> ModelSpec (+ tensor-name table)."""
 from __future__ import annotations
 
-import importlib
-
 from klotski.errors import UnsupportedModelError
+from klotski.models import deepseek, mixtral, olmoe, qwen_moe
 from klotski.models.spec import ModelSpec, WeightKey
 
-# Family modules; each exports ARCHITECTURES and spec_from_config(config) -> ModelSpec.
-FAMILY_MODULES = ("mixtral", "qwen_moe", "deepseek", "olmoe")
+# Each family module exports ARCHITECTURES, spec_from_config(config) and FAMILY_PRESETS.
+FAMILIES = (mixtral, qwen_moe, deepseek, olmoe)
 
 
 def _registry() -> dict[str, object]:
-    table = {}
-    for name in FAMILY_MODULES:
-        try:
-            module = importlib.import_module(f"klotski.models.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"klotski.models.{name}":
-                continue
-            raise
-        for arch in module.ARCHITECTURES:
-            table[arch] = module
-    return table
+    return {arch: module for module in FAMILIES for arch in module.ARCHITECTURES}
 
 
 def supported_architectures() -> list[str]:

@@ -127,3 +127,19 @@ def eos_ids(config: dict) -> tuple[int, ...]:
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def shared_fields(config: dict, names, eps: float, max_positions: int) -> dict:
+    """ModelSpec fields every family reads the same way from config.json (defaults differ)."""
+    return dict(
+        vocab_size=need(config, "vocab_size"),
+        hidden_size=need(config, "hidden_size"),
+        num_layers=need(config, "num_hidden_layers"),
+        rms_norm_eps=config.get("rms_norm_eps", eps),
+        hidden_act=config.get("hidden_act", "silu"),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        max_position_embeddings=config.get("max_position_embeddings") or max_positions,
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_ids=eos_ids(config),
+        names=names,
+    )

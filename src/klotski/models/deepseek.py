@@ -64,9 +64,6 @@ def spec_from_config(config: dict) -> ModelSpec:
     return ModelSpec(
         family=_VERSIONS[arch].family,
         architecture=arch,
-        vocab_size=common.need(config, "vocab_size"),
-        hidden_size=common.need(config, "hidden_size"),
-        num_layers=layers,
         attention=mla_spec(config, arch),
         router=router_spec(config, arch),
         moe_intermediate_size=common.need(config, "moe_intermediate_size"),
@@ -75,15 +72,9 @@ def spec_from_config(config: dict) -> ModelSpec:
         shared_expert_gate=False,
         # transformers ignores the hub's moe_layer_freq (always 1 in published configs).
         moe_layers=tuple(layer >= dense for layer in range(layers)),
-        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-        hidden_act=config.get("hidden_act", "silu"),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        max_position_embeddings=config.get("max_position_embeddings") or _VERSIONS[arch].default_positions,
-        bos_token_id=config.get("bos_token_id"),
-        eos_token_ids=common.eos_ids(config),
         # V3 checkpoints carry multi-token-prediction layers after the last one; the reference skips them.
         extra_layers=int(config.get("num_nextn_predict_layers") or 0),
-        names=NAMES,
+        **common.shared_fields(config, NAMES, eps=1e-6, max_positions=_VERSIONS[arch].default_positions),
     )
 
 

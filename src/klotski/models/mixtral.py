@@ -27,9 +27,6 @@ def spec_from_config(config: dict) -> ModelSpec:
     return ModelSpec(
         family="mixtral",
         architecture="MixtralForCausalLM",
-        vocab_size=common.need(config, "vocab_size"),
-        hidden_size=hidden,
-        num_layers=layers,
         attention=AttentionSpec(
             kind="gqa",
             num_heads=heads,
@@ -45,13 +42,7 @@ def spec_from_config(config: dict) -> ModelSpec:
         shared_intermediate_size=0,
         shared_expert_gate=False,
         moe_layers=(True,) * layers,
-        rms_norm_eps=config.get("rms_norm_eps", 1e-5),
-        hidden_act=config.get("hidden_act", "silu"),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        max_position_embeddings=config.get("max_position_embeddings", 32768),
-        bos_token_id=config.get("bos_token_id"),
-        eos_token_ids=common.eos_ids(config),
-        names=NAMES,
+        **common.shared_fields(config, NAMES, eps=1e-5, max_positions=32768),
     )
 
 

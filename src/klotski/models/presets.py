@@ -5,25 +5,15 @@ the layer count, so a real model's layer shapes fit on a small disk.
 """
 from __future__ import annotations
 
-import importlib
-
 from klotski.errors import KlotskiError
-from klotski.models.mixtral import FAMILY_PRESETS as _MIXTRAL
-
-# create-model family name -> (base config.json fields, {preset name: fields}). Each family
-# module exports FAMILY_PRESETS; the first preset of a family is its default (a tiny shape).
-PRESET_MODULES = ("qwen_moe", "deepseek", "olmoe")
+from klotski.models import FAMILIES
 
 
 def _all_presets() -> dict[str, tuple[dict, dict[str, dict]]]:
-    table = dict(_MIXTRAL)
-    for name in PRESET_MODULES:
-        try:
-            module = importlib.import_module(f"klotski.models.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"klotski.models.{name}":
-                continue
-            raise
+    """create-model family name -> (base config.json fields, {preset name: fields}); a family's
+    first preset is its default (a tiny shape)."""
+    table: dict = {}
+    for module in FAMILIES:
         table |= module.FAMILY_PRESETS
     return table
 
