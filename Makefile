@@ -28,3 +28,9 @@ bench-quick: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# llama.cpp beside klotski under one memory cap (benchmarks/README.md, "Peers: llama.cpp"). Builds
+# llama.cpp and the GGUF files once, under $KLOTSKI_BENCH_CACHE (default ~/.cache/klotski-bench).
+PEERS_ARGS ?=
+bench-peers: $(STAMP)
+	$(BIN)/python -m benchmarks.peers.run $(PEERS_ARGS)

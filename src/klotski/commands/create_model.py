@@ -16,16 +16,21 @@ def register(sub) -> None:
     p.add_argument("--layers", type=int, help="number of layers (default: the preset's)")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
     p.add_argument("--seed", type=int, default=0, help="weights are a deterministic function of the seed")
+    p.add_argument("--tokenizer-model", help="a SentencePiece BPE tokenizer.model to ship (e.g. Mixtral's, "
+                   "from the mistral-common package) instead of the built-in byte-level BPE; llama.cpp's "
+                   "GGUF converter needs one")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(handler=run)
 
 
 def create_model(out: str | Path, family: str, preset: str | None = None, layers: int | None = None,
-                 dtype: str = "bfloat16", seed: int = 0, progress: bool = False, **overrides) -> Path:
+                 dtype: str = "bfloat16", seed: int = 0, progress: bool = False,
+                 tokenizer_model: str | Path | None = None, **overrides) -> Path:
     """Write config.json, generation_config.json, safetensors weights and a tokenizer to `out`."""
     from klotski.checkpoint.writer import write_checkpoint
     from klotski.models.presets import preset_config
-    from klotski.tokenizer import write_tokenizer
+    from klotski.spm_tokenizer import write_spm_tokenizer
+    from klotski.tokenizer import DEFAULT_CHAT_TEMPLATE, write_tokenizer
 
     if dtype not in DTYPES:
         raise KlotskiError(f"unknown dtype {dtype!r}; choose bfloat16, float16 or float32")
@@ -34,7 +39,10 @@ def create_model(out: str | Path, family: str, preset: str | None = None, layers
     if out.exists() and not out.is_dir():
         raise KlotskiError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    special = write_tokenizer(out, config["vocab_size"])  # the tokenizer decides bos/eos ids
+    if tokenizer_model is not None:  # a real SentencePiece model, copied with a matching tokenizer.json
+        special = write_spm_tokenizer(out, tokenizer_model, config["vocab_size"], DEFAULT_CHAT_TEMPLATE)
+    else:
+        special = write_tokenizer(out, config["vocab_size"])  # the tokenizer decides bos/eos ids
     config |= {k: special[k] for k in ("bos_token_id", "eos_token_id")}
     bar = _progress_bar(config, DTYPES[dtype]) if progress else None
     write_checkpoint(out, config, DTYPES[dtype], seed, bar)
@@ -61,6 +69,6 @@ def _progress_bar(config: dict, dtype):
 
 def run(args) -> int:
     out = create_model(args.out, args.family, args.preset, args.layers, args.dtype, args.seed,
-                       progress=sys.stderr.isatty())
+                       progress=sys.stderr.isatty(), tokenizer_model=args.tokenizer_model)
     print(f"wrote {args.family} checkpoint ({args.preset or 'tiny'}, {args.dtype}, random weights) to {out}")
     return 0

@@ -1,0 +1,254 @@
+"""`make bench-peers`: llama.cpp and klotski side by side, same checkpoint, same memory cgroup cap.
+
+Builds llama.cpp once and converts the checkpoint to GGUF once (both cached outside the repository),
+then runs, each in its own capped process: llama-batched-bench in f16 and bf16 at every batch size,
+and `klotski generate` at the same prompt/output lengths (32-token prompts as prompt_token_ids,
+EOS ignored) at every batch size. Writes benchmarks/results/peers.json (latest.json's run schema)
+and prints the table. The load average is recorded with every run: the machine is shared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import cgroup, machine
+from benchmarks import run as rig
+from benchmarks.peers import convert
+from benchmarks.peers.llama_cpp import batched_bench_cmd, parse_batched_bench
+from benchmarks.workload import Workload, write_jsonl
+
+GiB = 1 << 30
+_TIME_FMT = "peers-time: maxrss_kb=%M inblock=%I"
+
+
+def _timed_cmd(cmd: list[str]) -> list[str]:
+    """cmd under /usr/bin/time: its peak RSS and block reads (mmap faults included) per process."""
+    return ["/usr/bin/time", "-f", _TIME_FMT, *cmd]
+
+
+def _time_figures(stderr: str) -> tuple[int | None, int | None]:
+    m = re.search(r"peers-time: maxrss_kb=(\d+) inblock=(\d+)", stderr)
+    return (int(m[1]) * 1024, int(m[2]) * 512) if m else (None, None)
+
+
+def lower_bound(run: dict, args, config: dict, figures: dict) -> dict:
+    """The rig's bound (benchmarks/run.py) for this run's sequences: max(bytes the cap forces to be read
+    / disk rate, FLOPs / best matmul rate); plus how close the run came to the disk for what it read."""
+    work = Workload("peers", run["sequences"], args.prompt_len, args.gen_len, "")
+    io_s = args.gen_len * max(0, args.weights_bytes - args.cap) / (figures["disk_gbps"] * 1e9)
+    compute_s = rig.flops(config, work) / (rig.compute_rate(figures) * 1e9)
+    bound = max(io_s, compute_s)
+    return {"bound_s": bound, "bound_io_s": io_s, "bound_compute_s": compute_s,
+            "efficiency": bound / run["wall_s"],
+            "io_efficiency": (run["bytes_read"] or 0) / (figures["disk_gbps"] * 1e9) / run["wall_s"]}
+
+
+def _run_row(engine: str, schedule: str, batch_size: int, num_batches: int, sequences: int,
+             tokens_per_s: float, bubble: float | None, bytes_read: int | None, wall: float, **extra) -> dict:
+    return {"engine": engine, "schedule": schedule, "batch_size": batch_size, "num_batches": num_batches,
+            "sequences": sequences, "tokens_per_s": tokens_per_s, "bubble_ratio": bubble,
+            "bytes_read": bytes_read, "wall_s": wall, **extra}
+
+
+def run_llama(binary: Path, model: Path, dtype: str, bs: int, args) -> dict:
+    """One llama-batched-bench process at batch size bs, capped; one run row."""
+    load = os.getloadavg()
+    cgroup.drop_page_cache([model])
+    res = cgroup.run_capped(_timed_cmd(batched_bench_cmd(binary, model, args.prompt_len, args.gen_len, bs)),
+                            args.cap, f"llamacpp-{dtype}-{bs}", timeout=args.timeout)
+    rows = parse_batched_bench(res.stdout + res.stderr)
+    if res.returncode != 0 or not rows:
+        return {"engine": "llama.cpp", "schedule": dtype, "batch_size": bs, "error":
+                f"rc={res.returncode} oom={res.oom_killed}: {res.stderr[-400:]}"}
+    row = rows[0]
+    rss, read = _time_figures(res.stderr)
+    return _run_row("llama.cpp", dtype, bs, 1, bs, row.tokens_per_s, None, read, row.total_s,
+                    peak_rss_bytes=res.peak_bytes, process_maxrss_bytes=rss, prefill_s=row.prefill_s,
+                    decode_s=row.decode_s, decode_tokens_per_s=row.decode_tokens_per_s, load_avg=load,
+                    oom_killed=res.oom_killed, capped=res.capped)
+
+
+def run_klotski(checkpoint: Path, prompts: int, bs: int | None, n: int | None, schedule: str, args, config: dict,
+                trace: Path | None = None) -> dict:
+    """`klotski generate` for `prompts` prompts, capped; one run row. bs = n = None: the planner picks."""
+    work = Workload("peers", prompts, args.prompt_len, args.gen_len, "the llama.cpp comparison's shape")
+    with tempfile.TemporaryDirectory() as tmp:
+        prompt_file = write_jsonl(work, config["vocab_size"], Path(tmp) / "prompts.jsonl")
+        cmd = [args.klotski, "generate", "--model", str(checkpoint), "--input", str(prompt_file), "--json",
+               "--ignore-eos", "--max-tokens", str(args.gen_len), "--device-memory", args.device_memory,
+               "--dtype", args.klotski_dtype, "--schedule", schedule]
+        if bs is not None:
+            cmd += ["--batch-size", str(bs), "--num-batches", str(n)]
+        if trace is not None:  # the timeline of each klotski run: where its time goes
+            cmd += ["--trace", f"{trace}.trace.json", "--timeline", f"{trace}.png"]
+        load = os.getloadavg()
+        cgroup.drop_page_cache([checkpoint])
+        res = cgroup.run_capped(_timed_cmd(cmd), args.cap, f"klotski-{prompts}", timeout=args.timeout)
+    label = schedule if bs is not None else f"{schedule} (planner)"
+    if res.returncode != 0:
+        return {"engine": "klotski", "schedule": label, "batch_size": bs, "num_batches": n,
+                "error": f"rc={res.returncode} oom={res.oom_killed}: {res.stderr[-400:]}"}
+    stats = json.loads(res.stdout)["stats"]
+    rss, _ = _time_figures(res.stderr)
+    read = sum(stats["bytes_read"].values())
+    policy = stats["policy"]
+    return _run_row("klotski", label, policy["batch_size"], policy["num_batches"], prompts, stats["tokens_per_s"],
+                    stats["bubble_ratio"], read, stats["wall_s"], peak_rss_bytes=res.peak_bytes,
+                    process_maxrss_bytes=rss,
+                    prefill_s=stats["prefill_s"], decode_s=stats["decode_s"],
+                    # Per decode step, like llama.cpp's S_TG: the first token comes out of the prefill.
+                    decode_tokens_per_s=prompts * (args.gen_len - 1) / stats["decode_s"], load_avg=load,
+                    compute_busy_s=stats["compute_busy_s"], io_busy_s=stats["io_busy_s"],
+                    oom_killed=res.oom_killed, capped=res.capped)
+
+
+def _klotski_grid(spec: str) -> list[tuple[int, int | None, int | None]]:
+    """"8x4,plan128" -> [(32, 8, 4), (128, None, None)]: prompts, batch size, number of batches.
+
+    "planN" runs N prompts with no --batch-size/--num-batches: the planner's policy.
+    """
+    grid = []
+    for item in filter(None, spec.split(",")):
+        if item.startswith("plan"):
+            grid.append((int(item[4:]), None, None))
+        else:
+            bs, n = (int(v) for v in item.split("x"))
+            grid.append((bs * n, bs, n))
+    return grid
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, help="a Mixtral-shaped checkpoint (default: a 2-layer "
+                   "mixtral-8x7b preset with Mixtral's tokenizer, created once in the bench cache)")
+    p.add_argument("--cap", type=lambda s: int(float(s) * GiB), default=3 * GiB, help="cgroup cap, GiB")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--gen-len", type=int, default=16)
+    p.add_argument("--llama-batch-sizes", default="1,8,32,64,128")
+    p.add_argument("--llama-dtypes", default="f16,bf16", help="GGUF types to run; empty: klotski only")
+    p.add_argument("--klotski", default=str(Path(sys.executable).parent / "klotski"))
+    p.add_argument("--klotski-grid", default="1x1,8x1,32x1,64x1,128x1,32x4,plan128",
+                   help="bs x n per klotski run (sequences = bs * n), or planN: N sequences, the planner's bs and n")
+    p.add_argument("--klotski-dtype", default="bfloat16", help="compute dtype (bf16 matmul is the fast one here)")
+    p.add_argument("--schedule", default="klotski")
+    p.add_argument("--device-memory", default="1.5GiB", help="klotski's budget inside the cap (as the rig's)")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--keep", type=Path, help="an earlier peers.json whose runs this one adds to (a second pass)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/peers.json"))
+    return p
+
+
+def _prepare(args) -> tuple[Path, dict[str, Path]]:
+    """llama.cpp built, the checkpoint with its tokenizer, GGUF files converted and read back (all cached)."""
+    cache = convert.cache_dir()
+    llama = Path(subprocess.run(["benchmarks/peers/build_llama_cpp.sh"], check=True, capture_output=True,
+                                text=True).stdout.strip().splitlines()[-1])
+    spm = convert.mixtral_tokenizer_model(cache, str(Path(sys.executable).parent / "pip"))
+    if args.checkpoint is None:
+        args.checkpoint = convert.default_checkpoint(cache, spm, args.klotski)
+    dtypes = [t for t in args.llama_dtypes.split(",") if t]
+    view = convert.with_tokenizer(args.checkpoint, spm, cache) if dtypes else None
+    models = {t: convert.convert(view, llama, t, cache) for t in dtypes}
+    for path in models.values():
+        convert.check(path)
+    return llama.parent.parent / "build" / "bin" / "llama-batched-bench", models
+
+
+def _sweep(args, binary: Path, models: dict[str, Path], config: dict, save) -> list[dict]:
+    """Every llama.cpp and klotski run, each saved as it finishes (a long sweep survives a kill)."""
+    runs = json.loads(args.keep.read_text())["runs"] if args.keep else []
+    for rep in range(args.repeats):
+        for dtype, path in models.items():
+            for bs in [int(b) for b in args.llama_batch_sizes.split(",")]:
+                runs.append(run_llama(binary, path, dtype, bs, args) | {"repeat": rep})
+                _echo(runs[-1])
+                save(runs)
+        for prompts, bs, n in _klotski_grid(args.klotski_grid):
+            trace = args.out.parent / f"peers-klotski-{f'{bs}x{n}' if bs else f'plan{prompts}'}"
+            runs.append(run_klotski(args.checkpoint, prompts, bs, n, args.schedule, args, config, trace)
+                        | {"repeat": rep})
+            _echo(runs[-1])
+            save(runs)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    binary, models = _prepare(args)
+    config = json.loads((args.checkpoint / "config.json").read_text())
+    files = sorted(args.checkpoint.glob("*.safetensors"))
+    args.weights_bytes = sum(f.stat().st_size for f in files)
+    figures = machine.describe() | machine.disk_bandwidth(files) | machine.matmul_rate(
+        config["hidden_size"], config["intermediate_size"])
+    settings = {
+        "checkpoint": str(args.checkpoint), "weights_bytes": args.weights_bytes, "cap_bytes": args.cap,
+        "cgroup": cgroup.available() or "memory cgroup v1", "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+        "metric": "generated tokens / (prefill + decode) s",
+        "llama_cpp": {"source": f"llama-cpp-python {convert.LLAMA_CPP_PYTHON} sdist, vendor/llama.cpp",
+                      "tool": "llama-batched-bench", "threads": 2, "mmap": True,
+                      "gguf": {k: str(v) for k, v in models.items()}},
+        "klotski": {"device_memory": args.device_memory, "schedule": args.schedule, "dtype": args.klotski_dtype,
+                    "routing_replay": None,  # llama.cpp cannot replay routing: both route with the weights
+                    "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                             text=True).stdout.strip()}}
+
+    def save(runs: list[dict]) -> None:
+        args.out.write_text(json.dumps({"machine": figures, "config": settings, "runs": runs}, indent=1) + "\n")
+
+    runs = _sweep(args, binary, models, config, save)
+    # Disk rates vary up to 3x between moments on this shared machine: the bound takes the best seen.
+    figures["disk_gbps_samples"] = [figures["disk_gbps"], machine.disk_bandwidth(files)["disk_gbps"]]
+    figures["disk_gbps"] = max(figures["disk_gbps_samples"])
+    for run in runs:
+        if "error" not in run:
+            run |= lower_bound(run, args, config, figures)
+    settings["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    save(runs)
+    print(markdown({"runs": runs}))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def markdown(results: dict) -> str:
+    """Rows per engine/dtype and batch size: range of tok/s over repeats, decode-only, split, memory."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results["runs"]:
+        if "error" not in r:
+            groups.setdefault((r["engine"], r["schedule"], r["batch_size"], r["num_batches"]), []).append(r)
+    lines = ["| engine | dtype / schedule | bs x n | tok/s (gen / total) | decode-only tok/s | prefill s | "
+             "decode s | GB read | peak RSS GB | efficiency | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (engine, schedule, bs, n), rs in groups.items():
+        loads = ", ".join(f"{r['load_avg'][0]:.1f}" for r in rs)
+        def span(key, fmt="{:.2f}", scale=1.0):
+            lo, hi = min(r[key] for r in rs) * scale, max(r[key] for r in rs) * scale
+            return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}-{fmt.format(hi)}"
+        lines.append(f"| {engine} | {schedule} | {bs} x {n} | {span('tokens_per_s')} | {span('decode_tokens_per_s')} | "
+                     f"{span('prefill_s', '{:.0f}')} | {span('decode_s', '{:.0f}')} | {span('bytes_read', '{:.0f}', 1e-9)} | "
+                     f"{span('peak_rss_bytes', '{:.2f}', 1e-9)} | {span('efficiency')} | "
+                     f"{loads} |")
+    return "\n".join(lines)
+
+
+def _echo(run: dict) -> None:
+    if "error" in run:
+        print(f"{run['engine']:<9} {run['schedule']:<8} bs={run['batch_size']:<4} ERROR {run['error'][:200]}", flush=True)
+        return
+    print(f"{run['engine']:<9} {run['schedule']:<8} bs={run['batch_size']:<4} n={run['num_batches']:<2} "
+          f"{run['tokens_per_s']:7.2f} tok/s  decode {run['decode_tokens_per_s']:7.2f}  prefill {run['prefill_s']:6.1f}s "
+          f"decode {run['decode_s']:6.1f}s  rss {(run['peak_rss_bytes'] or 0) / 1e9:5.2f} GB  "
+          f"read {(run['bytes_read'] or 0) / 1e9:6.1f} GB  load {run['load_avg'][0]:.1f}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
