@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.workload import prompt_token_ids
 
     if args.dry_run:
-        args.layers, budget, preset = args.layers or 2, "600KB", "tiny"
+        args.layers, budget, preset = args.layers or 2, "1200KB", "tiny"
         args.num_prompts, args.prompt_len, args.max_tokens, args.batch_size, args.num_batches = 8, 16, 3, 2, 2
         root = Path(tempfile.mkdtemp(prefix="klotski-gpu-dry-"))
     else:

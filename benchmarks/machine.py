@@ -10,10 +10,24 @@ from pathlib import Path
 CHUNK = 64 << 20  # bytes per O_DIRECT read, like one slice of an expert blob
 
 
-def disk_bandwidth(files: list[Path], max_bytes: int = 3 << 30) -> dict:
-    """Sequential O_DIRECT read rate (GB/s) over `files`, bypassing the page cache."""
+def disk_bandwidth(files: list[Path], max_bytes: int = 3 << 30, streams: int = 1) -> dict:
+    """O_DIRECT read rate (GB/s) over `files` (page cache bypassed), with `streams` concurrent readers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shares = [files[i::streams] for i in range(streams)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        results = list(pool.map(lambda fs: _read_direct(fs, max_bytes // streams), shares))
+    seconds = time.perf_counter() - start
+    done = sum(n for n, _ in results)
+    return {"disk_gbps": done / seconds / 1e9, "disk_bytes": done, "disk_o_direct": all(d for _, d in results),
+            "disk_streams": streams}
+
+
+def _read_direct(files: list[Path], max_bytes: int) -> tuple[int, bool]:
+    """Read up to max_bytes sequentially from files in CHUNK slices; (bytes, whether O_DIRECT held)."""
     buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT requires
-    done, start, direct = 0, time.perf_counter(), True
+    done, direct = 0, True
     for path in files:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -30,8 +44,15 @@ def disk_bandwidth(files: list[Path], max_bytes: int = 3 << 30) -> dict:
             os.close(fd)
         if done >= max_bytes:
             break
-    seconds = time.perf_counter() - start
-    return {"disk_gbps": done / seconds / 1e9, "disk_bytes": done, "disk_o_direct": direct}
+    return done, direct
+
+
+def best_disk_bandwidth(file_sets: dict[str, list[Path]]) -> dict:
+    """The fastest of 1 and 2 concurrent O_DIRECT readers over each file set (a lower bound must use the best)."""
+    trials = {f"{name}-{streams}": disk_bandwidth(files, streams=streams)
+              for name, files in file_sets.items() if files for streams in (1, 2)}
+    best = max(trials.values(), key=lambda t: t["disk_gbps"])
+    return best | {"disk_trials_gbps": {k: round(v["disk_gbps"], 3) for k, v in trials.items()}}
 
 
 def matmul_rate(hidden: int, intermediate: int, rows: tuple[int, ...] = (64, 256), threads: int = 2) -> dict:

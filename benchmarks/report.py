@@ -25,7 +25,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
         for field in ("tokens_per_s", "prefill_s", "decode_s", "bubble_ratio", "bytes_read", "bound_s",
                       "efficiency", "io_efficiency", "peak_rss_bytes"):
             vals = sorted(r[field] for r in ok if r.get(field) is not None)
-            row[field] = (vals[0], vals[len(vals) // 2], vals[-1]) if vals else None
+            mid = (vals[(len(vals) - 1) // 2] + vals[len(vals) // 2]) / 2 if vals else None
+            row[field] = (vals[0], mid, vals[-1]) if vals else None
         row["load_avg"] = [round(r["load_avg"][0], 1) for r in rs]
         row["tokens_sha"] = sorted({r.get("tokens_sha") for r in ok if r.get("tokens_sha")})
         rows.append(row)
@@ -53,8 +54,14 @@ def verdicts(rows: list[dict]) -> list[str]:
         lines.append(f"- {work}: ladder (replay on, medians) {' -> '.join(f'{v:.2f}' for v in seq)} tok/s: "
                      f"{'monotonic' if mono else 'NOT monotonic'}")
         shas = {sha for r in ws if r["engine"] == "klotski" and r["replay"] for sha in r["tokens_sha"]}
+        by_shape: dict[str, set] = defaultdict(set)
+        for r in ws:
+            if r["engine"] == "klotski" and r["replay"]:
+                for sha in r["tokens_sha"]:
+                    by_shape[sha].add(f"bs{r['batch_size']}xn{r['num_batches']}")
         lines.append(f"- {work}: generated tokens with replay on are {'identical' if len(shas) == 1 else 'NOT identical'} "
-                     f"across every klotski run (schedules, n, repeats): {', '.join(sorted(shas))}")
+                     f"across klotski runs (schedules, n, repeats): "
+                     + "; ".join(f"{sha} for {', '.join(sorted(v))}" for sha, v in sorted(by_shape.items())))
         kl = [r for r in ws if r["engine"] == "klotski" and r["schedule"].startswith("klotski")]
         hf = [r for r in ws if r["engine"] == "hf-accelerate"]
         if kl:
@@ -94,6 +101,9 @@ def markdown(result: dict, rows: list[dict]) -> str:
             f"Accelerate max_memory {c['device_budget_bytes'] / 2**30:.1f} GiB; both compute in bf16.",
             "Workloads: " + "; ".join(f"{w['name']} = {w['num_prompts']} prompts x {w['prompt_len']} tokens, "
                                       f"{w['max_tokens']} generated ({w['why']})" for w in c["workloads"]) + ".",
+            *([f"Rates rescored after the run (`python -m benchmarks.run --rescore`): the bound uses the fastest of the "
+               f"in-run and re-measured rates; in-run and re-measured figures: {json.dumps(m['rescored_from'])}."]
+              if m.get("rescored_from") else []),
             "", "Medians, (min-max) over repeats. tok/s = generated / (prefill + decode). bound = max(bytes the cap "
             "forces to be read / disk rate, FLOPs / best matmul rate) for the run's own forward steps; eff = bound / "
             "measured. io eff = (GB read / disk rate) / measured: how close to the disk the run came for the bytes it chose to "

@@ -77,6 +77,7 @@ def ensure_checkpoints(cache: Path, layers: int, checkpoint: str | None) -> tupl
         print(f"bench: creating {ckpt} (Mixtral-8x7B shapes, {layers} layers, bf16; once)", file=sys.stderr)
         subprocess.run([str(BIN / "klotski"), "create-model", "--family", "mixtral", "--preset", "mixtral-8x7b",
                         "--layers", str(layers), "--dtype", "bfloat16", "--out", str(ckpt)], check=True)
+    _ensure_offload_dir(ckpt)
     merged = cache / f"{ckpt.name}-hf-merged"
     if not (merged / "config.json").is_file():
         print(f"bench: re-saving {ckpt} in transformers' merged-expert layout at {merged} (once)", file=sys.stderr)
@@ -85,11 +86,25 @@ def ensure_checkpoints(cache: Path, layers: int, checkpoint: str | None) -> tupl
     return ckpt, merged
 
 
+def _ensure_offload_dir(ckpt: Path) -> None:
+    """klotski's repacked expert blobs, made here (uncapped, once) so no timed run pays for it."""
+    from klotski.checkpoint.reader import Checkpoint
+    from klotski.store.offload import OffloadDir, default_offload_dir
+
+    checkpoint = Checkpoint.open(str(ckpt))
+    OffloadDir.prepare(checkpoint, default_offload_dir(checkpoint), progress=True)
+
+
 def measure_machine(ctx: Context) -> dict:
-    """Disk (O_DIRECT, cold) and fp32 matmul rates measured now, with the load average."""
-    files = sorted(ctx.checkpoint.glob("*.safetensors"))
-    cgroup.drop_page_cache(files)
-    info = machine.describe() | machine.disk_bandwidth(files)
+    """Disk (O_DIRECT, page cache dropped; best of 1-2 readers over the checkpoint and klotski's blobs) and
+    matmul rates measured now, with the load average."""
+    from klotski.checkpoint.reader import Checkpoint
+    from klotski.store.offload import default_offload_dir
+
+    sets = {"checkpoint": sorted(ctx.checkpoint.glob("*.safetensors")),
+            "offload": sorted(default_offload_dir(Checkpoint.open(str(ctx.checkpoint))).glob("*.expert*.bin"))}
+    cgroup.drop_page_cache([f for fs in sets.values() for f in fs])
+    info = machine.describe() | machine.best_disk_bandwidth(sets)
     return info | machine.matmul_rate(ctx.spec["hidden_size"], ctx.spec["intermediate_size"])
 
 
@@ -229,6 +244,30 @@ def execute(ctx: Context, plan: Plan, traces: Path) -> list[dict]:
     return runs
 
 
+def rescore(ctx: Context, out: Path, traces: Path) -> int:
+    """Recompute bounds of a finished run with the fastest rates seen (a lower bound must use the best)."""
+    result = json.loads((out / "latest.json").read_text())
+    old, new = result["machine"], ctx.machine
+    best = dict(old)
+    if new["disk_gbps"] > old["disk_gbps"]:
+        best |= {k: v for k, v in new.items() if k.startswith("disk_")}
+    for key in ("matmul_gflops_float32", "matmul_gflops_bfloat16"):
+        best[key] = {r: max(old[key][r], new[key][r]) for r in old[key]}
+    best["rescored_from"] = {k: old[k] for k in old if k.startswith(("disk_", "matmul_"))} | {
+        "remeasured": {k: new[k] for k in new if k.startswith(("disk_", "matmul_", "load_"))}}
+    ctx.machine = result["machine"] = best
+    works = {w["name"]: Workload(**w) for w in result["config"]["workloads"]}
+    for row in result["runs"]:
+        if row.get("tokens_per_s"):
+            row |= lower_bound(ctx, works[row["workload"]], row["forward_steps"])
+            row["efficiency"] = row["bound_s"] / row["wall_s"]
+            if row.get("bytes_read"):
+                row["io_efficiency"] = row["bytes_read"] / (best["disk_gbps"] * 1e9) / row["wall_s"]
+    report.write(result, out, traces)
+    print(f"bench: rescored {out / 'latest.json'}: disk {best['disk_gbps']:.2f} GB/s", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__)
     p.add_argument("--quick", action="store_true", help="the reduced run (< 10 min on a 2-core machine)")
@@ -239,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="klotski's --device-memory and Accelerate's max_memory inside the cap (the rest: runtime, "
                         "activations, transient fp32 copies)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--rescore", action="store_true",
+                   help="re-measure the machine now and recompute every bound of <out>/latest.json with the faster "
+                        "of the old and new rates (no engine runs)")
     args = p.parse_args(argv)
     from klotski.config import parse_bytes
 
@@ -258,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
           f"load {ctx.machine['load_avg']}", file=sys.stderr)
     out = Path(args.out)
     traces = cache / "traces"
+    if args.rescore:
+        return rescore(ctx, out, traces)
     traces.mkdir(exist_ok=True)
     t0 = time.time()
     runs = execute(ctx, plan, traces)

