@@ -152,6 +152,7 @@ class Pipeline:
         for b in batches:
             with self.timeline.span("compute", "embed", batch=b.index):
                 xs.append(self.runner.embed(embed, b.token_ids))
+        self.store.release(WeightKey(None, EMBED))
         if self.schedule.prefetch and not self.schedule.hot_only:
             self._prefetch_layer(0)
         elif self.schedule.prefetch:
@@ -165,6 +166,7 @@ class Pipeline:
             with self.timeline.span("compute", "head", batch=b.index):
                 rows = x[b.valid] if b.last is None else x[torch.arange(x.shape[0]), b.last]  # [B or T, D]
                 logits.append(self.runner.head(head, rows))
+        self.store.release(WeightKey(None, HEAD))
         return logits
 
     def _layer(self, layer, batches, xs, prev_ids):
@@ -204,7 +206,7 @@ class Pipeline:
         return xs, ids
 
     def _gates(self, layer, batches, xs, mlp) -> list[GateOutput]:
-        """Gate per batch; under hot_only each newly selected expert's fetch starts at once."""
+        """Gate per batch; under reorder (klotski) each newly selected expert's fetch starts at once."""
         gates = []
         for b, x in zip(batches, xs):
             with self.timeline.span("compute", "gate", layer=layer, batch=b.index):
@@ -212,7 +214,7 @@ class Pipeline:
             for hook in self.routing_hooks:
                 g.ids = hook(layer, b, g)
             gates.append(g)
-            if self.schedule.hot_only:
+            if self.schedule.reorder:  # klotski: each new expert's fetch starts as its batch's gate picks it
                 for e in torch.unique(g.ids).tolist():
                     self.store.fetch(WeightKey(layer, EXPERT, e), "ondemand")
         return gates
@@ -244,9 +246,12 @@ class Pipeline:
         """Yield (expert, weights): by id with a wait each, or (reorder) resident first, then by arrival."""
         keys = {e: WeightKey(layer, EXPERT, e) for e in used}
         if not self.schedule.reorder:
-            for e in used:
-                lane = "ondemand" if self.schedule.hot_only else "prefetch"
-                yield e, self._get(keys[e], lane, layer=layer, expert=e)
+            # In expert order: under `hot` the cold fetches start after all gates, in the order
+            # they will be consumed (a transfer queue in another order would have to evict).
+            lane = "ondemand" if self.schedule.hot_only else "prefetch"
+            handles = [self.store.fetch(keys[e], lane) for e in used]
+            for e, handle in zip(used, handles):
+                yield e, self._wait(handle, layer=layer, expert=e)
             return
         handles = {e: self.store.fetch(keys[e], "ondemand") for e in used}
         ready = [e for e in used if handles[e].done()]

@@ -4,7 +4,7 @@ the offload directory on lanes (threads on the CPU), each fetch with its own han
 Every byte is counted against its tier's budget before it is read, in-flight fetches included.
 When the device budget is full, a prefetch waits its turn (issued as soon as the pipeline
 releases a unit); a fetch the pipeline is blocked on may evict units that were prefetched but
-not yet used (they are fetched again when asked for). Nothing here knows the schedule.
+not yet used, the one the model needs last first (they are fetched again when asked for). Nothing here knows the schedule.
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ class Entry:
     buffer: object = None
     weights: Weights | None = None
     error: BaseException | None = None
-    serial: int = 0  # issue order: the newest prefetch is the first evicted
 
 
 class Lane:
@@ -91,10 +90,11 @@ class TieredStore:
         self._entries: dict[WeightKey, Entry] = {}
         self._deferred: deque[Entry] = deque()
         self._resident: dict[WeightKey, Weights] = {}
-        self._serial = 0
+        self.evictions = 0  # prefetched units dropped unused to make room (each is read again)
         self.bytes_read = {DISK: 0}
         for name in ("prefetch", "ondemand"):
             self.lanes.setdefault(name, Lane(name))
+        self._order = {key: i for i, key in enumerate(self.checkpoint.spec.weight_keys())}  # execution order
         self._cuda = self.device.type == "cuda"
         self._host_blobs: dict[WeightKey, torch.Tensor] = {}  # CUDA: host-placed units, pinned
         if self._cuda:
@@ -136,21 +136,21 @@ class TieredStore:
         with self._cond:
             entry = self._entries.get(key)
             if entry is None:
-                self._serial += 1
-                entry = Entry(key, StoreHandle(key, self), lane, serial=self._serial)
+                entry = Entry(key, StoreHandle(key, self), lane)
                 self._entries[key] = entry
                 self._deferred.append(entry)
                 self._issue_deferred()
             return entry.handle
 
     def _issue_deferred(self) -> None:
-        """Issue waiting fetches in FIFO order while the device budget allows (lock held)."""
+        """Issue waiting fetches while the device budget allows (lock held): on-demand ones first
+        (the compute lane needs them now), then prefetches, each class in FIFO order."""
         while self._deferred:
-            entry = self._deferred[0]
+            entry = next((e for e in self._deferred if e.lane == "ondemand"), self._deferred[0])
             buf = self.device_pool.try_alloc(self.offload.blobs[entry.key].padded)
             if buf is None:
                 return
-            self._deferred.popleft()
+            self._deferred.remove(entry)
             self._start(entry, buf)
 
     def _start(self, entry: Entry, buf) -> None:
@@ -226,13 +226,20 @@ class TieredStore:
                 inflight = any(e.state == "inflight" for e in self._entries.values())
                 self._deferred.appendleft(wanted)
                 return inflight  # an arriving fetch may become evictable; else nothing can free memory
-            victim = max(idle, key=lambda e: e.serial)
+            victim = max(idle, key=lambda e: self._distance(wanted.key, e.key))
             self._evict(victim)
         self._start(wanted, buf)
         return True
 
+    def _distance(self, now: WeightKey, later: WeightKey) -> int:
+        """How far after `now` the model next runs `later` (wrapping to the next step): the
+        unit needed last is the cheapest to drop."""
+        order = self._order
+        return (order[later] - order[now]) % len(order)
+
     def _evict(self, entry: Entry) -> None:
         """Drop an unclaimed unit's buffer; it goes back to waiting and is fetched again on demand."""
+        self.evictions += 1
         self.device_pool.give_back(entry.buffer)
         entry.state, entry.buffer, entry.weights = "deferred", None, None
         entry.handle._event.clear()
@@ -278,7 +285,7 @@ class TieredStore:
         from klotski.store.placement import summarize
 
         unit_bytes = {k: self.checkpoint.unit_nbytes(k) for k in self.placement}
-        return {"bytes_read": dict(self.bytes_read),
+        return {"bytes_read": dict(self.bytes_read), "evictions": self.evictions,
                 "peak_bytes": {DEVICE: self.device_pool.peak, HOST: self.host_pool.peak},
                 "budgets": {DEVICE: self.device_pool.budget, HOST: self.host_pool.budget},
                 "placement": summarize(self.placement, unit_bytes)}
