@@ -230,7 +230,10 @@ def markdown(results: dict) -> str:
     for (engine, schedule, bs, n), rs in groups.items():
         loads = ", ".join(f"{r['load_avg'][0]:.1f}" for r in rs)
         def span(key, fmt="{:.2f}", scale=1.0):
-            lo, hi = min(r[key] for r in rs) * scale, max(r[key] for r in rs) * scale
+            values = [r[key] * scale for r in rs if r.get(key) is not None]
+            if not values:
+                return "-"
+            lo, hi = min(values), max(values)
             return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}-{fmt.format(hi)}"
         lines.append(f"| {engine} | {schedule} | {bs} x {n} | {span('tokens_per_s')} | {span('decode_tokens_per_s')} | "
                      f"{span('prefill_s', '{:.0f}')} | {span('decode_s', '{:.0f}')} | {span('bytes_read', '{:.0f}', 1e-9)} | "
