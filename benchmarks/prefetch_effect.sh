@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# End-to-end effect of the prefetcher (issue 5): the klotski schedule on the benchmark checkpoint
+# with real Mixtral routing replayed, hot experts from (a) the correlation table, (b) frequencies
+# learnt online, (c) nothing (K = 0). Same prompts, budget, bs and n; prints bubble and tok/s.
+# Usage: benchmarks/prefetch_effect.sh CHECKPOINT_DIR [DEVICE_MEMORY] [NUM_PROMPTS] [MAX_TOKENS] [BS] [N]
+set -euo pipefail
+model=${1:?checkpoint dir}; mem=${2:-2.5GiB}; prompts=${3:-64}; max_tokens=${4:-8}; bs=${5:-16}; n=${6:-4}
+bin=${KLOTSKI_BIN:-.venv/bin/klotski}
+out=benchmarks/results/prefetch_effect.jsonl
+mkdir -p benchmarks/results
+input=$(mktemp)
+for i in $(seq 1 "$prompts"); do echo "{\"prompt\": \"Request $i: summarise the history of mixture-of-experts language models.\"}"; done > "$input"
+: > "$out"
+run() {  # label, extra flags...
+  local label=$1; shift
+  "$bin" generate --model "$model" --input "$input" --max-tokens "$max_tokens" --ignore-eos --device-memory "$mem" \
+    --schedule klotski --batch-size "$bs" --num-batches "$n" --routing-replay mixtral-8x7b --json "$@" 2>/dev/null \
+    | python3 -c "import json,sys; d=json.load(sys.stdin)['stats']; d.pop('placement', None); d['label']='$label'; print(json.dumps(d))" >> "$out"
+}
+run correlation --prefetch-table mixtral-8x7b
+run frequency
+run none --num-hot 0
+rm -f "$input"
+python3 - "$out" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print(f"{'hot experts from':<17} {'tok/s':>7} {'wall s':>7} {'bubble s':>9} {'bubble':>7} {'GB read':>8}")
+for r in rows:
+    print(f"{r['label']:<17} {r['tokens_per_s']:>7.2f} {r['wall_s']:>7.1f} {r['bubble_s']:>9.2f} "
+          f"{r['bubble_ratio']:>7.3f} {sum(r['bytes_read'].values())/1e9:>8.2f}")
+PY
