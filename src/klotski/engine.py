@@ -88,7 +88,7 @@ class LLM:
             from klotski.planner.engine_glue import load_placement
             placement = load_placement(self.checkpoint, cfg, self.device, self.dtype, self.schedule.name)
         else:
-            reserve = working_set(spec, unit_bytes, spec.top_k if cfg.num_hot is None else cfg.num_hot)
+            reserve = working_set(spec, unit_bytes, self.schedule, spec.top_k if cfg.num_hot is None else cfg.num_hot)
             placement = greedy_placement(spec, unit_bytes, cfg.device_memory, host, reserve)
         offload = None
         # On CUDA host-placed units are copied in per use, from their blobs held in pinned memory.
