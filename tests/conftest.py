@@ -17,6 +17,20 @@ def _klotski_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("KLOTSKI_HOME", home)
 
 
+@pytest.fixture(autouse=True)
+def _deterministic_compute_dtype(request, monkeypatch):
+    """dtype="auto" on CPU times two matmuls to choose; tests must not depend on timing, so they
+    compute low-precision checkpoints in their own dtype (what that timing picks on this machine).
+    tests/runtime/test_compute_dtype.py covers the choice itself."""
+    from klotski.runtime import compute_dtype
+
+    if request.node.get_closest_marker("real_timing") is None:
+        monkeypatch.setattr(compute_dtype, "measure", lambda storage: {"native": 0.0, "upcast_fp32": 1.0})
+    compute_dtype.cpu_compute_dtype.cache_clear()
+    yield
+    compute_dtype.cpu_compute_dtype.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_mixtral(tmp_path_factory) -> Path:
     """A tiny random Mixtral checkpoint written by create-model (bf16, hub layout)."""
