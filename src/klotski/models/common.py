@@ -3,7 +3,7 @@ and config.json field readers."""
 from __future__ import annotations
 
 from klotski.errors import CheckpointError
-from klotski.models.spec import ATTN, EMBED, EXPERT, HEAD, MOE, ModelSpec, NameRule, RopeSpec, WeightKey, rule
+from klotski.models.spec import ATTN, EMBED, EXPERT, HEAD, MOE, AttentionSpec, ModelSpec, NameRule, RopeSpec, WeightKey, rule
 
 # Names every family here uses (Llama-style layout).
 BASE_RULES: tuple[NameRule, ...] = (
@@ -143,3 +143,11 @@ def shared_fields(config: dict, names, eps: float, max_positions: int) -> dict:
         eos_token_ids=eos_ids(config),
         names=names,
     )
+
+
+def gqa_attention(config: dict, **extra) -> AttentionSpec:
+    """Grouped-query attention as the Llama-style families configure it; `extra` adds their quirks."""
+    heads = need(config, "num_attention_heads")
+    head_dim = config.get("head_dim") or need(config, "hidden_size") // heads
+    return AttentionSpec(kind="gqa", num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
+                         qk_head_dim=head_dim, v_head_dim=head_dim, rope=rope_from_config(config, head_dim), **extra)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from klotski.models import common
-from klotski.models.spec import EXPERT, MOE, AttentionSpec, ModelSpec, NameTable, RouterSpec, rule
+from klotski.models.spec import EXPERT, MOE, ModelSpec, NameTable, RouterSpec, rule
 
 ARCHITECTURES = ("MixtralForCausalLM",)
 
@@ -20,22 +20,11 @@ NAMES = NameTable(
 
 def spec_from_config(config: dict) -> ModelSpec:
     """A ModelSpec from a Mixtral config.json."""
-    hidden = common.need(config, "hidden_size")
-    heads = common.need(config, "num_attention_heads")
-    head_dim = config.get("head_dim") or hidden // heads
     layers = common.need(config, "num_hidden_layers")
     return ModelSpec(
         family="mixtral",
         architecture="MixtralForCausalLM",
-        attention=AttentionSpec(
-            kind="gqa",
-            num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            qk_head_dim=head_dim,
-            v_head_dim=head_dim,
-            rope=common.rope_from_config(config, head_dim),
-            sliding_window=config.get("sliding_window"),
-        ),
+        attention=common.gqa_attention(config, sliding_window=config.get("sliding_window")),
         router=RouterSpec(num_experts=common.need(config, "num_local_experts"), top_k=common.need(config, "num_experts_per_tok")),
         moe_intermediate_size=common.need(config, "intermediate_size"),
         dense_intermediate_size=0,

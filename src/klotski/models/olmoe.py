@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from klotski.errors import KlotskiError
 from klotski.models import common
-from klotski.models.spec import AttentionSpec, ModelSpec, NameTable, RouterSpec
+from klotski.models.spec import ModelSpec, NameTable, RouterSpec
 
 ARCHITECTURES = ("OlmoeForCausalLM",)
 
@@ -13,9 +13,6 @@ NAMES = NameTable(rules=common.BASE_RULES + common.GQA_RULES + common.MLP_EXPERT
 
 def spec_from_config(config: dict) -> ModelSpec:
     """A ModelSpec from an OLMoE config.json."""
-    hidden = common.need(config, "hidden_size")
-    heads = common.need(config, "num_attention_heads")
-    head_dim = config.get("head_dim") or hidden // heads
     layers = common.need(config, "num_hidden_layers")
     if config.get("attention_bias"):
         raise KlotskiError("OLMoE with attention_bias (an o_proj bias) is not supported; no released model uses it")
@@ -23,16 +20,7 @@ def spec_from_config(config: dict) -> ModelSpec:
     return ModelSpec(
         family="olmoe",
         architecture="OlmoeForCausalLM",
-        attention=AttentionSpec(
-            kind="gqa",
-            num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            qk_head_dim=head_dim,
-            v_head_dim=head_dim,
-            rope=common.rope_from_config(config, head_dim),
-            qk_norm="full",
-            clip_qkv=float(clip) if clip is not None else None,
-        ),
+        attention=common.gqa_attention(config, qk_norm="full", clip_qkv=float(clip) if clip is not None else None),
         router=RouterSpec(num_experts=common.need(config, "num_experts"), top_k=common.need(config, "num_experts_per_tok"),
                           norm_topk_prob=bool(config.get("norm_topk_prob", False))),
         moe_intermediate_size=common.need(config, "intermediate_size"),  # OLMoE's experts use intermediate_size

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from klotski.errors import KlotskiError
 from klotski.models import common
-from klotski.models.spec import MOE, AttentionSpec, ModelSpec, NameTable, RouterSpec, rule
+from klotski.models.spec import MOE, ModelSpec, NameTable, RouterSpec, rule
 
 ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
@@ -58,9 +58,6 @@ def _qwen3_window(config: dict) -> int | None:
 def spec_from_config(config: dict) -> ModelSpec:
     """A ModelSpec from a Qwen2-MoE or Qwen3-MoE config.json."""
     qwen3 = "Qwen3MoeForCausalLM" in (config.get("architectures") or ())
-    hidden = common.need(config, "hidden_size")
-    heads = common.need(config, "num_attention_heads")
-    head_dim = config.get("head_dim") or hidden // heads
     layers = common.need(config, "num_hidden_layers")
     if config.get("attention_bias"):
         raise KlotskiError("Qwen3-MoE with attention_bias (an o_proj bias) is not supported; no released model uses it")
@@ -70,13 +67,8 @@ def spec_from_config(config: dict) -> ModelSpec:
     return ModelSpec(
         family="qwen3_moe" if qwen3 else "qwen2_moe",
         architecture="Qwen3MoeForCausalLM" if qwen3 else "Qwen2MoeForCausalLM",
-        attention=AttentionSpec(
-            kind="gqa",
-            num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            qk_head_dim=head_dim,
-            v_head_dim=head_dim,
-            rope=common.rope_from_config(config, head_dim),
+        attention=common.gqa_attention(
+            config,
             qkv_bias=False if qwen3 else bool(config.get("qkv_bias", True)),
             qk_norm="head" if qwen3 else "none",
             sliding_window=_qwen3_window(config) if qwen3 else None,
