@@ -177,7 +177,7 @@ class LLM:
                                "{'prompt_token_ids': [...]} or add the model's tokenizer files")
         return prompt, self.tokenizer.encode(prompt)
 
-    def _check_request(self, ids: list[int], params: SamplingParams, where: str) -> None:
+    def _check_request(self, ids: list[int], where: str) -> None:
         if not ids:
             raise KlotskiError(f"{where}: the prompt is empty; give at least one token")
         if len(ids) >= self.max_model_len:
@@ -192,7 +192,7 @@ class LLM:
         requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             text, ids = self._prompt_ids(prompt, f"prompt {i}")
-            self._check_request(ids, p, f"prompt {i}")
+            self._check_request(ids, f"prompt {i}")
             requests.append((text, ids, p))
         return self._run(requests)
 
@@ -232,7 +232,7 @@ class LLM:
         seqs = []
         for i, prompt in enumerate(prompts):
             _, ids = self._prompt_ids(prompt, f"prompt {i}")
-            self._check_request(ids, SamplingParams(max_tokens=1), f"prompt {i}")
+            self._check_request(ids, f"prompt {i}")
             seqs.append(self._sequence(i, ids, SamplingParams(max_tokens=1)))
         out: list[torch.Tensor] = []
         for g in range(0, len(seqs), policy.batch_size):

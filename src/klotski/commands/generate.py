@@ -33,15 +33,20 @@ def register(sub) -> None:
     p.set_defaults(handler=run)
 
 
+def add_policy_flags(p) -> None:
+    """Schedule, bs, n and K: what the planner chooses unless these fix it (generate, plan)."""
+    p.add_argument("--schedule", default="klotski", help="sequential | overlap | multibatch | hot | klotski")
+    p.add_argument("--batch-size", type=int, help="bs: sequences per batch (default: the planner's)")
+    p.add_argument("--num-batches", type=int, help="n: batches sharing each loaded layer (default: the planner's)")
+    p.add_argument("--num-hot", type=int, help="K: hot experts prefetched per layer (default: top-k; 0: none)")
+
+
 def add_engine_flags(p) -> None:
     """Budget, placement and schedule flags shared by the commands that run the engine."""
     p.add_argument("--device-memory", help="device memory budget, e.g. 20GiB (CPU-only: RAM used as the device)")
     p.add_argument("--host-memory", help="host memory budget, e.g. 64GiB")
     p.add_argument("--offload-dir", help="directory for the repacked expert blobs (disk tier)")
-    p.add_argument("--schedule", default="klotski", help="sequential | overlap | multibatch | hot | klotski")
-    p.add_argument("--batch-size", type=int, help="bs: sequences per batch")
-    p.add_argument("--num-batches", type=int, help="n: batches sharing each loaded layer")
-    p.add_argument("--num-hot", type=int, help="K: hot experts prefetched per layer (default: top-k)")
+    add_policy_flags(p)
     p.add_argument("--prefetch-table", help="correlation table (ours, or the authors' JSON) driving hot-expert prefetch")
     p.add_argument("--trace", help="write the timeline as Chrome trace JSON (opens in Perfetto)")
     p.add_argument("--timeline", help="draw the timeline's lanes to a PNG (needs matplotlib)")
@@ -117,7 +122,7 @@ def _prompts(llm, items, errors) -> tuple[list, list[str]]:
         try:
             prompt = llm.chat_prompt(record["messages"]) if "messages" in record else record
             text, tokens = llm._prompt_ids(prompt, f"input {rid}")
-            llm._check_request(tokens, None, f"input {rid}")
+            llm._check_request(tokens, f"input {rid}")
         except KlotskiError as exc:
             errors.append(str(exc) + "; this input was skipped")
             continue

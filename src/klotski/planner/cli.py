@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from klotski.commands.generate import add_policy_flags
 from klotski.config import parse_bytes, resolve_dtype
 from klotski.errors import KlotskiError
 
@@ -46,10 +47,7 @@ def _register_plan(sub) -> None:
     p.add_argument("--num-prompts", type=int, help="how many prompts (default: one batch group of the plan's size)")
     p.add_argument("--hardware", help="profile JSON (klotski profile --out), or env1 / env2 (the paper's, estimated)")
     p.add_argument("--routing", help="correlation table for routing statistics (a file, mixtral-8x7b, mixtral-8x22b)")
-    p.add_argument("--schedule", default="klotski", help="sequential | overlap | multibatch | hot | klotski")
-    p.add_argument("--batch-size", type=int, help="fix bs instead of choosing it")
-    p.add_argument("--num-batches", type=int, help="fix n instead of choosing it")
-    p.add_argument("--num-hot", type=int, help="K (default: top-k)")
+    add_policy_flags(p)
     p.add_argument("--kv-offload", action="store_true", help="plan the KV cache in host memory, as the paper does "
                                                                  "(the runtime keeps it on the device)")
     p.add_argument("--trace", help="write the simulated timeline as Chrome trace JSON")
