@@ -84,11 +84,11 @@ class LLM:
         unit_bytes = {k: self.checkpoint.unit_nbytes(k) for k in spec.weight_keys()}
         # Without a GPU the device tier is host RAM already: a separate host tier would count RAM twice.
         host = cfg.host_memory if cfg.host_memory is not None else (0 if self.device.type == "cpu" else None)
+        reserve = working_set(spec, unit_bytes, spec.top_k if cfg.num_hot is None else cfg.num_hot)
         if self._planned():
             from klotski.planner.engine_glue import load_placement
             placement = load_placement(self.checkpoint, cfg, self.device, self.dtype, self.schedule.name)
         else:
-            reserve = working_set(spec, unit_bytes, self.schedule, spec.top_k if cfg.num_hot is None else cfg.num_hot)
             placement = greedy_placement(spec, unit_bytes, cfg.device_memory, host, reserve)
         offload = None
         # On CUDA host-placed units are copied in per use, from their blobs held in pinned memory.
@@ -96,7 +96,8 @@ class LLM:
             offload = OffloadDir.prepare(self.checkpoint, cfg.offload_dir or default_offload_dir(self.checkpoint),
                                          progress=True)
         return TieredStore(self.checkpoint, offload, placement, TierPool("device", cfg.device_memory, self.device),
-                           TierPool("host", host), Timeline(enabled=False), device=self.device)
+                           TierPool("host", host), Timeline(enabled=False), device=self.device,
+                           reserve=0 if DISK not in placement.values() else reserve)
 
     def _find_table(self, override: str | None):
         """--prefetch-table, else a table saved beside the model or in its offload dir."""

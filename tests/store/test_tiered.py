@@ -50,6 +50,35 @@ def test_tokens_identical_across_batch_shapes(model, resident_tokens, tmp_path, 
     assert tokens == resident_tokens
 
 
+def test_kv_cache_moves_resident_experts_to_disk(model, tmp_path):
+    """A long generation's KV cache does not fit beside the resident experts and the in-flight
+    reserve: the store moves experts to disk instead of failing, and the tokens do not change."""
+    long = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(str(model)).generate(PROMPTS, long)]
+    llm = LLM(str(model), offload_dir=str(tmp_path / "offload"), device_memory="900KB", batch_size=4, num_batches=2)
+    try:
+        before = sum(t == "device" for k, t in llm.store.placement.items() if k.part == "expert")
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, long)] == want
+        stats = llm.last_stats
+        after = sum(t == "device" for k, t in llm.store.placement.items() if k.part == "expert")
+    finally:
+        llm.store.close()
+    assert stats["demoted_to_disk"] > 0 and after == before - stats["demoted_to_disk"]
+    assert stats["peak_bytes"]["device"] <= stats["budgets"]["device"]
+
+
+def test_every_schedule_gets_the_same_placement(model, tmp_path):
+    """Ladder rungs differ in scheduling only: one budget gives one placement whatever the schedule."""
+    placements = []
+    for schedule in SCHEDULES:
+        llm = LLM(str(model), offload_dir=str(tmp_path / "offload"), device_memory="900KB", schedule=schedule,
+                  batch_size=2, num_batches=2)
+        placements.append(dict(llm.store.placement))
+        llm.store.close()
+    assert all(p == placements[0] for p in placements)
+    assert "device" in {t for k, t in placements[0].items() if k.part == "expert"}
+
+
 def test_everything_on_device_reads_nothing(model, resident_tokens, tmp_path):
     tokens, stats = _run(model, tmp_path, device_memory="64MB")
     assert tokens == resident_tokens

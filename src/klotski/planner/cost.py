@@ -234,10 +234,10 @@ def activation_bytes(costs: OpCosts, bs: int, n: int, new_tokens: int) -> int:
     return group + logits
 
 
-def inflight_bytes(shape: ModelShape, schedule: Schedule, k: int) -> int:
-    """Device buffers the schedule holds for non-resident units at once (the store's reserve)."""
+def inflight_bytes(shape: ModelShape, k: int) -> int:
+    """Device buffers held for non-resident units at once (the store's reserve, any schedule)."""
     padded = {key: shape.padded(key) for key in shape.unit_bytes}
-    return working_set(shape.spec, padded, schedule, k)
+    return working_set(shape.spec, padded, k)
 
 
 def memory_model(costs: OpCosts, placement: dict[WeightKey, str], schedule: Schedule, bs: int, n: int,
@@ -248,5 +248,5 @@ def memory_model(costs: OpCosts, placement: dict[WeightKey, str], schedule: Sche
         weights[tier] += costs.shape.unit_bytes[key]
     resident = all(t == DEVICE for t in placement.values())
     return MemoryModel(weights, kv_cache_bytes(costs, bs, n, prompt_len + gen_len), kv_tier,
-                       0 if resident else inflight_bytes(costs.shape, schedule, k),
+                       0 if resident else inflight_bytes(costs.shape, k),
                        activation_bytes(costs, bs, n, 1), activation_bytes(costs, bs, n, prompt_len))

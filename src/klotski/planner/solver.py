@@ -132,7 +132,7 @@ class Solver:
         return Plan(policy, placement, memory, slack, self.estimate(placement, bs, n, work, k), self.kv_tier)
 
     def _inflight(self, k: int) -> int:
-        return inflight_bytes(self.shape, self.schedule, k)
+        return inflight_bytes(self.shape, k)
 
     def place(self, reserve: int, host_reserve: int = 0) -> dict[WeightKey, str] | None:
         """Device first (after the reserve), then host, then disk; None when the reserves themselves do not fit."""

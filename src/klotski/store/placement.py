@@ -1,12 +1,11 @@
 """Greedy placement (until the planner decides): fill the device budget, then host, then disk.
 
 Units that every token needs (embeddings, head, attention, gates) go first, then experts layer
-by layer. Room for the schedule's in-flight working set is kept free on the device.
+by layer. Room for the units in flight is kept free on the device (the same for every schedule).
 """
 from __future__ import annotations
 
 from klotski.models.spec import ATTN, EMBED, EXPERT, HEAD, MOE, ModelSpec, WeightKey
-from klotski.runtime.schedule import Schedule
 
 DEVICE, HOST, DISK = "device", "host", "disk"
 
@@ -18,15 +17,17 @@ def placement_order(spec: ModelSpec) -> list[WeightKey]:
     return dense + [k for k in keys if k.part == EXPERT]
 
 
-def working_set(spec: ModelSpec, unit_bytes: dict[WeightKey, int], schedule: Schedule, num_hot: int) -> int:
-    """Device bytes the schedule keeps in flight for non-resident units at once (at most)."""
+def working_set(spec: ModelSpec, unit_bytes: dict[WeightKey, int], num_hot: int) -> int:
+    """Device bytes kept free for units in flight: a layer's gate part and attention, the next
+    layer's attention, and K + 2 experts (the hot ones and two cold ones streaming).
+
+    The same for every rung of the ladder, so rungs differ in scheduling, not in placement: a
+    schedule that wants more in flight (overlap's whole next layer) gets what the budget leaves,
+    and the store makes the rest wait its turn.
+    """
     layer = max(range(spec.num_layers), key=lambda l: _layer_bytes(spec, unit_bytes, l))
     expert = max((b for k, b in unit_bytes.items() if k.part == EXPERT), default=0)
     dense = unit_bytes[WeightKey(layer, ATTN)] + unit_bytes[WeightKey(layer, MOE)]
-    if not schedule.prefetch:
-        return max(unit_bytes.values())
-    if not schedule.hot_only:  # this layer and the whole next one
-        return 2 * _layer_bytes(spec, unit_bytes, layer)
     return dense + unit_bytes[WeightKey(layer, ATTN)] + (num_hot + 2) * expert
 
 

@@ -66,9 +66,16 @@ class TierPool:
         with self._lock:
             self._free.setdefault(size, []).append(buf)
 
+    def held(self) -> int:
+        """Bytes in use, not counting free buffers kept for reuse (they are dropped when room is needed)."""
+        with self._lock:
+            return self.used - sum(size * len(bufs) for size, bufs in self._free.items())
+
     def charge(self, nbytes: int, what: str) -> bool:
         """Count bytes held outside buffers (resident weights, KV cache); False if over budget."""
         with self._lock:
+            if not self._fits(nbytes):
+                self._drop_free(nbytes)
             if not self._fits(nbytes):
                 return False
             self._grow(nbytes)

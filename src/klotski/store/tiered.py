@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from klotski.errors import KlotskiError
-from klotski.models.spec import WeightKey
+from klotski.models.spec import EXPERT, WeightKey
 from klotski.runtime.timeline import Timeline
 from klotski.store.base import Handle, Weights
 from klotski.store.offload import OffloadDir
@@ -84,6 +84,7 @@ class TieredStore:
     timeline: Timeline
     lanes: dict[str, Lane] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    reserve: int = 0  # device bytes kept free for units in flight (the placement's working set)
 
     def __post_init__(self):
         self._cond = threading.Condition()
@@ -91,6 +92,7 @@ class TieredStore:
         self._deferred: deque[Entry] = deque()
         self._resident: dict[WeightKey, Weights] = {}
         self.evictions = 0  # prefetched units dropped unused to make room (each is read again)
+        self.demoted: list[WeightKey] = []  # resident units moved to disk to make room for a KV cache
         self.bytes_read = {DISK: 0}
         for name in ("prefetch", "ondemand"):
             self.lanes.setdefault(name, Lane(name))
@@ -270,12 +272,35 @@ class TieredStore:
             self._cond.notify_all()
 
     def charge_kv(self, nbytes: int) -> None:
-        """Count a KV cache allocation against the device budget, or refuse it clearly."""
-        if not self.device_pool.charge(nbytes, "kv"):
-            pool = self.device_pool
-            raise KlotskiError(f"the KV cache ({nbytes / 1e6:.2f} MB) does not fit the device budget "
-                               f"({pool.budget / 1e6:.2f} MB, {pool.used / 1e6:.2f} MB in use); lower --batch-size "
-                               "or --num-batches, shorten max_tokens, or raise --device-memory")
+        """Count a KV cache allocation against the device budget, keeping the in-flight reserve free.
+
+        The KV cache comes before resident weights: when it does not fit beside them and the
+        reserve, resident units are moved to disk (last in placement order first; they are fetched
+        per use from then on), so a placement made before the workload was known never blocks a run.
+        """
+        pool = self.device_pool
+        with self._cond:
+            if pool.budget is not None:
+                while pool.held() + nbytes + self.reserve > pool.budget and self._demote_one():
+                    pass
+            if not pool.charge(nbytes, "kv"):
+                raise KlotskiError(f"the KV cache ({nbytes / 1e6:.2f} MB) does not fit the device budget "
+                                   f"({pool.budget / 1e6:.2f} MB, {pool.used / 1e6:.2f} MB in use); lower --batch-size "
+                                   "or --num-batches, shorten max_tokens, or raise --device-memory")
+
+    def _demote_one(self) -> bool:
+        """Move the resident device unit placed last (one with an offload blob) to disk; False if none."""
+        if self.offload is None:
+            return False
+        movable = [k for k in self._resident if self.placement.get(k) == DEVICE and k in self.offload.blobs]
+        if not movable:
+            return False
+        key = max(movable, key=lambda k: (k.part == EXPERT, self._order[k]))
+        del self._resident[key]
+        self.placement[key] = DISK
+        self.device_pool.uncharge(self.checkpoint.unit_nbytes(key))
+        self.demoted.append(key)
+        return True
 
     def uncharge_kv(self, nbytes: int) -> None:
         self.device_pool.uncharge(nbytes)
@@ -285,7 +310,7 @@ class TieredStore:
         from klotski.store.placement import summarize
 
         unit_bytes = {k: self.checkpoint.unit_nbytes(k) for k in self.placement}
-        return {"bytes_read": dict(self.bytes_read), "evictions": self.evictions,
+        return {"bytes_read": dict(self.bytes_read), "evictions": self.evictions, "demoted_to_disk": len(self.demoted),
                 "peak_bytes": {DEVICE: self.device_pool.peak, HOST: self.host_pool.peak},
                 "budgets": {DEVICE: self.device_pool.budget, HOST: self.host_pool.budget},
                 "placement": summarize(self.placement, unit_bytes)}
