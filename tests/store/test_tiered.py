@@ -145,3 +145,58 @@ def test_a_deeper_prefetch_table_drives_the_first_layers(model, resident_tokens,
     """The real 32-layer Mixtral table can drive a checkpoint cut to its first layers; tokens are unchanged."""
     tokens, _ = _run(model, tmp_path, device_memory="500KB", prefetch_table="mixtral-8x7b")
     assert tokens == resident_tokens
+
+
+class ManualLane:
+    """A transfer lane that runs its jobs only when the test says so."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def submit(self, fn):
+        self.jobs.append(fn)
+
+    def run_one(self):
+        self.jobs.pop(0)()
+
+    def close(self):
+        pass
+
+
+def test_a_fetch_released_in_flight_frees_its_room_when_it_lands(model, tmp_path):
+    """A wait that needs the room of a fetch released mid-flight waits for it to land, not fails."""
+    import threading
+
+    from klotski.checkpoint.reader import Checkpoint
+    from klotski.models.spec import EXPERT, WeightKey
+    from klotski.runtime.timeline import Timeline
+    from klotski.store.offload import OffloadDir
+    from klotski.store.pool import TierPool
+    from klotski.store.tiered import TieredStore
+
+    ckpt = Checkpoint.open(model)
+    offload = OffloadDir.prepare(ckpt, tmp_path / "off")
+    a, b = WeightKey(0, EXPERT, 0), WeightKey(0, EXPERT, 1)
+    lanes = {"prefetch": ManualLane(), "ondemand": ManualLane()}
+    room = offload.blobs[a].padded  # exactly one expert in flight at a time
+    store = TieredStore(ckpt, offload, {k: "disk" for k in ckpt.spec.weight_keys()}, TierPool("device", room),
+                        TierPool("host", 0), Timeline(enabled=False), lanes=lanes)
+    store.fetch(a, "prefetch")  # in flight, holding all the room
+    store.release(a)  # nobody wants it now; its buffer comes back when the read lands
+    handle = store.fetch(b, "ondemand")  # waits for room
+    got, errors = [], []
+
+    def consumer():
+        try:
+            got.append(handle.wait())
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=consumer)
+    t.start()
+    t.join(timeout=0.5)
+    assert t.is_alive() and not errors  # waiting, not failed
+    lanes["prefetch"].run_one()  # a lands: its room goes to b
+    lanes["ondemand"].run_one()
+    t.join(timeout=5)
+    assert not errors and got and set(got[0]) == set(ckpt.load_unit(b))

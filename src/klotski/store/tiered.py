@@ -93,6 +93,7 @@ class TieredStore:
         self._resident: dict[WeightKey, Weights] = {}
         self.evictions = 0  # prefetched units dropped unused to make room (each is read again)
         self.demoted: list[WeightKey] = []  # resident units moved to disk to make room for a KV cache
+        self._orphans = 0  # fetches released while in flight: their buffers return when they land
         self.bytes_read = {DISK: 0}
         for name in ("prefetch", "ondemand"):
             self.lanes.setdefault(name, Lane(name))
@@ -179,6 +180,7 @@ class TieredStore:
             if arrived:
                 entry.weights, entry.error, entry.state = weights, error, "ready"
             else:  # nobody wants it any more
+                self._orphans -= 1
                 self.device_pool.give_back(entry.buffer)
                 self._issue_deferred()
             self._cond.notify_all()
@@ -225,9 +227,9 @@ class TieredStore:
         while (buf := self.device_pool.try_alloc(need)) is None:
             idle = [e for e in self._entries.values() if e.state == "ready" and e is not wanted]
             if not idle:
-                inflight = any(e.state == "inflight" for e in self._entries.values())
+                inflight = self._orphans > 0 or any(e.state == "inflight" for e in self._entries.values())
                 self._deferred.appendleft(wanted)
-                return inflight  # an arriving fetch may become evictable; else nothing can free memory
+                return inflight  # an arriving fetch frees or may become evictable; else nothing can free memory
             victim = max(idle, key=lambda e: self._distance(wanted.key, e.key))
             self._evict(victim)
         self._start(wanted, buf)
@@ -262,7 +264,7 @@ class TieredStore:
             if entry is None:
                 return
             if entry.state == "inflight":
-                entry.state = "released"  # the lane frees it on arrival
+                self._orphans += 1  # the lane frees it on arrival
             elif entry.state == "deferred":
                 self._deferred.remove(entry)
             else:
