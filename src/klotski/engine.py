@@ -229,7 +229,7 @@ class LLM:
 
         policy = self.policy(len(prompts))
         pipeline = Pipeline(self.runner, self.store, self.schedule, Timeline(enabled=False), policy.num_hot,
-                            routing_hooks=self._routing_hooks())
+                            routing_hooks=self._routing_hooks(), adaptive_hot=self.config.num_hot is None)
         seqs = []
         for i, prompt in enumerate(prompts):
             _, ids = self._prompt_ids(prompt, f"prompt {i}")
@@ -242,8 +242,10 @@ class LLM:
             batch.kv = [self.runner.new_kv(len(batch.seqs), cap) for _ in range(self.spec.num_layers)]
             step = prefill_step(batch, 0)
             step.last = None
-            logits = pipeline.forward([step])[0].cpu()  # [T, V], rows in (sequence, position) order
+            final = g + policy.batch_size >= len(seqs)
+            logits = pipeline.forward([step], final=final)[0].cpu()  # [T, V], rows in (sequence, position) order
             out += list(logits.split([len(s.prompt_ids) for s in batch.seqs]))
+        pipeline.drain()
         return out
 
     # -- running ---------------------------------------------------------------------------
@@ -263,7 +265,7 @@ class LLM:
         timeline = Timeline(enabled=self.record_timeline)
         self.store.timeline = timeline
         pipeline = Pipeline(self.runner, self.store, self.schedule, timeline, policy.num_hot, self.predictor,
-                            self._routing_hooks())
+                            self._routing_hooks(), adaptive_hot=self.config.num_hot is None)
         group_size = policy.batch_size * policy.num_batches
         start, steps, prefill_s = time.perf_counter(), 0, 0.0
         for g in range(0, len(seqs), group_size):

@@ -32,12 +32,27 @@ class PipelinePredictor(HotPredictor):
     def __init__(self, spec: ModelSpec, predictor: Predictor):
         self.index = moe_index(spec)
         self.predictor = predictor
+        self.top_k = spec.top_k
 
     def predict(self, layer: int, prev_ids: torch.Tensor | None, k: int) -> list[int]:
         return self.predictor.predict(self.index[layer], _paths(prev_ids), k)
 
     def observe(self, layer: int, prev_ids: torch.Tensor | None, ids: torch.Tensor) -> None:
         self.predictor.observe(self.index[layer], _paths(prev_ids), ids.cpu().numpy())
+
+    def likely(self, layer: int, prev_ids: torch.Tensor | None, tokens: int, threshold: float) -> list[int]:
+        """Experts the group uses with probability >= threshold: each token picks top_k experts by its
+        own predicted distribution (its path's row), independently of the others."""
+        paths = _paths(prev_ids)
+        scores = np.asarray(self.predictor.token_scores(self.index[layer], paths, tokens if paths is None else len(paths)),
+                            dtype=np.float64)  # [T, E]
+        totals = scores.sum(axis=1, keepdims=True)
+        if not totals.any():
+            return []
+        p = np.clip(self.top_k * scores / np.where(totals > 0, totals, 1.0), 0.0, 1.0 - 1e-12)  # [T, E]
+        used = 1.0 - np.exp(np.log1p(-p).sum(axis=0))  # [E]
+        order = np.argsort(-scores.sum(axis=0), kind="stable")
+        return [int(e) for e in order if used[e] >= threshold]
 
 
 def make_predictor(spec: ModelSpec, table: CorrelationTable | None) -> PipelinePredictor:

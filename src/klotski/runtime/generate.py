@@ -84,7 +84,10 @@ def _generate(pipeline: Pipeline, sampler: Sampler, batches: list[GroupBatch], m
             return steps, prefill_s
         inputs = [prefill_step(b, pad_id) if prefill else decode_step(b, pad_id) for b in live]
         pipeline.timeline.phase = "prefill" if prefill else "decode"
-        logits = pipeline.forward(inputs)
+        # When every live sequence reaches max_tokens with this step, none follows: nothing is prefetched for it.
+        final = all(s.params.max_tokens is not None and len(s.stopper.token_ids) + 1 >= s.params.max_tokens
+                    for b in live for s in b.seqs if not s.finished)
+        logits = pipeline.forward(inputs, final=final)
         for b, lg in zip(live, logits):
             with pipeline.timeline.span("compute", "sample", batch=b.index):
                 sample_batch(sampler, b, lg, max_len)

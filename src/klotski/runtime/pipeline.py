@@ -22,6 +22,8 @@ from klotski.store.base import Handle, WeightStore, wait_any
 # B = sequences in a batch, S = new tokens per sequence (padded), T = the group's valid tokens,
 # K = top_k, D = hidden, V = vocab
 
+LIKELY = 0.9  # adaptive hot set: prefetch an expert the group uses with at least this probability
+
 
 @dataclass
 class BatchStep:
@@ -55,6 +57,10 @@ class HotPredictor:
     def observe(self, layer: int, prev_ids: torch.Tensor | None, ids: torch.Tensor) -> None:
         pass
 
+    def likely(self, layer: int, prev_ids: torch.Tensor | None, tokens: int, threshold: float) -> list[int]:
+        """Experts that `tokens` tokens will use with probability >= threshold, hottest first ([] if unknown)."""
+        return []
+
 
 class FrequencyHot(HotPredictor):
     """Until the correlation prefetcher is wired in: the experts most selected so far per layer."""
@@ -80,6 +86,9 @@ class Pipeline:
     num_hot: int  # K: hot experts prefetched per layer
     predictor: HotPredictor | None = None
     routing_hooks: list = field(default_factory=list)  # fn(layer, batch, gate) -> ids [T, K]
+    # K not fixed by the user: besides the K hottest, prefetch every expert the group will almost
+    # surely use (a large group uses nearly all), so reads never wait for the gate to name them.
+    adaptive_hot: bool = False
 
     def __post_init__(self):
         spec = self.runner.spec
@@ -88,6 +97,7 @@ class Pipeline:
             self.predictor = FrequencyHot(spec.num_layers, max(spec.num_experts, 1))
         self._moe_layers = [l for l in range(spec.num_layers) if spec.moe_layers[l]]
         self._ahead: dict[int, list[int]] = {}  # MoE layer -> hot experts already being prefetched
+        self._final = False  # the current step is the group's last
 
     # -- fetching -------------------------------------------------------------------------
     def _get(self, key: WeightKey, lane: str = "prefetch", **where) -> dict[str, torch.Tensor]:
@@ -112,12 +122,17 @@ class Pipeline:
             for key in self._layer_keys(layer):
                 self.store.fetch(key, "prefetch")
 
-    def _prefetch_gate_and_hot(self, layer: int, prev_ids: torch.Tensor | None) -> list[int]:
-        """hot / klotski: the gate and the K predicted hot experts, while attention runs."""
+    def _prefetch_gate_and_hot(self, layer: int, prev_ids: torch.Tensor | None, tokens: int = 0) -> list[int]:
+        """hot / klotski: the gate and the K predicted hot experts (plus, adaptive, every expert the
+        group's `tokens` tokens almost surely use), while attention runs."""
         self.store.fetch(WeightKey(layer, MOE), "prefetch")
         if not self.spec.moe_layers[layer]:
             return []
         hot = self.predictor.predict(layer, prev_ids, self.num_hot)
+        if self.adaptive_hot and self.num_hot and tokens:
+            hot += [e for e in self.predictor.likely(layer, prev_ids, tokens, LIKELY) if e not in hot]
+        if not self.schedule.reorder:
+            hot = sorted(hot)  # hot consumes experts by id: fetch them in that order (else they would be evicted)
         for e in hot:
             self.store.fetch(WeightKey(layer, EXPERT, e), "prefetch")
         return hot
@@ -131,9 +146,9 @@ class Pipeline:
         """
         later = [l for l in self._moe_layers if l > layer]
         if later:
-            self._ahead[later[0]] = self._prefetch_gate_and_hot(later[0], ids)
-        elif self._moe_layers:
-            self._ahead[self._moe_layers[0]] = self._prefetch_gate_and_hot(self._moe_layers[0], None)
+            self._ahead[later[0]] = self._prefetch_gate_and_hot(later[0], ids, len(ids))
+        elif self._moe_layers and not self._final:
+            self._ahead[self._moe_layers[0]] = self._prefetch_gate_and_hot(self._moe_layers[0], None, len(ids))
 
     def drain(self) -> None:
         """Release prefetches made for a step that will not come (the group finished)."""
@@ -144,8 +159,12 @@ class Pipeline:
         self._ahead.clear()
 
     # -- the step ---------------------------------------------------------------------------
-    def forward(self, batches: list[BatchStep]) -> list[torch.Tensor]:
-        """One step for every batch of the group: logits [B, V] of each row's last token (or [T, V] of all)."""
+    def forward(self, batches: list[BatchStep], final: bool = False) -> list[torch.Tensor]:
+        """One step for every batch of the group: logits [B, V] of each row's last token (or [T, V] of all).
+
+        final: no step follows (every sequence reaches max_tokens), so nothing is prefetched for one.
+        """
+        self._final = final
         batches = [b.to(self.runner.device) for b in batches]
         embed = self._get(WeightKey(None, EMBED))
         xs = []
@@ -177,7 +196,9 @@ class Pipeline:
         if sched.prefetch and not sched.hot_only:
             self._prefetch_layer(layer + 1)
         elif sched.prefetch:
-            hot = self._ahead.pop(layer) if layer in self._ahead else self._prefetch_gate_and_hot(layer, prev_ids)
+            tokens = sum(int(b.valid.sum()) for b in batches)
+            hot = (self._ahead.pop(layer) if layer in self._ahead
+                   else self._prefetch_gate_and_hot(layer, prev_ids, tokens))
         for i, b in enumerate(batches):
             with self.timeline.span("compute", "attention", layer=layer, batch=b.index):
                 xs[i] = self.runner.attention(attn, xs[i], b.kv[layer], b.step)
@@ -197,6 +218,11 @@ class Pipeline:
             self.store.fetch(WeightKey(layer + 1, ATTN), "prefetch")
         ids = torch.cat([g.ids for g in gates])  # [T, K]
         self.predictor.observe(layer, prev_ids, ids)
+        if sched.hot_only and not sched.reorder:
+            # hot: this layer's cold experts start now, in the order they will be consumed, so
+            # they queue ahead of the next layer's prefetches (klotski started them at each gate).
+            for e in torch.unique(ids).tolist():
+                self.store.fetch(WeightKey(layer, EXPERT, e), "ondemand")
         if sched.hot_only:
             self._prefetch_ahead(layer, ids)
         outs = self._experts(layer, gates, ids, hot)
