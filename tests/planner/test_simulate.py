@@ -80,3 +80,18 @@ def test_routing_from_the_real_table(io_costs):
     real = _run(shape, costs, "klotski", table=table)
     uniform = _run(shape, costs, "klotski")
     assert real.wall_s < uniform.wall_s
+
+
+def test_reads_slow_compute_by_the_profiles_contention(tiny_shape, io_bound):
+    """A profile measuring that reads slow compute (and compute slows reads) predicts a longer run."""
+    import dataclasses
+
+    import torch
+
+    from klotski.planner.cost import OpCosts
+
+    quiet = _run(tiny_shape, OpCosts(tiny_shape, io_bound, torch.float32), "klotski")
+    shared = dataclasses.replace(io_bound, compute_slowdown_under_io=2.0, disk_slowdown_under_compute=1.5)
+    loud = _run(tiny_shape, OpCosts(tiny_shape, shared, torch.float32), "klotski")
+    assert loud.summary["compute_busy_s"] > quiet.summary["compute_busy_s"]
+    assert loud.wall_s > quiet.wall_s

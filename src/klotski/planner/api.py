@@ -81,5 +81,5 @@ def make_plan(shape: ModelShape, profile: HardwareProfile, budgets: Budgets, wor
         p = plan.policy
         prompts = work.num_prompts or p.batch_size * p.num_batches
         sim = simulate(shape, costs, p, plan.placement, work.prompt_len, work.gen_len, prompts, table,
-                       budgets.device, kv_tier, seed)
+                       budgets.device, kv_tier, seed, adaptive_hot=num_hot is None)
     return PlanReport(plan, sim, profile, profile_from, costs.source, routing.source, budgets, work)

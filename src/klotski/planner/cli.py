@@ -6,6 +6,7 @@ import socket
 import sys
 import time
 
+import numpy as np
 import torch
 
 from klotski.commands.generate import add_policy_flags
@@ -75,9 +76,9 @@ def _device(name: str) -> str:
 
 # -- profile -------------------------------------------------------------------------------------
 def run_profile(args) -> int:
-    from klotski.planner.measure import measure_ops
-    from klotski.planner.profile import (HardwareProfile, cache_path, cached_profile, machine_id, measure_disk,
-                                         measure_host_to_device)
+    from klotski.planner.measure import CONTENTION_TOKENS, expert_call, measure_ops
+    from klotski.planner.profile import (HardwareProfile, cache_path, cached_profile, machine_id, measure_contention,
+                                         measure_disk, measure_host_to_device)
 
     shape, device = _shape(args), _device(args.device)
     dtype = resolve_dtype(args.dtype, shape.weight_dtype, torch.device(device))
@@ -92,6 +93,14 @@ def run_profile(args) -> int:
         h2d = measure_host_to_device()
         ops = measure_ops(shape, dtype, device, args.reps, log=lambda m: print(m, file=sys.stderr))
         profile = _measured(shape, dtype, device, disk, method, h2d, ops, machine_id(), HardwareProfile)
+        if device == "cpu":  # reads and compute share the cores and memory: measure how they slow each other
+            size = parse_bytes(args.disk_size, "--disk-size")
+            contention = [measure_contention(expert_call(shape, dtype, device, t), args.disk_dir, size)
+                          for t in CONTENTION_TOKENS]
+            for name in ("compute_slowdown_under_io", "disk_slowdown_under_compute"):
+                setattr(profile, name, float(np.mean([c[name] for c in contention])))
+            print(f"contention: compute x{profile.compute_slowdown_under_io:.2f} while reading, "
+                  f"disk x{profile.disk_slowdown_under_compute:.2f} while computing", file=sys.stderr)
         path = cache_path(shape.shape_key(), dtype, device)
         profile.save(path)
         print(f"measured in {time.perf_counter() - start:.1f} s; cached at {path}", file=sys.stderr)

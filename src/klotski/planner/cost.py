@@ -30,6 +30,9 @@ class OpCosts:
         self.fits = profile.fits(shape.shape_key(), dtype)
         self.kv_token_layer = ModelRunner(shape.spec, dtype).kv_bytes_per_token()
         self.source = "measured fits" if self.fits else "roofline from peak figures"
+        # Reads and compute overlap in the pipeline; where they share a CPU each slows the other.
+        self.compute_slowdown_under_io = profile.compute_slowdown_under_io
+        self.disk_gbps = profile.disk_gbps / profile.disk_slowdown_under_compute  # the rate beside compute
 
     def _roof(self, flops: float, nbytes: float) -> float:
         p = self.profile
@@ -74,7 +77,7 @@ class OpCosts:
         if tier == DEVICE or (tier == HOST and p.host_to_device_gbps is None):
             return 0.0
         link = 0.0 if p.host_to_device_gbps is None else nbytes / (p.host_to_device_gbps * 1e9)
-        disk = nbytes / (p.disk_gbps * 1e9) if tier == DISK else 0.0
+        disk = nbytes / (self.disk_gbps * 1e9) if tier == DISK else 0.0
         return p.io_latency_s + disk + link
 
 

@@ -19,7 +19,8 @@ from klotski.runtime.model import ModelRunner
 
 # B = sequences, S = new tokens per sequence, C = context, D = hidden, T = tokens
 
-EXPERT_TOKENS = (1, 8, 32)
+EXPERT_TOKENS = (1, 8, 32, 128)
+CONTENTION_TOKENS = (8, 128)  # a decode-sized and a prefill-sized expert call
 GATE_TOKENS = (1, 64, 512)
 HEAD_TOKENS = (1, 16, 64)
 ATTENTION_POINTS = ((1, 1, 128), (8, 1, 512), (32, 1, 128), (1, 64, 64), (2, 64, 64))  # (B, S, C)
@@ -50,6 +51,17 @@ def measure_ops(shape: ModelShape, dtype: torch.dtype, device: str = "cpu", reps
     out["attention"] = _attention(shape, runner, timer, dtype, device)
     log(f"attention: {out['attention']}")
     return out
+
+
+def expert_call(shape: ModelShape, dtype: torch.dtype, device: str, tokens: int) -> Callable[[], object]:
+    """One expert FFN over `tokens` tokens at the model's shapes (what contention is measured with)."""
+    runner = ModelRunner(shape.spec, dtype, device)
+    layer = shape.moe_layers()[0] if shape.moe_layers() else 0
+    key = WeightKey(layer, EXPERT, 0) if shape.moe_layers() else WeightKey(layer, MOE)
+    w, x = _weights(shape, key, device), _x(tokens, shape, dtype, device)
+    if not shape.moe_layers():
+        return lambda: runner.dense_mlp(w, x[None])
+    return lambda: runner.expert(w, x)
 
 
 class _Timer:

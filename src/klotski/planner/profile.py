@@ -53,6 +53,11 @@ class HardwareProfile:
     memory_gbps: float  # device memory bandwidth: small batches stream the weights at this rate
     op_overhead_s: float = 20e-6  # fixed cost per op (kernel launches, Python dispatch)
     io_latency_s: float = 50e-6  # fixed cost per transfer
+    # The pipeline overlaps reads with compute; on a small CPU machine each slows the other
+    # (measured by `klotski profile`: op time with a read running / alone, and disk rate alone /
+    # with compute running). 1.0: no interference (a GPU's copy engines, or not measured).
+    compute_slowdown_under_io: float = 1.0
+    disk_slowdown_under_compute: float = 1.0
     device_memory: int | None = None
     host_memory: int | None = None
     machine: dict = field(default_factory=dict)
@@ -190,6 +195,87 @@ def _timed_read(name: str, size: int, chunk: int) -> tuple[float, str]:
     finally:
         os.close(fd)
         buf.close()
+
+
+class _Reader:
+    """A thread that reads a file over and over with O_DIRECT (as the store's lanes do) until stopped."""
+
+    def __init__(self, name: str, size: int, chunk: int):
+        import threading
+
+        self.name, self.size, self.chunk = name, size, chunk
+        self.bytes, self.seconds = 0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        buf = mmap.mmap(-1, self.chunk)
+        try:
+            fd = os.open(self.name, os.O_RDONLY | os.O_DIRECT)
+        except (OSError, AttributeError):
+            fd = os.open(self.name, os.O_RDONLY)
+        start, offset = time.perf_counter(), 0
+        try:
+            while not self._stop.is_set():
+                n = os.preadv(fd, [buf], offset)
+                self.bytes += max(n, 0)
+                offset = 0 if n <= 0 or offset + n >= self.size else offset + n
+        finally:
+            self.seconds = time.perf_counter() - start
+            os.close(fd)
+            buf.close()
+
+    def __enter__(self) -> "_Reader":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+
+def measure_contention(op, directory: str | Path | None = None, size: int = 256 << 20, chunk: int = 16 << 20,
+                       seconds: float = 0.5) -> dict:
+    """How much a running disk read slows `op` (a compute callable), and `op` slows the read.
+
+    Returns {"compute_slowdown_under_io": op time with a reader running / alone,
+    "disk_slowdown_under_compute": read rate alone / while `op` runs back to back}, each >= 1.
+    """
+    directory = Path(directory or profiles_dir())
+    directory.mkdir(parents=True, exist_ok=True)
+    chunk = min(chunk, size)
+    fd, name = tempfile.mkstemp(dir=directory, prefix="klotski-contention-", suffix=".bin")
+    try:
+        block = np.random.default_rng(1).integers(0, 255, chunk, dtype=np.uint8).tobytes()
+        with os.fdopen(fd, "wb") as f:
+            for _ in range(size // chunk):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        op()  # warm-up
+        alone = _op_times(op, seconds)
+        with _Reader(name, size, chunk) as solo:
+            time.sleep(seconds)
+        with _Reader(name, size, chunk) as shared:
+            busy = _op_times(op, seconds)
+        return {"compute_slowdown_under_io": max(1.0, float(np.median(busy) / np.median(alone))),
+                "disk_slowdown_under_compute": max(1.0, solo.gbps / max(shared.gbps, 1e-9))}
+    finally:
+        os.unlink(name)
+
+
+def _op_times(op, seconds: float) -> list[float]:
+    """Each call's time, calling `op` back to back for about `seconds` (at least 3 calls)."""
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 3:
+        start = time.perf_counter()
+        op()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def measure_host_to_device(size: int = 256 << 20, reps: int = 3) -> float | None:

@@ -98,13 +98,19 @@ class SimRunner:
     """ModelRunner's interface; ops return hidden-size-1 tensors and advance the virtual clock."""
 
     def __init__(self, shape: ModelShape, costs: OpCosts, clock: VirtualClock, routing: MarkovRouting,
-                 timeline: Timeline, kv_tier: str = DEVICE):
+                 timeline: Timeline, kv_tier: str = DEVICE, io_busy=lambda t: False):
         self.spec, self.dtype, self.device = shape.spec, torch.float32, torch.device("cpu")
+        self.io_busy = io_busy  # fn(virtual time) -> a read is running then (it slows compute on a CPU)
         self.costs, self.clock, self.routing, self.timeline = costs, clock, routing, timeline
         self.kv_tier = kv_tier
         self.moe = moe_index(shape.spec)
         self._prev: dict[tuple[int, int], np.ndarray] = {}
         self._layer, self._call = None, 0
+
+    def _advance(self, seconds: float) -> None:
+        """An op of `seconds` alone; slower when a read runs beside it (the profile's contention)."""
+        busy = self.io_busy(self.clock.t)
+        self.clock.advance(seconds * (self.costs.compute_slowdown_under_io if busy else 1.0))
 
     def new_kv(self, batch_size: int, capacity: int) -> SimKV:
         return SimKV(batch_size * capacity * self.costs.kv_token_layer)
@@ -123,11 +129,11 @@ class SimRunner:
             kv_io = b * (step.max_total + s) * self.costs.kv_token_layer / (self.costs.profile.host_to_device_gbps * 1e9)
             self.timeline.add("kv_load", "kv", self.clock.t, self.clock.t + kv_io, bytes=int(kv_io * 1e9))
             t = max(t, kv_io)
-        self.clock.advance(t)
+        self._advance(t)
         return x
 
     def dense_mlp(self, w, x: torch.Tensor) -> torch.Tensor:
-        self.clock.advance(self.costs.dense_mlp(x.shape[0] * x.shape[1]))
+        self._advance(self.costs.dense_mlp(x.shape[0] * x.shape[1]))
         return x
 
     def gate(self, w, x: torch.Tensor, valid: torch.Tensor) -> GateOutput:
@@ -138,18 +144,18 @@ class SimRunner:
         ids = self.routing.sample(layer, prev, tokens)
         self._prev[(layer, self._call)] = ids
         self._call += 1
-        self.clock.advance(self.costs.gate(tokens))
+        self._advance(self.costs.gate(tokens))
         k = ids.shape[1]
         zeros = torch.zeros(tokens, 1)
         # int32 ids: torch.unique on int64 was 10x slower here, and the pipeline only compares them.
         return GateOutput(zeros, torch.from_numpy(ids.astype(np.int32)), torch.full((tokens, k), 1.0 / k), zeros)
 
     def expert(self, w, h: torch.Tensor) -> torch.Tensor:
-        self.clock.advance(self.costs.expert(h.shape[0]))
+        self._advance(self.costs.expert(h.shape[0]))
         return torch.zeros(h.shape[0], 1)
 
     def head(self, w, x: torch.Tensor) -> torch.Tensor:
-        self.clock.advance(self.costs.head(x.shape[0]))
+        self._advance(self.costs.head(x.shape[0]))
         return torch.zeros(x.shape[0], 2)  # [N, V=2]: greedy sampling picks token 0
 
 
@@ -231,7 +237,7 @@ class SimStore:
         end = start
         if tier == DISK:
             begin = max(self.free_at["disk"], start)
-            end = begin + p.io_latency_s + nbytes / (p.disk_gbps * 1e9)
+            end = begin + p.io_latency_s + nbytes / (self.costs.disk_gbps * 1e9)
             self.free_at["disk"] = end
             self.bytes_read[DISK] += nbytes
             self.timeline.add(lane if p.host_to_device_gbps is None else "disk", "read", begin, end,
@@ -243,6 +249,10 @@ class SimStore:
             self.bytes_read[HOST] += nbytes if tier == HOST else 0
             self.timeline.add(lane, "copy", begin, end, layer=key.layer, expert=key.expert, bytes=nbytes)
         handle.arrived, handle.issued = end, True
+
+    def io_busy(self, t: float) -> bool:
+        """A disk read is running at virtual time t."""
+        return self.free_at["disk"] > t
 
     def wait_any(self, handles: list[Handle]) -> Handle:
         """The earliest arrival among the handles; the clock moves to it (the pipeline's seam)."""
@@ -311,15 +321,16 @@ class SimResult:
 
 def simulate(shape: ModelShape, costs: OpCosts, policy: Policy, placement: dict[WeightKey, str], prompt_len: int,
              gen_len: int, num_prompts: int, table: CorrelationTable | None = None, device_budget: int | None = None,
-             kv_tier: str = DEVICE, seed: int = 0) -> SimResult:
-    """Play the real Pipeline and run_group on the virtual clock for this plan."""
+             kv_tier: str = DEVICE, seed: int = 0, adaptive_hot: bool = True) -> SimResult:
+    """Play the real Pipeline and run_group on the virtual clock for this plan (adaptive_hot: K was not
+    fixed by the user, so the pipeline also prefetches every expert the group almost surely uses)."""
     group = policy.batch_size * policy.num_batches
     full, rest = divmod(num_prompts, group)
     runs = [(g, count) for g, count in ((group, full), (rest, 1)) if g and count]
     wall, prefill, peak, over, first = 0.0, 0.0, 0, 0, None
     for size, count in runs:
         one = _simulate_group(shape, costs, policy, placement, prompt_len, gen_len, size, table, device_budget,
-                              kv_tier, seed)
+                              kv_tier, seed, adaptive_hot)
         first = first or one
         wall += count * one[0]
         prefill += count * one[1]
@@ -330,17 +341,19 @@ def simulate(shape: ModelShape, costs: OpCosts, policy: Policy, placement: dict[
                      timeline.summary(first[0]), peak, timeline, over)
 
 
-def _simulate_group(shape, costs, policy, placement, prompt_len, gen_len, size, table, device_budget, kv_tier, seed):
+def _simulate_group(shape, costs, policy, placement, prompt_len, gen_len, size, table, device_budget, kv_tier, seed,
+                    adaptive_hot):
     clock = VirtualClock()
     timeline = Timeline(clock=clock)
     spec = shape.spec
     moe_layers = len(moe_index(spec))
     table = fit_table(table, moe_layers, spec.num_experts)
     routing = MarkovRouting(table, moe_layers, spec.num_experts, spec.top_k, seed)
-    runner = SimRunner(shape, costs, clock, routing, timeline, kv_tier)
     store = SimStore(shape, placement, costs, clock, timeline, device_budget, kv_tier)
+    runner = SimRunner(shape, costs, clock, routing, timeline, kv_tier, io_busy=store.io_busy)
     schedule = get_schedule(policy.schedule)
-    pipeline = Pipeline(runner, store, schedule, timeline, policy.num_hot, make_predictor(spec, table))
+    pipeline = Pipeline(runner, store, schedule, timeline, policy.num_hot, make_predictor(spec, table),
+                        adaptive_hot=adaptive_hot)
     params = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True)
     seqs = [Sequence(i, [0] * prompt_len, params, torch.Generator(), StopChecker(params, frozenset(), None))
             for i in range(size)]

@@ -185,6 +185,8 @@ class Solver:
         attention = n * self.costs.attention(bs, new, context) + n * self.costs.gate(bs * new)
         compute = attention + b.t_c_hotE + b.t_c_coldE
         io = b.t_io_A + b.t_io_G + (b.K + b.Q) * b.t_io_E
+        if io > 0:  # reads run beside this layer's compute and slow it where they share a CPU
+            compute *= self.costs.compute_slowdown_under_io
         return compute, io
 
     # -- errors ------------------------------------------------------------------------------------
