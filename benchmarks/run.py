@@ -95,6 +95,19 @@ def _ensure_offload_dir(ckpt: Path) -> None:
     OffloadDir.prepare(checkpoint, default_offload_dir(checkpoint), progress=True)
 
 
+def ensure_profile(ckpt: Path) -> str:
+    """`klotski profile` once for these shapes (cached after), as a user would before planning: the
+    planner's policy then uses this machine's measured ops and disk, not the built-in estimate."""
+    proc = subprocess.run([str(BIN / "klotski"), "profile", "--model", str(ckpt)], capture_output=True, text=True)
+    if proc.returncode:
+        print(f"bench: klotski profile failed; the planner uses its built-in estimate:\n{proc.stderr[-400:]}",
+              file=sys.stderr)
+        return "built-in estimate (profile failed)"
+    profile = json.loads(proc.stdout)
+    return (f"measured: disk {profile['disk_gbps']:.2f} GB/s alone, "
+            f"{profile.get('disk_gbps_beside_compute') or 0:.2f} beside compute")
+
+
 def measure_machine(ctx: Context) -> dict:
     """Disk (O_DIRECT, page cache dropped; best of 1-2 readers over the checkpoint and klotski's blobs) and
     matmul rates measured now, with the load average."""
@@ -294,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     no_cgroup = cgroup.available()
     if no_cgroup:
         print(f"bench: WARNING: {no_cgroup}; engines run UNCAPPED and peak figures are missing", file=sys.stderr)
-    ctx.machine = measure_machine(ctx) | {"cgroup": no_cgroup or "memory cgroup v1, one per run"}
+    ctx.machine = measure_machine(ctx) | {"cgroup": no_cgroup or "memory cgroup v1, one per run",
+                                          "klotski_profile": ensure_profile(ckpt)}
     print(f"bench: disk {ctx.machine['disk_gbps']:.2f} GB/s (O_DIRECT), matmul fp32 "
           f"{ctx.machine['matmul_gflops_float32']} bf16 {ctx.machine['matmul_gflops_bfloat16']} GFLOP/s, "
           f"load {ctx.machine['load_avg']}", file=sys.stderr)
