@@ -98,6 +98,7 @@ class Pipeline:
         self._moe_layers = [l for l in range(spec.num_layers) if spec.moe_layers[l]]
         self._ahead: dict[int, list[int]] = {}  # MoE layer -> hot experts already being prefetched
         self._final = False  # the current step is the group's last
+        self._ahead_dense: list[WeightKey] = []  # the next step's embeddings and first attention, in flight
 
     # -- fetching -------------------------------------------------------------------------
     def _get(self, key: WeightKey, lane: str = "prefetch", **where) -> dict[str, torch.Tensor]:
@@ -148,6 +149,11 @@ class Pipeline:
         if later:
             self._ahead[later[0]] = self._prefetch_gate_and_hot(later[0], ids, len(ids))
         elif self._moe_layers and not self._final:
+            # First what is needed first: this step's head, the next step's embeddings and first
+            # attention (queued behind the next layer's experts, they would push them out of room).
+            for key in (WeightKey(None, HEAD), WeightKey(None, EMBED), WeightKey(0, ATTN)):
+                self.store.fetch(key, "prefetch")
+            self._ahead_dense = [WeightKey(None, EMBED), WeightKey(0, ATTN)]
             self._ahead[self._moe_layers[0]] = self._prefetch_gate_and_hot(self._moe_layers[0], None, len(ids))
 
     def drain(self) -> None:
@@ -156,7 +162,10 @@ class Pipeline:
             self.store.release(WeightKey(layer, MOE))
             for e in hot:
                 self.store.release(WeightKey(layer, EXPERT, e))
+        for key in self._ahead_dense:
+            self.store.release(key)
         self._ahead.clear()
+        self._ahead_dense = []
 
     # -- the step ---------------------------------------------------------------------------
     def forward(self, batches: list[BatchStep], final: bool = False) -> list[torch.Tensor]:
@@ -164,7 +173,7 @@ class Pipeline:
 
         final: no step follows (every sequence reaches max_tokens), so nothing is prefetched for one.
         """
-        self._final = final
+        self._final, self._ahead_dense = final, []
         batches = [b.to(self.runner.device) for b in batches]
         embed = self._get(WeightKey(None, EMBED))
         xs = []

@@ -19,7 +19,7 @@ def placement_order(spec: ModelSpec) -> list[WeightKey]:
 
 def working_set(spec: ModelSpec, unit_bytes: dict[WeightKey, int], num_hot: int) -> int:
     """Device bytes kept free for units in flight: a layer's gate part and attention, the next
-    layer's attention, and K + 2 experts (the hot ones and two cold ones streaming).
+    layer's attention, and max(K, top_k) + 2 experts (the hot ones and two cold ones streaming).
 
     The same for every rung of the ladder, so rungs differ in scheduling, not in placement: a
     schedule that wants more in flight (overlap's whole next layer) gets what the budget leaves,
@@ -28,7 +28,9 @@ def working_set(spec: ModelSpec, unit_bytes: dict[WeightKey, int], num_hot: int)
     layer = max(range(spec.num_layers), key=lambda l: _layer_bytes(spec, unit_bytes, l))
     expert = max((b for k, b in unit_bytes.items() if k.part == EXPERT), default=0)
     dense = unit_bytes[WeightKey(layer, ATTN)] + unit_bytes[WeightKey(layer, MOE)]
-    return dense + unit_bytes[WeightKey(layer, ATTN)] + (num_hot + 2) * expert
+    # Fewer hot experts than top_k (0: no hot prefetch) leave the room to the cold stream, so the
+    # placement, and with it the bytes read, stays that of top_k: K changes scheduling only.
+    return dense + unit_bytes[WeightKey(layer, ATTN)] + (max(num_hot, spec.top_k) + 2) * expert
 
 
 def _layer_bytes(spec: ModelSpec, unit_bytes: dict[WeightKey, int], layer: int) -> int:

@@ -26,6 +26,7 @@ class TierPool:
         self.device = torch.device(device)  # CUDA buffers are uint8 tensors; CPU ones anonymous mmaps
         self.used = 0  # bytes allocated (buffers in use or free for reuse, plus charges)
         self.peak = 0
+        self.fresh = 0  # buffers mapped anew (reads into fresh pages run slower than into reused ones)
         self._free: dict[int, list[mmap.mmap]] = {}
         self._lock = threading.Lock()
 
@@ -47,6 +48,7 @@ class TierPool:
             if not self._fits(size):
                 return None
             self._grow(size)
+            self.fresh += 1
         if self.device.type == "cuda":
             return torch.empty(size, dtype=torch.uint8, device=self.device)
         return mmap.mmap(-1, size)
@@ -86,4 +88,4 @@ class TierPool:
             self.used -= nbytes
 
     def stats(self) -> dict:
-        return {"budget": self.budget, "used": self.used, "peak": self.peak}
+        return {"budget": self.budget, "used": self.used, "peak": self.peak, "fresh_buffers": self.fresh}

@@ -313,6 +313,7 @@ class TieredStore:
 
         unit_bytes = {k: self.checkpoint.unit_nbytes(k) for k in self.placement}
         return {"bytes_read": dict(self.bytes_read), "evictions": self.evictions, "demoted_to_disk": len(self.demoted),
+                "fresh_buffers": self.device_pool.fresh,
                 "peak_bytes": {DEVICE: self.device_pool.peak, HOST: self.host_pool.peak},
                 "budgets": {DEVICE: self.device_pool.budget, HOST: self.host_pool.budget},
                 "placement": summarize(self.placement, unit_bytes)}
