@@ -200,3 +200,45 @@ def test_a_fetch_released_in_flight_frees_its_room_when_it_lands(model, tmp_path
     lanes["ondemand"].run_one()
     t.join(timeout=5)
     assert not errors and got and set(got[0]) == set(ckpt.load_unit(b))
+
+
+def test_waiting_for_any_evicts_idle_prefetches_to_make_progress(model, tmp_path):
+    """The klotski rung waits for whichever expert lands first; when only an unclaimed prefetch holds
+    the room, that wait evicts it and starts the expert instead of sleeping forever."""
+    import threading
+
+    from klotski.checkpoint.reader import Checkpoint
+    from klotski.models.spec import EXPERT, WeightKey
+    from klotski.runtime.timeline import Timeline
+    from klotski.store.offload import OffloadDir
+    from klotski.store.pool import TierPool
+    from klotski.store.tiered import TieredStore
+
+    ckpt = Checkpoint.open(model)
+    offload = OffloadDir.prepare(ckpt, tmp_path / "off")
+    guess, needed = WeightKey(1, EXPERT, 0), WeightKey(0, EXPERT, 1)
+    lanes = {"prefetch": ManualLane(), "ondemand": ManualLane()}
+    store = TieredStore(ckpt, offload, {k: "disk" for k in ckpt.spec.weight_keys()},
+                        TierPool("device", offload.blobs[guess].padded), TierPool("host", 0), Timeline(enabled=False),
+                        lanes=lanes)
+    store.fetch(guess, "prefetch")
+    lanes["prefetch"].run_one()  # the guess lands and nobody claims it
+    handle = store.fetch(needed, "ondemand")  # no room: waits
+    got, errors = [], []
+
+    def consumer():
+        try:
+            got.append(store.wait_any([handle]))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=consumer)
+    t.start()
+    for _ in range(50):
+        if lanes["ondemand"].jobs:
+            break
+        t.join(timeout=0.05)
+    lanes["ondemand"].run_one()  # started by the wait, after evicting the guess
+    t.join(timeout=5)
+    assert not errors and got == [handle] and store.evictions == 1
+    assert set(handle.wait()) == set(ckpt.load_unit(needed))

@@ -219,6 +219,27 @@ class TieredStore:
             entry.state = "claimed"
             return entry.weights
 
+    def wait_any(self, handles: list[Handle]) -> Handle:
+        """The first of these fetches to become usable (the pipeline's arrival-order seam).
+
+        Like claim(), it makes progress when none of them is in flight: the first one waiting for
+        room gets it, evicting idle prefetches if it must (a plain wait on the handles would sleep
+        forever when only unclaimed prefetches hold the room)."""
+        with self._cond:
+            while True:
+                for h in handles:
+                    entry = self._entries.get(h.key)
+                    if h.done() or (entry is not None and entry.handle is h and entry.state in ("ready", "claimed")):
+                        return h
+                    if entry is None or entry.handle is not h:
+                        return h  # released or replaced: its wait() fetches it anew
+                entries = [self._entries[h.key] for h in handles]
+                if not any(e.state == "inflight" for e in entries):
+                    waiting = next(e for e in entries if e.state == "deferred")
+                    if not self._make_room(waiting):
+                        raise KlotskiError(self._too_small(waiting))
+                self._cond.wait(timeout=0.1)
+
     def _make_room(self, wanted: Entry) -> bool:
         """Issue `wanted` now, evicting ready-but-unclaimed units (newest first) if it must."""
         if wanted in self._deferred:
