@@ -41,16 +41,17 @@ class PipelinePredictor(HotPredictor):
         self.predictor.observe(self.index[layer], _paths(prev_ids), ids.cpu().numpy())
 
     def likely(self, layer: int, prev_ids: torch.Tensor | None, tokens: int, threshold: float) -> list[int]:
-        """Experts the group uses with probability >= threshold: each token picks top_k experts by its
-        own predicted distribution (its path's row), independently of the others."""
+        """Experts the group uses with probability >= threshold: each token makes top_k picks from its
+        own predicted distribution (its path's row), independently of the others. A pick with
+        replacement, 1 - (1 - q)^top_k per token, errs low, so a guess is not read on a hunch."""
         paths = _paths(prev_ids)
         scores = np.asarray(self.predictor.token_scores(self.index[layer], paths, tokens if paths is None else len(paths)),
                             dtype=np.float64)  # [T, E]
         totals = scores.sum(axis=1, keepdims=True)
         if not totals.any():
             return []
-        p = np.clip(self.top_k * scores / np.where(totals > 0, totals, 1.0), 0.0, 1.0 - 1e-12)  # [T, E]
-        used = 1.0 - np.exp(np.log1p(-p).sum(axis=0))  # [E]
+        q = np.clip(scores / np.where(totals > 0, totals, 1.0), 0.0, 1.0 - 1e-12)  # [T, E]
+        used = 1.0 - np.exp(self.top_k * np.log1p(-q).sum(axis=0))  # [E]
         order = np.argsort(-scores.sum(axis=0), kind="stable")
         return [int(e) for e in order if used[e] >= threshold]
 

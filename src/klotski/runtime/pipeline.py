@@ -86,8 +86,9 @@ class Pipeline:
     num_hot: int  # K: hot experts prefetched per layer
     predictor: HotPredictor | None = None
     routing_hooks: list = field(default_factory=list)  # fn(layer, batch, gate) -> ids [T, K]
-    # K not fixed by the user: besides the K hottest, prefetch every expert the group will almost
-    # surely use (a large group uses nearly all), so reads never wait for the gate to name them.
+    # K not fixed by the user: prefetch exactly the experts the group will almost surely use (a
+    # large group's nearly all; a single token's often none), so reads neither wait for the gate
+    # to name them nor spend bandwidth on guesses (a wrong guess costs a whole expert's read).
     adaptive_hot: bool = False
 
     def __post_init__(self):
@@ -98,6 +99,7 @@ class Pipeline:
         self._moe_layers = [l for l in range(spec.num_layers) if spec.moe_layers[l]]
         self._ahead: dict[int, list[int]] = {}  # MoE layer -> hot experts already being prefetched
         self._final = False  # the current step is the group's last
+        self._rows = 0  # sequences in the group (the next decode step's tokens)
         self._ahead_dense: list[WeightKey] = []  # the next step's embeddings and first attention, in flight
 
     # -- fetching -------------------------------------------------------------------------
@@ -124,14 +126,15 @@ class Pipeline:
                 self.store.fetch(key, "prefetch")
 
     def _prefetch_gate_and_hot(self, layer: int, prev_ids: torch.Tensor | None, tokens: int = 0) -> list[int]:
-        """hot / klotski: the gate and the K predicted hot experts (plus, adaptive, every expert the
-        group's `tokens` tokens almost surely use), while attention runs."""
+        """hot / klotski: the gate and the K predicted hot experts (adaptive: the experts the group's
+        `tokens` tokens almost surely use), while attention runs."""
         self.store.fetch(WeightKey(layer, MOE), "prefetch")
         if not self.spec.moe_layers[layer]:
             return []
-        hot = self.predictor.predict(layer, prev_ids, self.num_hot)
-        if self.adaptive_hot and self.num_hot and tokens:
-            hot += [e for e in self.predictor.likely(layer, prev_ids, tokens, LIKELY) if e not in hot]
+        if self.adaptive_hot:  # what the group will almost surely use: all of a large group's, often none of one token's
+            hot = self.predictor.likely(layer, prev_ids, tokens, LIKELY) if tokens else []
+        else:
+            hot = self.predictor.predict(layer, prev_ids, self.num_hot)
         if not self.schedule.reorder:
             hot = sorted(hot)  # hot consumes experts by id: fetch them in that order (else they would be evicted)
         for e in hot:
@@ -154,7 +157,8 @@ class Pipeline:
             for key in (WeightKey(None, HEAD), WeightKey(None, EMBED), WeightKey(0, ATTN)):
                 self.store.fetch(key, "prefetch")
             self._ahead_dense = [WeightKey(None, EMBED), WeightKey(0, ATTN)]
-            self._ahead[self._moe_layers[0]] = self._prefetch_gate_and_hot(self._moe_layers[0], None, len(ids))
+            # The next step decodes one token per sequence, whatever this step was.
+            self._ahead[self._moe_layers[0]] = self._prefetch_gate_and_hot(self._moe_layers[0], None, self._rows)
 
     def drain(self) -> None:
         """Release prefetches made for a step that will not come (the group finished)."""
@@ -174,6 +178,7 @@ class Pipeline:
         final: no step follows (every sequence reaches max_tokens), so nothing is prefetched for one.
         """
         self._final, self._ahead_dense = final, []
+        self._rows = sum(b.token_ids.shape[0] for b in batches)  # sequences in the group
         batches = [b.to(self.runner.device) for b in batches]
         embed = self._get(WeightKey(None, EMBED))
         xs = []
