@@ -90,8 +90,8 @@ def verdicts(rows: list[dict]) -> list[str]:
 def markdown(result: dict, rows: list[dict]) -> str:
     m, c = result["machine"], result["config"]
     head = [f"Command: `{c['command']}` ({c['mode']}; {c['repeats']} repeat(s); {c['elapsed_s'] / 60:.1f} min).",
-            f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.0f} GiB RAM; disk {m['disk_gbps']:.2f} GB/s "
-            f"(O_DIRECT, cold, measured this session); matmul at expert shapes fp32 "
+            f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.0f} GiB RAM; disk "
+            f"{m.get('disk_gbps_measured', m['disk_gbps']):.2f} GB/s (O_DIRECT, cold, measured this session); matmul at expert shapes fp32 "
             f"{', '.join(f'{v:.0f}' for v in m['matmul_gflops_float32'].values())} / bf16 "
             f"{', '.join(f'{v:.0f}' for v in m['matmul_gflops_bfloat16'].values())} GFLOP/s at "
             f"{', '.join(m['matmul_gflops_float32'])} rows; load average at start {m['load_avg'][0]:.1f}, "
@@ -101,6 +101,8 @@ def markdown(result: dict, rows: list[dict]) -> str:
             f"Accelerate max_memory {c['device_budget_bytes'] / 2**30:.1f} GiB; both compute in bf16.",
             "Workloads: " + "; ".join(f"{w['name']} = {w['num_prompts']} prompts x {w['prompt_len']} tokens, "
                                       f"{w['max_tokens']} generated ({w['why']})" for w in c["workloads"]) + ".",
+            *([f"Disk rate for the bound: {m['disk_gbps']:.2f} GB/s {m['disk_rate_source']} (measured outside the "
+               f"engines: {m['disk_gbps_measured']:.2f} GB/s)."] if m.get("disk_rate_source") else []),
             *([f"Rates rescored after the run (`python -m benchmarks.run --rescore`): the bound uses the fastest of the "
                f"in-run and re-measured rates; in-run and re-measured figures: {json.dumps(m['rescored_from'])}."]
               if m.get("rescored_from") else []),

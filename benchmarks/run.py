@@ -257,6 +257,25 @@ def execute(ctx: Context, plan: Plan, traces: Path) -> list[dict]:
     return runs
 
 
+def rebound_on_achieved(ctx: Context, runs: list[dict], works: dict[str, Workload]) -> None:
+    """A lower bound must not assume a disk slower than an engine was seen to read: when a run read
+    faster (bytes read / its wall time, itself an underestimate of the disk's rate) than the rate
+    measured outside the engines, the bound uses the run's rate, and every row is rescored."""
+    achieved = max((r["bytes_read"] / r["wall_s"] / 1e9 for r in runs if r.get("bytes_read") and r.get("wall_s")),
+                   default=0.0)
+    if achieved <= ctx.machine["disk_gbps"]:
+        return
+    ctx.machine = ctx.machine | {"disk_gbps_measured": ctx.machine["disk_gbps"], "disk_gbps": achieved,
+                                 "disk_rate_source": "achieved by a klotski run (bytes read / wall time): faster "
+                                                     "than the measured rate, so the bound uses it"}
+    for row in runs:
+        if row.get("tokens_per_s"):
+            row |= lower_bound(ctx, works[row["workload"]], row["forward_steps"])
+            row["efficiency"] = row["bound_s"] / row["wall_s"]
+            if row.get("bytes_read"):
+                row["io_efficiency"] = row["bytes_read"] / (achieved * 1e9) / row["wall_s"]
+
+
 def rescore(ctx: Context, out: Path, traces: Path) -> int:
     """Recompute bounds of a finished run with the fastest rates seen (a lower bound must use the best)."""
     result = json.loads((out / "latest.json").read_text())
@@ -276,8 +295,10 @@ def rescore(ctx: Context, out: Path, traces: Path) -> int:
             row["efficiency"] = row["bound_s"] / row["wall_s"]
             if row.get("bytes_read"):
                 row["io_efficiency"] = row["bytes_read"] / (best["disk_gbps"] * 1e9) / row["wall_s"]
+    rebound_on_achieved(ctx, result["runs"], works)
+    result["machine"] = ctx.machine
     report.write(result, out, traces)
-    print(f"bench: rescored {out / 'latest.json'}: disk {best['disk_gbps']:.2f} GB/s", file=sys.stderr)
+    print(f"bench: rescored {out / 'latest.json'}: disk {ctx.machine['disk_gbps']:.2f} GB/s", file=sys.stderr)
     return 0
 
 
@@ -287,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2, help="layers of the Mixtral-8x7B-shaped checkpoint")
     p.add_argument("--checkpoint", help="use this checkpoint instead of the cached one")
     p.add_argument("--cap", default="3GiB", help="memory cgroup cap for every engine (below the checkpoint's size)")
-    p.add_argument("--device-budget", default="1.5GiB",
+    p.add_argument("--device-budget", default="2.25GiB",
                    help="klotski's --device-memory and Accelerate's max_memory inside the cap (the rest: runtime, "
                         "activations, transient fp32 copies)")
     p.add_argument("--out", default=str(RESULTS))
@@ -319,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     traces.mkdir(exist_ok=True)
     t0 = time.time()
     runs = execute(ctx, plan, traces)
+    rebound_on_achieved(ctx, runs, {w.name: w for w in plan.workloads})
     config = {"mode": "quick" if args.quick else "full", "checkpoint": str(ckpt), "layers": ctx.spec["num_hidden_layers"],
               "weights_bytes": ctx.weights_bytes, "cap_bytes": ctx.cap, "device_budget_bytes": ctx.device_budget,
               "workloads": [w.to_dict() for w in plan.workloads], "ladder_bs": plan.batch_size,

@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="bs x n per klotski run (sequences = bs * n), or planN: N sequences, the planner's bs and n")
     p.add_argument("--klotski-dtype", default="bfloat16", help="compute dtype (bf16 matmul is the fast one here)")
     p.add_argument("--schedule", default="klotski")
-    p.add_argument("--device-memory", default="1.5GiB", help="klotski's budget inside the cap (as the rig's)")
+    p.add_argument("--device-memory", default="2.25GiB", help="klotski's budget inside the cap (as the rig's)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--keep", type=Path, help="an earlier peers.json whose runs this one adds to (a second pass)")
