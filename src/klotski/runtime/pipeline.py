@@ -269,13 +269,15 @@ class Pipeline:
         # the result never depends on the order experts ran in.
         slots = torch.zeros(h.shape[0], ids.shape[1], h.shape[1], dtype=h.dtype, device=h.device)  # [T, K, D]
         used = torch.unique(ids).tolist()
+        # Experts the gate did not pick are dropped now, not after the layer: a prefetch of one that
+        # has not started yet never reads (overlap and multibatch prefetch whole layers).
+        self._release_unused(layer, used)
         for e, w in self._expert_order(layer, used, hot):
             tok, slot = torch.where(ids == e)
             with self.timeline.span("compute", "expert", layer=layer, expert=e):
                 y = self.runner.expert(w, h[tok])
                 slots[tok, slot] = y * weights[tok, slot, None].to(y.dtype)
             self.store.release(WeightKey(layer, EXPERT, e))
-        self._release_unused(layer, used)
         out = torch.cat([g.base for g in gates]) + slots.sum(dim=1)
         return list(out.split([g.h.shape[0] for g in gates]))
 
