@@ -38,7 +38,8 @@ def add_policy_flags(p) -> None:
     p.add_argument("--schedule", default="klotski", help="sequential | overlap | multibatch | hot | klotski")
     p.add_argument("--batch-size", type=int, help="bs: sequences per batch (default: the planner's)")
     p.add_argument("--num-batches", type=int, help="n: batches sharing each loaded layer (default: the planner's)")
-    p.add_argument("--num-hot", type=int, help="K: hot experts prefetched per layer (default: top-k; 0: none)")
+    p.add_argument("--num-hot", type=int, help="K: hot experts prefetched per layer, the paper's fixed top-K "
+                   "(default: adaptive, the experts the group uses with p >= 0.9; 0: none)")
 
 
 def add_engine_flags(p) -> None:
