@@ -147,6 +147,40 @@ def test_a_deeper_prefetch_table_drives_the_first_layers(model, resident_tokens,
     assert tokens == resident_tokens
 
 
+def _in_thread(fn):
+    """Run fn() in a thread; returns (thread, results, errors) for the test to drive and inspect."""
+    import threading
+
+    got, errors = [], []
+
+    def run():
+        try:
+            got.append(fn())
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, got, errors
+
+
+def _manual_store(model, tmp_path, room_of):
+    """A TieredStore with every unit on disk, room for exactly one `room_of` unit, and hand-driven lanes."""
+    from klotski.checkpoint.reader import Checkpoint
+    from klotski.runtime.timeline import Timeline
+    from klotski.store.offload import OffloadDir
+    from klotski.store.pool import TierPool
+    from klotski.store.tiered import TieredStore
+
+    ckpt = Checkpoint.open(model)
+    offload = OffloadDir.prepare(ckpt, tmp_path / "off")
+    lanes = {"prefetch": ManualLane(), "ondemand": ManualLane()}
+    store = TieredStore(ckpt, offload, {k: "disk" for k in ckpt.spec.weight_keys()},
+                        TierPool("device", offload.blobs[room_of].padded), TierPool("host", 0), Timeline(enabled=False),
+                        lanes=lanes)
+    return store, lanes, ckpt
+
+
 class ManualLane:
     """A transfer lane that runs its jobs only when the test says so."""
 
@@ -165,35 +199,14 @@ class ManualLane:
 
 def test_a_fetch_released_in_flight_frees_its_room_when_it_lands(model, tmp_path):
     """A wait that needs the room of a fetch released mid-flight waits for it to land, not fails."""
-    import threading
-
-    from klotski.checkpoint.reader import Checkpoint
     from klotski.models.spec import EXPERT, WeightKey
-    from klotski.runtime.timeline import Timeline
-    from klotski.store.offload import OffloadDir
-    from klotski.store.pool import TierPool
-    from klotski.store.tiered import TieredStore
 
-    ckpt = Checkpoint.open(model)
-    offload = OffloadDir.prepare(ckpt, tmp_path / "off")
     a, b = WeightKey(0, EXPERT, 0), WeightKey(0, EXPERT, 1)
-    lanes = {"prefetch": ManualLane(), "ondemand": ManualLane()}
-    room = offload.blobs[a].padded  # exactly one expert in flight at a time
-    store = TieredStore(ckpt, offload, {k: "disk" for k in ckpt.spec.weight_keys()}, TierPool("device", room),
-                        TierPool("host", 0), Timeline(enabled=False), lanes=lanes)
+    store, lanes, ckpt = _manual_store(model, tmp_path, a)  # exactly one expert in flight at a time
     store.fetch(a, "prefetch")  # in flight, holding all the room
     store.release(a)  # nobody wants it now; its buffer comes back when the read lands
     handle = store.fetch(b, "ondemand")  # waits for room
-    got, errors = [], []
-
-    def consumer():
-        try:
-            got.append(handle.wait())
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    t = threading.Thread(target=consumer)
-    t.start()
+    t, got, errors = _in_thread(handle.wait)
     t.join(timeout=0.5)
     assert t.is_alive() and not errors  # waiting, not failed
     lanes["prefetch"].run_one()  # a lands: its room goes to b
@@ -205,35 +218,14 @@ def test_a_fetch_released_in_flight_frees_its_room_when_it_lands(model, tmp_path
 def test_waiting_for_any_evicts_idle_prefetches_to_make_progress(model, tmp_path):
     """The klotski rung waits for whichever expert lands first; when only an unclaimed prefetch holds
     the room, that wait evicts it and starts the expert instead of sleeping forever."""
-    import threading
-
-    from klotski.checkpoint.reader import Checkpoint
     from klotski.models.spec import EXPERT, WeightKey
-    from klotski.runtime.timeline import Timeline
-    from klotski.store.offload import OffloadDir
-    from klotski.store.pool import TierPool
-    from klotski.store.tiered import TieredStore
 
-    ckpt = Checkpoint.open(model)
-    offload = OffloadDir.prepare(ckpt, tmp_path / "off")
     guess, needed = WeightKey(1, EXPERT, 0), WeightKey(0, EXPERT, 1)
-    lanes = {"prefetch": ManualLane(), "ondemand": ManualLane()}
-    store = TieredStore(ckpt, offload, {k: "disk" for k in ckpt.spec.weight_keys()},
-                        TierPool("device", offload.blobs[guess].padded), TierPool("host", 0), Timeline(enabled=False),
-                        lanes=lanes)
+    store, lanes, ckpt = _manual_store(model, tmp_path, guess)
     store.fetch(guess, "prefetch")
     lanes["prefetch"].run_one()  # the guess lands and nobody claims it
     handle = store.fetch(needed, "ondemand")  # no room: waits
-    got, errors = [], []
-
-    def consumer():
-        try:
-            got.append(store.wait_any([handle]))
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    t = threading.Thread(target=consumer)
-    t.start()
+    t, got, errors = _in_thread(lambda: store.wait_any([handle]))
     for _ in range(50):
         if lanes["ondemand"].jobs:
             break
