@@ -7,6 +7,7 @@ a profile has no fit for an op, the cost model falls back to a roofline over its
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -162,10 +163,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # -- measuring links -----------------------------------------------------------------------------
 def measure_disk(directory: str | Path | None = None, size: int = 256 << 20, chunk: int = 16 << 20) -> tuple[float, str]:
     """Disk -> memory bandwidth (GB/s) with O_DIRECT reads of a fresh temp file; (GB/s, method)."""
+    chunk = min(chunk, size)
+    with _scratch_file(directory, size, chunk, "klotski-disk-") as name:
+        return _timed_read(name, size, chunk)
+
+
+@contextlib.contextmanager
+def _scratch_file(directory: str | Path | None, size: int, chunk: int, prefix: str):
+    """A fresh file of size // chunk random chunks, synced to disk, removed afterwards."""
     directory = Path(directory or profiles_dir())
     directory.mkdir(parents=True, exist_ok=True)
-    chunk = min(chunk, size)
-    fd, name = tempfile.mkstemp(dir=directory, prefix="klotski-disk-", suffix=".bin")
+    fd, name = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".bin")
     try:
         block = np.random.default_rng(0).integers(0, 255, chunk, dtype=np.uint8).tobytes()
         with os.fdopen(fd, "wb") as f:
@@ -173,7 +181,7 @@ def measure_disk(directory: str | Path | None = None, size: int = 256 << 20, chu
                 f.write(block)
             f.flush()
             os.fsync(f.fileno())
-        return _timed_read(name, size, chunk)
+        yield name
     finally:
         os.unlink(name)
 
@@ -247,17 +255,8 @@ def measure_contention(op, directory: str | Path | None = None, size: int = 256 
     Returns {"compute_slowdown_under_io": op time with the readers running / alone (>= 1),
     "disk_gbps_beside_compute": the readers' total rate while `op` runs back to back}.
     """
-    directory = Path(directory or profiles_dir())
-    directory.mkdir(parents=True, exist_ok=True)
     chunk = min(chunk, size)
-    fd, name = tempfile.mkstemp(dir=directory, prefix="klotski-contention-", suffix=".bin")
-    try:
-        block = np.random.default_rng(1).integers(0, 255, chunk, dtype=np.uint8).tobytes()
-        with os.fdopen(fd, "wb") as f:
-            for _ in range(size // chunk):
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
+    with _scratch_file(directory, size, chunk, "klotski-contention-") as name:
         op()  # warm-up
         alone = _op_times(op, seconds)
         lanes = [_Reader(name, size, chunk, start=i * chunk) for i in range(readers)]
@@ -272,8 +271,6 @@ def measure_contention(op, directory: str | Path | None = None, size: int = 256 
                 r.__exit__()
         return {"compute_slowdown_under_io": max(1.0, float(np.median(busy) / np.median(alone))),
                 "disk_gbps_beside_compute": sum(r.gbps for r in lanes)}
-    finally:
-        os.unlink(name)
 
 
 def _op_times(op, seconds: float) -> list[float]:
