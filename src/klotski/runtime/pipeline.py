@@ -212,9 +212,8 @@ class Pipeline:
         if sched.prefetch and not sched.hot_only:
             self._prefetch_layer(layer + 1)
         elif sched.prefetch:
-            tokens = sum(int(b.valid.sum()) for b in batches)
             hot = (self._ahead.pop(layer) if layer in self._ahead
-                   else self._prefetch_gate_and_hot(layer, prev_ids, tokens))
+                   else self._prefetch_gate_and_hot(layer, prev_ids, sum(int(b.valid.sum()) for b in batches)))
         for i, b in enumerate(batches):
             with self.timeline.span("compute", "attention", layer=layer, batch=b.index):
                 xs[i] = self.runner.attention(attn, xs[i], b.kv[layer], b.step)
@@ -234,14 +233,15 @@ class Pipeline:
             self.store.fetch(WeightKey(layer + 1, ATTN), "prefetch")
         ids = torch.cat([g.ids for g in gates])  # [T, K]
         self.predictor.observe(layer, prev_ids, ids)
+        used = torch.unique(ids).tolist()
         if sched.hot_only and not sched.reorder:
             # hot: this layer's cold experts start now, in the order they will be consumed, so
             # they queue ahead of the next layer's prefetches (klotski started them at each gate).
-            for e in torch.unique(ids).tolist():
+            for e in used:
                 self.store.fetch(WeightKey(layer, EXPERT, e), "ondemand")
         if sched.hot_only:
             self._prefetch_ahead(layer, ids)
-        outs = self._experts(layer, gates, ids, hot)
+        outs = self._experts(layer, gates, ids, used, hot)
         for i, b in enumerate(batches):
             xs[i] = xs[i].clone()
             xs[i][b.valid] = outs[i]
@@ -261,14 +261,14 @@ class Pipeline:
                     self.store.fetch(WeightKey(layer, EXPERT, e), "ondemand")
         return gates
 
-    def _experts(self, layer: int, gates: list[GateOutput], ids: torch.Tensor, hot: list[int]) -> list[torch.Tensor]:
+    def _experts(self, layer: int, gates: list[GateOutput], ids: torch.Tensor, used: list[int],
+                 hot: list[int]) -> list[torch.Tensor]:
         """Every used expert over all its tokens of the group; returns each batch's MLP output."""
         h = torch.cat([g.h for g in gates])  # [T, D]
         weights = torch.cat([g.weights for g in gates])  # [T, K]
         # Each (token, slot) gets its own row, summed over slots in a fixed order at the end, so
         # the result never depends on the order experts ran in.
         slots = torch.zeros(h.shape[0], ids.shape[1], h.shape[1], dtype=h.dtype, device=h.device)  # [T, K, D]
-        used = torch.unique(ids).tolist()
         # Experts the gate did not pick are dropped now, not after the layer: a prefetch of one that
         # has not started yet never reads (overlap and multibatch prefetch whole layers).
         self._release_unused(layer, used)

@@ -43,9 +43,7 @@ class TierPool:
         with self._lock:
             if self._free.get(size):
                 return self._free[size].pop()
-            if not self._fits(size):
-                self._drop_free(size)
-            if not self._fits(size):
+            if not self._room_for(size):
                 return None
             self._grow(size)
             self.fresh += 1
@@ -53,14 +51,15 @@ class TierPool:
             return torch.empty(size, dtype=torch.uint8, device=self.device)
         return mmap.mmap(-1, size)
 
-    def _drop_free(self, want: int) -> None:
-        """Unmap cached free buffers of other sizes until `want` fits."""
+    def _room_for(self, want: int) -> bool:
+        """Whether `want` bytes fit, after unmapping cached free buffers as needed (lock held)."""
         for size, bufs in self._free.items():
             while bufs and not self._fits(want):
                 buf = bufs.pop()
                 if isinstance(buf, mmap.mmap):
                     buf.close()
                 self.used -= size
+        return self._fits(want)
 
     def give_back(self, buf) -> None:
         """Return a buffer for reuse (it stays counted until dropped)."""
@@ -76,9 +75,7 @@ class TierPool:
     def charge(self, nbytes: int, what: str) -> bool:
         """Count bytes held outside buffers (resident weights, KV cache); False if over budget."""
         with self._lock:
-            if not self._fits(nbytes):
-                self._drop_free(nbytes)
-            if not self._fits(nbytes):
+            if not self._room_for(nbytes):
                 return False
             self._grow(nbytes)
             return True

@@ -241,7 +241,7 @@ class TieredStore:
                 self._cond.wait(timeout=0.1)
 
     def _make_room(self, wanted: Entry) -> bool:
-        """Issue `wanted` now, evicting ready-but-unclaimed units (newest first) if it must."""
+        """Issue `wanted` now, evicting ready-but-unclaimed units (the one needed last first) if it must."""
         if wanted in self._deferred:
             self._deferred.remove(wanted)
         need = self.offload.blobs[wanted.key].padded
