@@ -98,7 +98,8 @@ def _ensure_offload_dir(ckpt: Path) -> None:
 def ensure_profile(ckpt: Path) -> str:
     """`klotski profile` once for these shapes (cached after), as a user would before planning: the
     planner's policy then uses this machine's measured ops and disk, not the built-in estimate."""
-    proc = subprocess.run([str(BIN / "klotski"), "profile", "--model", str(ckpt)], capture_output=True, text=True)
+    proc = subprocess.run([str(BIN / "klotski"), "profile", "--model", str(ckpt)], capture_output=True, text=True,
+                          check=False)
     if proc.returncode:
         print(f"bench: klotski profile failed; the planner uses its built-in estimate:\n{proc.stderr[-400:]}",
               file=sys.stderr)
@@ -157,10 +158,16 @@ def _record(ctx: Context, work: Workload, res: cgroup.Result, row: dict, steps: 
             "capped": res.capped, "process_s": res.seconds, "load_avg": os.getloadavg()}
     if res.returncode != 0 or not generated:
         return row | {"error": (res.stderr or res.stdout)[-800:], "tokens_per_s": None, "efficiency": None}
-    row |= lower_bound(ctx, work, steps) | {"tokens_per_s": generated / wall, "wall_s": wall}
+    return _score(ctx, row | {"tokens_per_s": generated / wall, "wall_s": wall, "forward_steps": steps}, work)
+
+
+def _score(ctx: Context, row: dict, work: Workload) -> dict:
+    """A finished run's lower bound, efficiency and io efficiency at the machine's current rates."""
+    row |= lower_bound(ctx, work, row["forward_steps"])
+    row["efficiency"] = row["bound_s"] / row["wall_s"]
     if row.get("bytes_read"):  # how close the run came to the disk rate for the bytes it chose to read
-        row["io_efficiency"] = row["bytes_read"] / (ctx.machine["disk_gbps"] * 1e9) / wall
-    return row | {"efficiency": row["bound_s"] / wall}
+        row["io_efficiency"] = row["bytes_read"] / (ctx.machine["disk_gbps"] * 1e9) / row["wall_s"]
+    return row
 
 
 def run_klotski(ctx: Context, work: Workload, schedule: str, bs: int | None, n: int | None, replay: bool, repeat: int,
@@ -270,10 +277,7 @@ def rebound_on_achieved(ctx: Context, runs: list[dict], works: dict[str, Workloa
                                                      "than the measured rate, so the bound uses it"}
     for row in runs:
         if row.get("tokens_per_s"):
-            row |= lower_bound(ctx, works[row["workload"]], row["forward_steps"])
-            row["efficiency"] = row["bound_s"] / row["wall_s"]
-            if row.get("bytes_read"):
-                row["io_efficiency"] = row["bytes_read"] / (achieved * 1e9) / row["wall_s"]
+            _score(ctx, row, works[row["workload"]])
 
 
 def rescore(ctx: Context, out: Path, traces: Path) -> int:
@@ -291,10 +295,7 @@ def rescore(ctx: Context, out: Path, traces: Path) -> int:
     works = {w["name"]: Workload(**w) for w in result["config"]["workloads"]}
     for row in result["runs"]:
         if row.get("tokens_per_s"):
-            row |= lower_bound(ctx, works[row["workload"]], row["forward_steps"])
-            row["efficiency"] = row["bound_s"] / row["wall_s"]
-            if row.get("bytes_read"):
-                row["io_efficiency"] = row["bytes_read"] / (best["disk_gbps"] * 1e9) / row["wall_s"]
+            _score(ctx, row, works[row["workload"]])
     rebound_on_achieved(ctx, result["runs"], works)
     result["machine"] = ctx.machine
     report.write(result, out, traces)

@@ -13,6 +13,23 @@ def test_prompts_are_deterministic_and_avoid_special_ids():
     assert min(prompt_token_ids(0, 1000, 100)) >= 3
 
 
+def test_the_bound_never_assumes_a_disk_slower_than_a_run_read():
+    ctx = run.Context(None, None, None, cap=3 << 30, device_budget=2 << 30, spec=SPEC, weights_bytes=6_000_000_000,
+                      machine={"disk_gbps": 1.0, "matmul_gflops_float32": {"64": 10.0}, "matmul_gflops_bfloat16": {"64": 1e6}})
+    work = Workload("w", 4, 8, 2, "")
+    rows = [run._score(ctx, {"workload": "w", "tokens_per_s": 1.0, "wall_s": 10.0, "forward_steps": 2,
+                             "bytes_read": 30e9}, work)]
+    assert rows[0]["io_efficiency"] == 3.0  # read 3 GB/s against a measured 1 GB/s: the measurement was low
+    run.rebound_on_achieved(ctx, rows, {"w": work})
+    assert ctx.machine["disk_gbps"] == 3.0 and ctx.machine["disk_gbps_measured"] == 1.0
+    assert rows[0]["io_efficiency"] == 1.0
+    assert rows[0]["bound_s"] == run.lower_bound(ctx, work, 2)["bound_s"]  # rescored at the new rate
+    assert rows[0]["efficiency"] == rows[0]["bound_s"] / 10.0
+    slower = [{"workload": "w", "tokens_per_s": 1.0, "wall_s": 100.0, "forward_steps": 2, "bytes_read": 30e9}]
+    run.rebound_on_achieved(ctx, slower, {"w": work})  # a slower run leaves the rate alone
+    assert ctx.machine["disk_gbps"] == 3.0
+
+
 def test_lower_bound_is_the_larger_of_io_and_compute():
     ctx = run.Context(None, None, None, cap=3 << 30, device_budget=1 << 30, spec=SPEC, weights_bytes=6_000_000_000,
                       machine={"disk_gbps": 1.0, "matmul_gflops_float32": {"64": 10.0}, "matmul_gflops_bfloat16": {"64": 100.0}})
