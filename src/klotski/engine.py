@@ -28,7 +28,7 @@ from klotski.prefetch.runtime import RoutingRecording, make_predictor
 from klotski.prefetch.table import find_model_table
 from klotski.store.base import ResidentStore
 from klotski.store.offload import OffloadDir, default_offload_dir
-from klotski.store.placement import DISK, HOST, greedy_placement, working_set
+from klotski.store.placement import DISK, HOST, greedy_placement, inflight_parts, working_set
 from klotski.store.pool import TierPool
 from klotski.store.tiered import TieredStore
 from klotski.tokenizer import StopChecker, Tokenizer
@@ -84,12 +84,14 @@ class LLM:
         unit_bytes = {k: self.checkpoint.unit_nbytes(k) for k in spec.weight_keys()}
         # Without a GPU the device tier is host RAM already: a separate host tier would count RAM twice.
         host = cfg.host_memory if cfg.host_memory is not None else (0 if self.device.type == "cpu" else None)
-        reserve = working_set(spec, unit_bytes, spec.top_k if cfg.num_hot is None else cfg.num_hot)
+        k = spec.top_k if cfg.num_hot is None else cfg.num_hot
         if self._planned():
             from klotski.planner.engine_glue import load_placement
             placement = load_placement(self.checkpoint, cfg, self.device, self.dtype, self.schedule.name)
         else:
-            placement = greedy_placement(spec, unit_bytes, cfg.device_memory, host, reserve)
+            dense, experts = inflight_parts(spec, unit_bytes, k)
+            placement = greedy_placement(spec, unit_bytes, cfg.device_memory, host, experts, dense)
+        reserve = working_set(spec, unit_bytes, k, placement)
         offload = None
         # On CUDA host-placed units are copied in per use, from their blobs held in pinned memory.
         if DISK in placement.values() or (self.device.type == "cuda" and HOST in placement.values()):

@@ -234,3 +234,104 @@ def test_waiting_for_any_evicts_idle_prefetches_to_make_progress(model, tmp_path
     t.join(timeout=5)
     assert not errors and got == [handle] and store.evictions == 1
     assert set(handle.wait()) == set(ckpt.load_unit(needed))
+
+
+def test_reader_pool_runs_two_reads_at_once_and_on_demand_first():
+    """Two reader threads serve both lanes: two jobs of one lane run concurrently, and a waiting
+    on-demand job starts before waiting prefetches, whatever the submit order."""
+    import threading
+
+    from klotski.store.tiered import Lane, ReaderPool
+
+    pool = ReaderPool(2)
+    prefetch, ondemand = Lane("prefetch", pool, 1), Lane("ondemand", pool, 0)
+    both_running, gate = threading.Barrier(3, timeout=5), threading.Event()
+    order: list[str] = []
+
+    def blocker():
+        both_running.wait()  # with the test's thread: fails unless two jobs run at the same time
+        gate.wait(5)
+
+    errors = []
+
+    def guarded(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+        return run
+
+    prefetch.submit(guarded(blocker))
+    prefetch.submit(guarded(blocker))
+    both_running.wait()  # both threads are busy: what follows waits in the queue
+    done = threading.Event()
+    for name in ("p1", "p2"):
+        prefetch.submit(lambda name=name: order.append(name))
+    ondemand.submit(lambda: order.append("d1"))
+    prefetch.submit(lambda: (order.append("p3"), done.set()))
+    gate.set()
+    assert done.wait(5)
+    pool.close()
+    assert not errors
+    assert order[0] == "d1" and sorted(order[1:]) == ["p1", "p2", "p3"]
+
+
+def test_dense_room_holds_experts_when_dense_units_are_resident(model):
+    """When attention, gates, embeddings and head all sit on the device nothing dense is ever
+    fetched, so their in-flight room holds resident experts instead; when they do not fit, the
+    room is kept for them."""
+    from klotski.checkpoint.reader import Checkpoint
+    from klotski.models.spec import EXPERT
+    from klotski.store.placement import DEVICE, dense_resident, greedy_placement, inflight_parts, working_set
+
+    ckpt = Checkpoint.open(model)
+    spec = ckpt.spec
+    unit_bytes = {k: ckpt.unit_nbytes(k) for k in spec.weight_keys()}
+    dense, experts = inflight_parts(spec, unit_bytes, spec.top_k)
+    expert = max(b for k, b in unit_bytes.items() if k.part == EXPERT)
+    all_dense = sum(b for k, b in unit_bytes.items() if k.part != EXPERT)
+    budget = all_dense + experts + 2 * expert + dense // 2  # the dense room would cost an expert
+    placement = greedy_placement(spec, unit_bytes, budget, 0, experts, dense)
+    assert dense_resident(spec, placement)
+    on_device = sum(t == DEVICE for k, t in placement.items() if k.part == EXPERT)
+    old_style = greedy_placement(spec, unit_bytes, budget, 0, experts + dense)
+    assert on_device == 2 and on_device > sum(t == DEVICE for k, t in old_style.items() if k.part == EXPERT)
+    assert working_set(spec, unit_bytes, spec.top_k, placement) == experts
+
+    tight = greedy_placement(spec, unit_bytes, all_dense // 2 + experts + dense, 0, experts, dense)
+    assert not dense_resident(spec, tight)
+    assert working_set(spec, unit_bytes, spec.top_k, tight) == experts + dense
+    assert sum(unit_bytes[k] for k, t in tight.items() if t == DEVICE) <= all_dense // 2
+
+
+def test_in_flight_room_is_two_large_experts_or_enough_small_ones():
+    """Mixtral-8x7B's 336 MiB experts: two buffers (one computing, one arriving); OLMoE-sized
+    experts: enough for 256 MiB of reads, never more than max(K, top_k) + 2."""
+    from klotski.planner.shapes import shape_from_preset
+    from klotski.store.placement import inflight_experts
+
+    shape = shape_from_preset("mixtral-8x7b", layers=1)
+    mixtral = shape.spec
+    expert = max(b for k, b in shape.unit_bytes.items() if k.part == "expert")
+    assert expert == 3 * 4096 * 14336 * 2
+    assert inflight_experts(mixtral, mixtral.top_k, expert) == 2
+    assert inflight_experts(mixtral, 6, 352_321_536) == 2
+    assert inflight_experts(mixtral, mixtral.top_k, 12 * 2**20) == mixtral.top_k + 2
+    assert inflight_experts(mixtral, 6, 40 * 2**20) == 7  # ceil(256 / 40), under the cap of 8
+
+
+@pytest.mark.parametrize("schedule", ["hot", "klotski", "overlap"])
+def test_two_experts_in_flight_keep_tokens_and_budget(model, resident_tokens, tmp_path, monkeypatch, schedule):
+    """With room for only two experts in flight (what large experts get), every schedule still
+    produces the resident tokens inside the budget, and more experts stay resident."""
+    from klotski.store import placement
+
+    _, before = _run(model, tmp_path, schedule=schedule, device_memory="700KB", batch_size=2, num_batches=2)
+    monkeypatch.setattr(placement, "MIN_INFLIGHT_BYTES", 1)
+    tokens, stats = _run(model, tmp_path, schedule=schedule, device_memory="700KB", batch_size=2, num_batches=2)
+    assert tokens == resident_tokens
+    assert stats["peak_bytes"]["device"] <= stats["budgets"]["device"]
+    resident = lambda s: s["placement"]["expert"].get("device", {}).get("units", 0)  # noqa: E731
+    assert resident(stats) > resident(before)
+    assert 0 < stats["bytes_read"]["disk"] < before["bytes_read"]["disk"]

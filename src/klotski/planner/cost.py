@@ -17,7 +17,7 @@ from klotski.planner.profile import HardwareProfile
 from klotski.planner.shapes import ModelShape
 from klotski.runtime.model import ModelRunner
 from klotski.runtime.schedule import Schedule
-from klotski.store.placement import DEVICE, DISK, HOST, working_set
+from klotski.store.placement import DEVICE, DISK, HOST, inflight_parts, working_set
 
 # T = tokens, C = context (keys attended), E = experts, K = hot experts prefetched
 
@@ -237,10 +237,18 @@ def activation_bytes(costs: OpCosts, bs: int, n: int, new_tokens: int) -> int:
     return group + logits
 
 
-def inflight_bytes(shape: ModelShape, k: int) -> int:
+def inflight_bytes(shape: ModelShape, k: int, placement: dict[WeightKey, str] | None = None) -> int:
     """Device buffers held for non-resident units at once (the store's reserve, any schedule)."""
-    padded = {key: shape.padded(key) for key in shape.unit_bytes}
-    return working_set(shape.spec, padded, k)
+    return working_set(shape.spec, _padded(shape), k, placement)
+
+
+def inflight_split(shape: ModelShape, k: int) -> tuple[int, int]:
+    """(dense, experts) parts of the in-flight room, before a placement decides whether dense streams."""
+    return inflight_parts(shape.spec, _padded(shape), k)
+
+
+def _padded(shape: ModelShape) -> dict[WeightKey, int]:
+    return {key: shape.padded(key) for key in shape.unit_bytes}
 
 
 def memory_model(costs: OpCosts, placement: dict[WeightKey, str], schedule: Schedule, bs: int, n: int,
@@ -251,5 +259,5 @@ def memory_model(costs: OpCosts, placement: dict[WeightKey, str], schedule: Sche
         weights[tier] += costs.shape.unit_bytes[key]
     resident = all(t == DEVICE for t in placement.values())
     return MemoryModel(weights, kv_cache_bytes(costs, bs, n, prompt_len + gen_len), kv_tier,
-                       0 if resident else inflight_bytes(costs.shape, k),
+                       0 if resident else inflight_bytes(costs.shape, k, placement),
                        activation_bytes(costs, bs, n, 1), activation_bytes(costs, bs, n, prompt_len))

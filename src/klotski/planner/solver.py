@@ -18,7 +18,7 @@ from klotski.config import Policy
 from klotski.errors import KlotskiError
 from klotski.models.spec import EXPERT, WeightKey
 from klotski.planner.cost import (BlockTimes, MemoryModel, OpCosts, RoutingStats, block_times, constraint_slack,
-                                  inflight_bytes, memory_model)
+                                  inflight_bytes, inflight_split, memory_model)
 from klotski.planner.shapes import ModelShape
 from klotski.runtime.schedule import Schedule, get_schedule
 from klotski.store.placement import DEVICE, HOST, greedy_placement, summarize
@@ -117,7 +117,7 @@ class Solver:
         """Placement, memory and constraint slack for (bs, n); None when it does not fit."""
         k = self.k
         probe = memory_model(self.costs, {}, self.schedule, bs, n, work.prompt_len, work.gen_len, k, self.kv_tier)
-        reserve = probe.kv_cache * (self.kv_tier == DEVICE) + self._inflight(k) + probe.activations
+        reserve = probe.kv_cache * (self.kv_tier == DEVICE) + probe.activations
         if placement is None:
             placement = self.place(reserve, probe.kv_cache * (self.kv_tier == HOST))
             if placement is None:
@@ -135,18 +135,18 @@ class Solver:
         return inflight_bytes(self.shape, k)
 
     def place(self, reserve: int, host_reserve: int = 0) -> dict[WeightKey, str] | None:
-        """Device first (after the reserve), then host, then disk; None when the reserves themselves do not fit."""
+        """Device first (after the reserve and the in-flight room), then host, then disk; None when the
+        reserves themselves do not fit."""
         device, host = self.budgets.device, self.budgets.host
-        if (device is not None and device < reserve) or (host is not None and host < host_reserve):
+        dense, experts = inflight_split(self.shape, self.k)
+        if (device is not None and device < reserve + dense + experts) or (host is not None and host < host_reserve):
             return None
-        inflight = self._inflight(self.k)
-        everything = device is None or self.shape.total_bytes + reserve - inflight <= device
-        if everything:  # it all fits: nothing is fetched, so no in-flight room is needed
-            return {key: DEVICE for key in self.shape.unit_bytes}
+        if device is None or self.shape.total_bytes + reserve <= device:
+            return {key: DEVICE for key in self.shape.unit_bytes}  # nothing is fetched: no in-flight room
         if host is None and self.costs.profile.host_to_device_gbps is None:
             host = 0  # CPU-only: the device tier is host RAM already
         host = None if host is None else host - host_reserve
-        return greedy_placement(self.shape.spec, self.shape.unit_bytes, device, host, reserve)
+        return greedy_placement(self.shape.spec, self.shape.unit_bytes, device, host, reserve + experts, dense)
 
     def _fits(self, memory: MemoryModel) -> bool:
         device, host = self.budgets.device, self.budgets.host

@@ -17,9 +17,30 @@ def placement_order(spec: ModelSpec) -> list[WeightKey]:
     return dense + [k for k in keys if k.part == EXPERT]
 
 
-def working_set(spec: ModelSpec, unit_bytes: dict[WeightKey, int], num_hot: int) -> int:
-    """Device bytes kept free for units in flight: a layer's gate part and attention, the next
-    layer's attention, and max(K, top_k) + 2 experts (the hot ones and two cold ones streaming).
+MIN_INFLIGHT_BYTES = 256 * 2**20  # small experts: enough reads queued to keep the disk busy
+
+
+def inflight_experts(spec: ModelSpec, num_hot: int, expert_bytes: int) -> int:
+    """Expert buffers kept free for fetches: two, or as many as make 256 MiB, at most max(K, top_k) + 2.
+
+    Two suffice for large experts: the pipeline holds one expert at a time (a token's top_k
+    outputs are summed slot by slot), and in an I/O-bound step compute is short next to a read,
+    so the buffer it frees starts the next read while the other is still arriving (two reads in
+    flight, what the disk needs). Every extra buffer is an expert that could have stayed resident
+    instead of being read again each step (Mixtral-8x7B: 336 MiB each). Small experts read in
+    short requests, where more in flight hides latency, and cost little room.
+    """
+    cap = max(num_hot, spec.top_k) + 2
+    if expert_bytes <= 0:
+        return cap
+    return min(cap, max(2, -(-MIN_INFLIGHT_BYTES // expert_bytes)))
+
+
+def inflight_parts(spec: ModelSpec, unit_bytes: dict[WeightKey, int], num_hot: int) -> tuple[int, int]:
+    """(dense, experts): device bytes kept free for units in flight.
+
+    dense: a layer's gate part and attention and the next layer's attention, needed only when some
+    dense unit is not resident. experts: `inflight_experts` of the largest expert.
 
     The same for every rung of the ladder, so rungs differ in scheduling, not in placement: a
     schedule that wants more in flight (overlap's whole next layer) gets what the budget leaves,
@@ -27,10 +48,22 @@ def working_set(spec: ModelSpec, unit_bytes: dict[WeightKey, int], num_hot: int)
     """
     layer = max(range(spec.num_layers), key=lambda l: _layer_bytes(spec, unit_bytes, l))
     expert = max((b for k, b in unit_bytes.items() if k.part == EXPERT), default=0)
-    dense = unit_bytes[WeightKey(layer, ATTN)] + unit_bytes[WeightKey(layer, MOE)]
+    dense = 2 * unit_bytes[WeightKey(layer, ATTN)] + unit_bytes[WeightKey(layer, MOE)]
     # Fewer hot experts than top_k (0: no hot prefetch) leave the room to the cold stream, so the
     # placement, and with it the bytes read, stays that of top_k: K changes scheduling only.
-    return dense + unit_bytes[WeightKey(layer, ATTN)] + (max(num_hot, spec.top_k) + 2) * expert
+    return dense, inflight_experts(spec, num_hot, expert) * expert
+
+
+def working_set(spec: ModelSpec, unit_bytes: dict[WeightKey, int], num_hot: int,
+                placement: dict[WeightKey, str] | None = None) -> int:
+    """Device bytes kept free for units in flight under `placement` (None: assume dense units stream too)."""
+    dense, experts = inflight_parts(spec, unit_bytes, num_hot)
+    return experts + (0 if placement is not None and dense_resident(spec, placement) else dense)
+
+
+def dense_resident(spec: ModelSpec, placement: dict[WeightKey, str]) -> bool:
+    """Every unit that every token needs sits on the device: none of them is ever fetched."""
+    return all(placement.get(k, DEVICE) == DEVICE for k in spec.weight_keys() if k.part != EXPERT)
 
 
 def _layer_bytes(spec: ModelSpec, unit_bytes: dict[WeightKey, int], layer: int) -> int:
@@ -38,8 +71,20 @@ def _layer_bytes(spec: ModelSpec, unit_bytes: dict[WeightKey, int], layer: int) 
 
 
 def greedy_placement(spec: ModelSpec, unit_bytes: dict[WeightKey, int], device_budget: int | None,
-                     host_budget: int | None, reserve: int) -> dict[WeightKey, str]:
-    """Tier per unit: device while it fits (leaving `reserve` free), then host, then disk."""
+                     host_budget: int | None, reserve: int, dense_reserve: int = 0) -> dict[WeightKey, str]:
+    """Tier per unit: device while it fits (leaving `reserve` free), then host, then disk.
+
+    `dense_reserve` is kept free as well only when some dense unit ends up off the device (then
+    attention and gates stream too and need room in flight); when all of them are resident that
+    room holds experts instead.
+    """
+    placement = _fill(spec, unit_bytes, device_budget, host_budget, reserve)
+    if dense_reserve and not dense_resident(spec, placement):
+        placement = _fill(spec, unit_bytes, device_budget, host_budget, reserve + dense_reserve)
+    return placement
+
+
+def _fill(spec, unit_bytes, device_budget, host_budget, reserve) -> dict[WeightKey, str]:
     free = {DEVICE: None if device_budget is None else device_budget - reserve, HOST: host_budget}
     placement = {}
     for key in placement_order(spec):
