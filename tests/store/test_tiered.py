@@ -278,9 +278,9 @@ def test_reader_pool_runs_two_reads_at_once_and_on_demand_first():
 
 
 def test_dense_room_holds_experts_when_dense_units_are_resident(model):
-    """When attention, gates, embeddings and head all sit on the device nothing dense is ever
-    fetched, so their in-flight room holds resident experts instead; when they do not fit, the
-    room is kept for them."""
+    """When attention, gates and head all sit on the device nothing dense is ever fetched, so
+    their in-flight room holds resident experts instead; when they do not fit, the room is kept
+    for them. The embedding table is placed last (only its rows are ever read)."""
     from klotski.checkpoint.reader import Checkpoint
     from klotski.models.spec import EXPERT
     from klotski.store.placement import DEVICE, dense_resident, greedy_placement, inflight_parts, working_set
@@ -290,7 +290,7 @@ def test_dense_room_holds_experts_when_dense_units_are_resident(model):
     unit_bytes = {k: ckpt.unit_nbytes(k) for k in spec.weight_keys()}
     dense, experts = inflight_parts(spec, unit_bytes, spec.top_k)
     expert = max(b for k, b in unit_bytes.items() if k.part == EXPERT)
-    all_dense = sum(b for k, b in unit_bytes.items() if k.part != EXPERT)
+    all_dense = sum(b for k, b in unit_bytes.items() if k.part not in (EXPERT, "embed"))
     budget = all_dense + experts + 2 * expert + dense // 2  # the dense room would cost an expert
     placement = greedy_placement(spec, unit_bytes, budget, 0, experts, dense)
     assert dense_resident(spec, placement)
@@ -298,6 +298,7 @@ def test_dense_room_holds_experts_when_dense_units_are_resident(model):
     old_style = greedy_placement(spec, unit_bytes, budget, 0, experts + dense)
     assert on_device == 2 and on_device > sum(t == DEVICE for k, t in old_style.items() if k.part == EXPERT)
     assert working_set(spec, unit_bytes, spec.top_k, placement) == experts
+    assert list(placement)[-1].part == "embed"  # placed after every expert
 
     tight = greedy_placement(spec, unit_bytes, all_dense // 2 + experts + dense, 0, experts, dense)
     assert not dense_resident(spec, tight)
@@ -335,3 +336,42 @@ def test_two_experts_in_flight_keep_tokens_and_budget(model, resident_tokens, tm
     resident = lambda s: s["placement"]["expert"].get("device", {}).get("units", 0)  # noqa: E731
     assert resident(stats) > resident(before)
     assert 0 < stats["bytes_read"]["disk"] < before["bytes_read"]["disk"]
+
+
+def test_embedding_rows_are_read_where_the_table_sits(model, resident_tokens, tmp_path):
+    """A tight budget leaves the embedding table on disk (placed after the experts): each step reads
+    only its tokens' rows, the tokens do not change, and the rows are the checkpoint's."""
+    import torch
+
+    from klotski.checkpoint.reader import Checkpoint
+    from klotski.models.spec import WeightKey
+
+    embed = WeightKey(None, "embed")
+    llm = LLM(str(model), offload_dir=str(tmp_path / "offload"), device_memory="420KB", batch_size=2, num_batches=2)
+    try:
+        assert llm.store.placement[embed] == "disk"
+        tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        ids = torch.tensor([[5, 0, 5], [511, 9, 100]])
+        got = llm.store.gather(embed, "weight", ids)
+    finally:
+        llm.store.close()
+    assert tokens == resident_tokens
+    table = Checkpoint.open(model).load_unit(embed)["weight"]
+    assert torch.equal(got, table[ids])
+    with pytest.raises(KlotskiError, match="out of range"):
+        llm.store.offload.read_rows(embed, "weight", [table.shape[0]])
+
+
+def test_a_corrupt_embedding_table_is_caught_though_read_by_rows(model, tmp_path):
+    from klotski.models.spec import WeightKey
+
+    llm = LLM(str(model), offload_dir=str(tmp_path / "offload"), device_memory="420KB")
+    blob = tmp_path / "offload" / "embed.bin"
+    data = bytearray(blob.read_bytes())
+    data[llm.store.offload.blobs[WeightKey(None, "embed")].nbytes - 10] ^= 0xFF  # a row no prompt looks up
+    blob.write_bytes(data)
+    try:
+        with pytest.raises(KlotskiError, match="checksum"):
+            llm.generate(PROMPTS, GREEDY)
+    finally:
+        llm.store.close()

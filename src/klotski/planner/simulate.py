@@ -118,9 +118,9 @@ class SimRunner:
     def kv_bytes_per_token(self) -> int:
         return self.costs.kv_token_layer
 
-    def embed(self, w, token_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, rows: torch.Tensor) -> torch.Tensor:
         self._layer = None  # a new step: routing chains restart at the first MoE layer
-        return torch.zeros(*token_ids.shape, 1)  # [B, S, 1]
+        return torch.zeros(*rows.shape[:2], 1)  # [B, S, 1]
 
     def attention(self, w, x: torch.Tensor, kv: SimKV, step) -> torch.Tensor:
         b, s = x.shape[:2]
@@ -278,6 +278,19 @@ class SimStore:
         else:
             self._deferred = [(h, l) for h, l in self._deferred if h is not handle]
         self._issue()
+
+    def gather(self, key: WeightKey, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows: free when resident, else a small read of the distinct ids' rows, waited for."""
+        if not self._resident(key):
+            p, rows, tier = self.costs.profile, len(torch.unique(ids)), self.placement[key]
+            nbytes = rows * self.shape.unit_bytes[key] // self.shape.spec.vocab_size
+            # The compute thread reads the rows itself, beside the lanes' queued reads (not behind them).
+            begin, rate = self.clock.t, self.costs.disk_gbps if tier == DISK else p.host_to_device_gbps
+            end = begin + p.io_latency_s + nbytes / (rate * 1e9)
+            self.bytes_read[tier] += nbytes
+            self.timeline.add("ondemand", "read", begin, end, layer=key.layer, bytes=nbytes)
+            self.clock.advance_to(end)
+        return torch.zeros(*ids.shape, 1)
 
     def charge_kv(self, nbytes: int) -> None:
         """KV on the device counts against the budget, as in the real store; host KV does not."""

@@ -54,9 +54,9 @@ class ModelRunner:
         heads = a.num_kv_heads if a.kind == "gqa" else a.num_heads
         return heads * (a.qk_head_dim + a.v_head_dim) * self.dtype.itemsize
 
-    def embed(self, w: Weights, token_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, S] -> hidden [B, S, D]."""
-        return w["weight"][token_ids].to(self.dtype)
+    def embed(self, rows: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of token ids [B, S] (the store gathers them) -> hidden [B, S, D]."""
+        return rows.to(self.dtype)
 
     def attention(self, w: Weights, x: torch.Tensor, kv: KVBlock, step: StepInfo) -> torch.Tensor:
         """One batch through one layer's attention block (with residual)."""

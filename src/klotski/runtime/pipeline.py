@@ -100,7 +100,7 @@ class Pipeline:
         self._ahead: dict[int, list[int]] = {}  # MoE layer -> hot experts already being prefetched
         self._final = False  # the current step is the group's last
         self._rows = 0  # sequences in the group (the next decode step's tokens)
-        self._ahead_dense: list[WeightKey] = []  # the next step's embeddings and first attention, in flight
+        self._ahead_dense: list[WeightKey] = []  # the next step's first attention, in flight
 
     # -- fetching -------------------------------------------------------------------------
     def _get(self, key: WeightKey, lane: str = "prefetch", **where) -> dict[str, torch.Tensor]:
@@ -154,11 +154,11 @@ class Pipeline:
         if later:
             self._ahead[later[0]] = self._prefetch_gate_and_hot(later[0], ids, len(ids))
         elif self._moe_layers and not self._final:
-            # First what is needed first: this step's head, the next step's embeddings and first
-            # attention (queued behind the next layer's experts, they would push them out of room).
-            for key in (WeightKey(None, HEAD), WeightKey(None, EMBED), WeightKey(0, ATTN)):
+            # First what is needed first: this step's head and the next step's first attention
+            # (queued behind the next layer's experts, they would push them out of room).
+            for key in (WeightKey(None, HEAD), WeightKey(0, ATTN)):
                 self.store.fetch(key, "prefetch")
-            self._ahead_dense = [WeightKey(None, EMBED), WeightKey(0, ATTN)]
+            self._ahead_dense = [WeightKey(0, ATTN)]
             # The next step decodes one token per sequence, whatever this step was.
             self._ahead[self._moe_layers[0]] = self._prefetch_gate_and_hot(self._moe_layers[0], None, self._rows)
 
@@ -182,12 +182,13 @@ class Pipeline:
         self._final, self._ahead_dense = final, []
         self._rows = sum(b.token_ids.shape[0] for b in batches)  # sequences in the group
         batches = [b.to(self.runner.device) for b in batches]
-        embed = self._get(WeightKey(None, EMBED))
-        xs = []
+        xs, embed = [], WeightKey(None, EMBED)
         for b in batches:
+            # Off the device only the batch's rows are read (a few KB a token): a short wait.
+            with self.timeline.span("compute", "embed" if self.store.resident(embed) else "wait", batch=b.index):
+                rows = self.store.gather(embed, "weight", b.token_ids)
             with self.timeline.span("compute", "embed", batch=b.index):
-                xs.append(self.runner.embed(embed, b.token_ids))
-        self.store.release(WeightKey(None, EMBED))
+                xs.append(self.runner.embed(rows))
         if self.schedule.prefetch and not self.schedule.hot_only:
             self._prefetch_layer(0)
         elif self.schedule.prefetch:

@@ -90,6 +90,10 @@ class WeightStore(Protocol):
     def resident(self, key: WeightKey) -> bool:
         """True when the unit is on the device tier (no transfer needed)."""
 
+    def gather(self, key: WeightKey, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of one of a unit's tensors on the device, [*ids.shape, ...], reading only
+        those rows where the unit is not resident (embedding lookups)."""
+
     def close(self) -> None:
         """Stop lanes and free buffers."""
 
@@ -122,6 +126,9 @@ class ResidentStore:
 
     def release(self, key: WeightKey) -> None:
         pass
+
+    def gather(self, key: WeightKey, name: str, ids: torch.Tensor) -> torch.Tensor:
+        return self.fetch(key).wait()[name][ids]
 
     def resident(self, key: WeightKey) -> bool:
         return key in self._units

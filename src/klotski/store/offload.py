@@ -207,6 +207,57 @@ class OffloadDir:
                                f"delete {self.path} to repack it")
         self._check(blob, buf, file)
 
+    def read_rows(self, key: WeightKey, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows of one tensor of a blob ([len(rows), ...]), one small buffered pread each: the
+        embedding lookup of a step reads a few KB per token, not the whole table."""
+        blob = self.blobs[key]
+        tensor = next((t for t in blob.tensors if t.name == name), None)
+        if tensor is None:
+            raise OffloadError(f"offload blob {self.path / blob.file} has no tensor {name!r}; delete {self.path} "
+                               "to repack it")
+        count = tensor.shape[0]
+        bad = [r for r in rows if not 0 <= r < count]
+        if bad:
+            raise KlotskiError(f"token id {bad[0]} is out of range for {key} ({count} rows); check the prompt's token ids")
+        row = tensor.nbytes // count
+        out = torch.empty((len(rows), *tensor.shape[1:]), dtype=tensor.dtype)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        file = self.path / blob.file
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except FileNotFoundError:
+            raise OffloadError(f"offload blob {file} has vanished; the offload dir was removed during the run. "
+                               f"Re-run to repack it") from None
+        try:
+            self._verify_whole(blob, fd, file)
+            for i, r in enumerate(rows):
+                if os.preadv(fd, [view[i * row:(i + 1) * row]], tensor.offset + r * row) != row:
+                    raise OffloadError(f"offload blob {file} is truncated; delete {self.path} to repack it")
+        except OSError as exc:
+            raise OffloadError(f"reading offload blob {file} failed: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        return out
+
+    def _verify_whole(self, blob: Blob, fd: int, file: Path, chunk: int = 16 * 2**20) -> None:
+        """The checksum of a blob read only in parts: streamed through a small buffer (never the
+        whole blob in memory), once under verify="first"."""
+        with self._lock:
+            if self.verify == "never" or (self.verify == "first" and blob.key in self._verified):
+                return
+        crc, done = 0, 0
+        while done < blob.nbytes and (data := os.pread(fd, min(chunk, blob.nbytes - done), done)):
+            crc, done = zlib.crc32(data, crc), done + len(data)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # leave the page cache as it was
+        if done < blob.nbytes:
+            raise OffloadError(f"offload blob {file} is truncated ({done} of {blob.nbytes} bytes); "
+                               f"delete {self.path} to repack it")
+        if crc != blob.crc32:
+            raise OffloadError(f"offload blob {file} fails its checksum (corrupt); delete {self.path} to repack it")
+        with self._lock:
+            self._verified.add(blob.key)
+
     def views(self, blob: Blob, buf) -> dict[str, torch.Tensor]:
         """Tensor views over a blob's bytes in a buffer, host or device (no copy)."""
         raw = buf if isinstance(buf, torch.Tensor) else torch.frombuffer(buf, dtype=torch.uint8, count=blob.padded)

@@ -1,7 +1,7 @@
 """Greedy placement (until the planner decides): fill the device budget, then host, then disk.
 
-Units that every token needs (embeddings, head, attention, gates) go first, then experts layer
-by layer. Room for the units in flight is kept free on the device (the same for every schedule).
+Units that every token needs (head, attention, gates) go first, then experts layer by layer,
+then the embedding table (of which a step reads only its tokens' rows). Room for the units in flight is kept free on the device (the same for every schedule).
 """
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ DEVICE, HOST, DISK = "device", "host", "disk"
 
 
 def placement_order(spec: ModelSpec) -> list[WeightKey]:
-    """Units by how much keeping them resident saves: dense parts first, then experts by layer."""
+    """Units by how much keeping them resident saves: dense parts first, then experts by layer,
+    the embedding table last (off the device only the rows a step looks up are read: a few KB a
+    token, where any other unit off the device is read whole every step)."""
     keys = spec.weight_keys()
-    dense = [k for k in keys if k.part in (EMBED, HEAD, ATTN, MOE)]
-    return dense + [k for k in keys if k.part == EXPERT]
+    dense = [k for k in keys if k.part in (HEAD, ATTN, MOE)]
+    return dense + [k for k in keys if k.part == EXPERT] + [k for k in keys if k.part == EMBED]
 
 
 MIN_INFLIGHT_BYTES = 256 * 2**20  # small experts: enough reads queued to keep the disk busy
@@ -62,8 +64,9 @@ def working_set(spec: ModelSpec, unit_bytes: dict[WeightKey, int], num_hot: int,
 
 
 def dense_resident(spec: ModelSpec, placement: dict[WeightKey, str]) -> bool:
-    """Every unit that every token needs sits on the device: none of them is ever fetched."""
-    return all(placement.get(k, DEVICE) == DEVICE for k in spec.weight_keys() if k.part != EXPERT)
+    """Attention, gates and head all sit on the device: none of them is ever fetched (the
+    embedding table never is: its rows are read where it sits)."""
+    return all(placement.get(k, DEVICE) == DEVICE for k in spec.weight_keys() if k.part not in (EXPERT, EMBED))
 
 
 def _layer_bytes(spec: ModelSpec, unit_bytes: dict[WeightKey, int], layer: int) -> int:

@@ -21,6 +21,7 @@ from klotski.models.spec import EXPERT, WeightKey
 from klotski.runtime.timeline import Timeline
 from klotski.store.base import Handle, Weights
 from klotski.store.offload import OffloadDir
+from klotski.store.placement import placement_order
 from klotski.store.pool import TierPool
 
 DEVICE, HOST, DISK = "device", "host", "disk"
@@ -138,6 +139,7 @@ class TieredStore:
             if name not in self.lanes:
                 self.lanes[name] = Lane(name, self._readers, priority)
         self._order = {key: i for i, key in enumerate(self.checkpoint.spec.weight_keys())}  # execution order
+        self._placed = {key: i for i, key in enumerate(placement_order(self.checkpoint.spec))}  # what to keep first
         self._cuda = self.device.type == "cuda"
         self._host_blobs: dict[WeightKey, torch.Tensor] = {}  # CUDA: host-placed units, pinned
         if self._cuda:
@@ -243,6 +245,22 @@ class TieredStore:
             entry.buffer[: blob.padded].copy_(staging[: blob.padded], non_blocking=True)
         stream.synchronize()  # the lane waits for its own copy; the consumer waits on the handle
         return self.offload.views(blob, entry.buffer)
+
+    def gather(self, key: WeightKey, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of one tensor of a unit, on the device ([*ids.shape, ...]): indexed where the
+        unit is resident, else only those rows read (the embedding table is never fetched whole)."""
+        if key in self._resident:
+            return self._resident[key][name][ids]
+        unique, inverse = torch.unique(ids.flatten().cpu(), return_inverse=True)
+        start = self.timeline.now()
+        if key in self._host_blobs:  # CUDA: the pinned host copy
+            rows = self.offload.views(self.offload.blobs[key], self._host_blobs[key])[name][unique]
+        else:
+            rows = self.offload.read_rows(key, name, unique.tolist())
+            with self._cond:
+                self.bytes_read[DISK] += rows.nbytes
+        self.timeline.add("ondemand", "read", start, self.timeline.now(), layer=key.layer, bytes=rows.nbytes)
+        return rows[inverse].view(*ids.shape, *rows.shape[1:]).to(self.device)
 
     def claim(self, key: WeightKey, handle: StoreHandle) -> Weights:
         """The consumer's wait: block until the unit is usable, evicting idle prefetches if needed."""
@@ -362,7 +380,7 @@ class TieredStore:
         movable = [k for k in self._resident if self.placement.get(k) == DEVICE and k in self.offload.blobs]
         if not movable:
             return False
-        key = max(movable, key=lambda k: (k.part == EXPERT, self._order[k]))
+        key = max(movable, key=lambda k: self._placed[k])
         del self._resident[key]
         self.placement[key] = DISK
         self.device_pool.uncharge(self.checkpoint.unit_nbytes(key))
