@@ -338,13 +338,18 @@ def test_two_experts_in_flight_keep_tokens_and_budget(model, resident_tokens, tm
     assert 0 < stats["bytes_read"]["disk"] < before["bytes_read"]["disk"]
 
 
-def test_embedding_rows_are_read_where_the_table_sits(model, resident_tokens, tmp_path):
+@pytest.mark.parametrize("how", ["row by row", "one scan"])
+def test_embedding_rows_are_read_where_the_table_sits(model, resident_tokens, tmp_path, monkeypatch, how):
     """A tight budget leaves the embedding table on disk (placed after the experts): each step reads
-    only its tokens' rows, the tokens do not change, and the rows are the checkpoint's."""
+    only its tokens' rows (concurrent preads, or one scan when that is cheaper), the tokens do not
+    change, and the rows are the checkpoint's."""
     import torch
 
     from klotski.checkpoint.reader import Checkpoint
     from klotski.models.spec import WeightKey
+    from klotski.store import offload
+
+    monkeypatch.setattr(offload, "ROW_READ_COST", 1 if how == "row by row" else 2**30)
 
     embed = WeightKey(None, "embed")
     llm = LLM(str(model), offload_dir=str(tmp_path / "offload"), device_memory="420KB", batch_size=2, num_batches=2)

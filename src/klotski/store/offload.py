@@ -12,6 +12,7 @@ import shutil
 import sys
 import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,20 @@ from klotski.models.spec import WeightKey
 FORMAT_VERSION = 1
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the logical block size
 TENSOR_ALIGN = 64
+
+
+ROW_READERS = 16  # concurrent row reads (embedding lookups off the device)
+ROW_READ_COST = 64 * 1024  # bytes of sequential reading one random row read is worth
+_ROW_POOL: ThreadPoolExecutor | None = None
+_ROW_POOL_LOCK = threading.Lock()
+
+
+def _row_pool() -> ThreadPoolExecutor:
+    global _ROW_POOL
+    with _ROW_POOL_LOCK:
+        if _ROW_POOL is None:
+            _ROW_POOL = ThreadPoolExecutor(ROW_READERS, thread_name_prefix="klotski-rows")
+        return _ROW_POOL
 
 
 class OffloadError(KlotskiError):
@@ -208,8 +223,13 @@ class OffloadDir:
         self._check(blob, buf, file)
 
     def read_rows(self, key: WeightKey, name: str, rows: list[int]) -> torch.Tensor:
-        """Rows of one tensor of a blob ([len(rows), ...]), one small buffered pread each: the
-        embedding lookup of a step reads a few KB per token, not the whole table."""
+        """Rows of one tensor of a blob ([len(rows), ...]): the embedding lookup of a step reads a
+        few KB per token, not the whole table.
+
+        One small pread per row, ROW_READERS at a time: a lone 8 KB read waited about 1.4 ms on
+        this machine's disk (128 rows one by one: 176 ms a step). When the rows would cost more
+        than reading the tensor, it is scanned once in 16 MiB chunks instead (a long prefill).
+        """
         blob = self.blobs[key]
         tensor = next((t for t in blob.tensors if t.name == name), None)
         if tensor is None:
@@ -228,16 +248,43 @@ class OffloadDir:
         except FileNotFoundError:
             raise OffloadError(f"offload blob {file} has vanished; the offload dir was removed during the run. "
                                f"Re-run to repack it") from None
+
+        def read(i: int, r: int) -> None:
+            if os.preadv(fd, [view[i * row:(i + 1) * row]], tensor.offset + r * row) != row:
+                raise OffloadError(f"offload blob {file} is truncated; delete {self.path} to repack it")
+
         try:
             self._verify_whole(blob, fd, file)
-            for i, r in enumerate(rows):
-                if os.preadv(fd, [view[i * row:(i + 1) * row]], tensor.offset + r * row) != row:
-                    raise OffloadError(f"offload blob {file} is truncated; delete {self.path} to repack it")
+            if len(rows) * ROW_READ_COST >= tensor.nbytes:
+                self._scan_rows(fd, tensor, row, rows, view, file)
+            elif len(rows) == 1:
+                read(0, rows[0])
+            else:
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead around each row
+                for f in [_row_pool().submit(read, i, r) for i, r in enumerate(rows)]:
+                    f.result()
         except OSError as exc:
             raise OffloadError(f"reading offload blob {file} failed: {exc.strerror}") from None
         finally:
             os.close(fd)
         return out
+
+    def _scan_rows(self, fd: int, tensor: BlobTensor, row: int, rows: list[int], view, file: Path,
+                   chunk: int = 16 * 2**20) -> None:
+        """Copy `rows` (sorted) out of one sequential pass over the tensor."""
+        per = max(chunk // row, 1)
+        want = {r: i for i, r in enumerate(rows)}
+        for first in range(0, tensor.shape[0], per):
+            inside = [r for r in range(first, min(first + per, tensor.shape[0])) if r in want]
+            if not inside:
+                continue
+            data = os.pread(fd, (inside[-1] - first + 1) * row, tensor.offset + first * row)
+            for r in inside:
+                i, at = want[r], (r - first) * row
+                if len(data) < at + row:
+                    raise OffloadError(f"offload blob {file} is truncated; delete {self.path} to repack it")
+                view[i * row:(i + 1) * row] = data[at:at + row]
 
     def _verify_whole(self, blob: Blob, fd: int, file: Path, chunk: int = 16 * 2**20) -> None:
         """The checksum of a blob read only in parts: streamed through a small buffer (never the

@@ -41,8 +41,8 @@ def inflight_experts(spec: ModelSpec, num_hot: int, expert_bytes: int) -> int:
 def inflight_parts(spec: ModelSpec, unit_bytes: dict[WeightKey, int], num_hot: int) -> tuple[int, int]:
     """(dense, experts): device bytes kept free for units in flight.
 
-    dense: a layer's gate part and attention and the next layer's attention, needed only when some
-    dense unit is not resident. experts: `inflight_experts` of the largest expert.
+    dense: a layer's gate part and attention and the next layer's attention (or the head, if
+    larger), needed only when some dense unit is not resident. experts: `inflight_experts` of the largest expert.
 
     The same for every rung of the ladder, so rungs differ in scheduling, not in placement: a
     schedule that wants more in flight (overlap's whole next layer) gets what the budget leaves,
@@ -50,7 +50,9 @@ def inflight_parts(spec: ModelSpec, unit_bytes: dict[WeightKey, int], num_hot: i
     """
     layer = max(range(spec.num_layers), key=lambda l: _layer_bytes(spec, unit_bytes, l))
     expert = max((b for k, b in unit_bytes.items() if k.part == EXPERT), default=0)
-    dense = 2 * unit_bytes[WeightKey(layer, ATTN)] + unit_bytes[WeightKey(layer, MOE)]
+    # The head streams alone (after the last layer), the rest two at a time; either must fit.
+    dense = max(2 * unit_bytes[WeightKey(layer, ATTN)] + unit_bytes[WeightKey(layer, MOE)],
+                unit_bytes.get(WeightKey(None, HEAD), 0))
     # Fewer hot experts than top_k (0: no hot prefetch) leave the room to the cold stream, so the
     # placement, and with it the bytes read, stays that of top_k: K changes scheduling only.
     return dense, inflight_experts(spec, num_hot, expert) * expert
