@@ -380,3 +380,33 @@ def test_a_corrupt_embedding_table_is_caught_though_read_by_rows(model, tmp_path
             llm.generate(PROMPTS, GREEDY)
     finally:
         llm.store.close()
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "klotski"])
+def test_blobs_read_in_parts_give_the_same_tokens(model, resident_tokens, tmp_path, monkeypatch, schedule):
+    """Large blobs are read in one part per reader thread; the parts land in one buffer, are
+    checked as a whole, and the tokens do not change."""
+    from klotski.store import tiered
+
+    monkeypatch.setattr(tiered, "SPLIT_MIN", 1)  # every blob of two pages or more is split
+    parts = []
+    read_part = tiered.TieredStore._read_part
+    monkeypatch.setattr(tiered.TieredStore, "_read_part",
+                        lambda self, entry, lo, hi: (parts.append(hi - lo), read_part(self, entry, lo, hi)))
+    tokens, stats = _run(model, tmp_path, schedule=schedule, device_memory="500KB", batch_size=2, num_batches=2)
+    assert tokens == resident_tokens
+    assert parts and 0 < sum(parts) <= stats["bytes_read"]["disk"]  # blobs came in parts (and rows too)
+
+
+@pytest.mark.parametrize("how,match", [("truncate", "truncated"), ("flip", "checksum")])
+def test_a_bad_blob_read_in_parts_stops_the_run(model, tmp_path, monkeypatch, how, match):
+    from klotski.store import tiered
+
+    monkeypatch.setattr(tiered, "SPLIT_MIN", 1)
+    llm = _corrupt(model, tmp_path, how)
+    try:
+        with pytest.raises(KlotskiError, match=match):
+            llm.generate(PROMPTS, GREEDY)
+    finally:
+        llm.store.close()
+

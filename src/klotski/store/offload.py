@@ -215,8 +215,17 @@ class OffloadDir:
     def read_raw(self, key: WeightKey, buf) -> None:
         """Read and check one blob's bytes into an aligned host buffer (mmap or pinned tensor)."""
         blob = self.blobs[key]
+        self.check_read(key, buf, self._read(self.path / blob.file, buf, blob.padded))
+
+    def read_part(self, key: WeightKey, buf, start: int, end: int) -> int:
+        """Read bytes [start, end) of a blob (start aligned) into the same range of buf; bytes got.
+        Parts of one blob read on several threads at once; `check_read` once all have landed."""
+        return self._read(self.path / self.blobs[key].file, buf, end, start)
+
+    def check_read(self, key: WeightKey, buf, got: int) -> None:
+        """A blob's bytes are all in buf (`got` of them read) and match its checksum."""
+        blob = self.blobs[key]
         file = self.path / blob.file
-        got = self._read(file, buf, blob.padded)
         if got < blob.nbytes:
             raise OffloadError(f"offload blob {file} is truncated ({got} of {blob.nbytes} bytes); "
                                f"delete {self.path} to repack it")
@@ -320,8 +329,9 @@ class OffloadDir:
         with self._lock:
             self._verified.add(blob.key)
 
-    def _read(self, file: Path, buf, length: int) -> int:
-        """pread the whole blob: O_DIRECT when possible (no page-cache copy), else buffered."""
+    def _read(self, file: Path, buf, length: int, start: int = 0) -> int:
+        """pread bytes [start, length) of a blob: O_DIRECT when possible (no page-cache copy), else
+        buffered; returns the bytes read."""
         view = memoryview(buf.numpy() if isinstance(buf, torch.Tensor) else buf)[:length]
         try:
             fd = os.open(file, os.O_RDONLY | (os.O_DIRECT if self._direct else 0))
@@ -330,19 +340,19 @@ class OffloadDir:
                                f"Re-run to repack it") from None
         except OSError:
             self._direct = False  # the filesystem refuses O_DIRECT (tmpfs, some overlays)
-            return self._read(file, buf, length)
+            return self._read(file, buf, length, start)
         try:
-            done = 0
+            done = start
             while done < length:
                 n = os.preadv(fd, [view[done:]], done)
                 if n == 0:
                     break
                 done += n
-            return done
+            return done - start
         except OSError as exc:
             if self._direct and exc.errno == 22:  # EINVAL: O_DIRECT not supported for this file
                 self._direct = False
-                return self._read(file, buf, length)
+                return self._read(file, buf, length, start)
             raise OffloadError(f"reading offload blob {file} failed: {exc.strerror}") from None
         finally:
             os.close(fd)

@@ -20,11 +20,12 @@ from klotski.errors import KlotskiError
 from klotski.models.spec import EXPERT, WeightKey
 from klotski.runtime.timeline import Timeline
 from klotski.store.base import Handle, Weights
-from klotski.store.offload import OffloadDir
+from klotski.store.offload import ALIGN, OffloadDir
 from klotski.store.placement import placement_order
 from klotski.store.pool import TierPool
 
 DEVICE, HOST, DISK = "device", "host", "disk"
+SPLIT_MIN = 64 * 2**20  # a blob of at least twice this is read in parts, one per reader thread
 
 
 @dataclass(eq=False)
@@ -38,6 +39,7 @@ class Entry:
     buffer: object = None
     weights: Weights | None = None
     error: BaseException | None = None
+    parts: list | None = None  # a blob read in parts: [parts left, bytes got, first error]
 
 
 class ReaderPool:
@@ -201,10 +203,19 @@ class TieredStore:
     def _start(self, entry: Entry, buf) -> None:
         entry.state, entry.buffer = "inflight", buf
         entry.handle._event.clear()
-        self.lanes[entry.lane].submit(lambda: self._read(entry))
+        blob = self.offload.blobs[entry.key]
+        if self._cuda or self.readers < 2 or blob.padded < 2 * SPLIT_MIN:
+            self.lanes[entry.lane].submit(lambda: self._read(entry))
+            return
+        # A large blob is read in one part per reader thread: with two buffers in flight one is
+        # being computed on while the other arrives, and one stream alone leaves the disk idle.
+        cuts = sorted({blob.padded * i // self.readers // ALIGN * ALIGN for i in range(self.readers)} | {blob.padded})
+        entry.parts = [len(cuts) - 1, 0, None]  # parts left, bytes got, first error
+        for lo, hi in zip(cuts, cuts[1:]):
+            self.lanes[entry.lane].submit(lambda lo=lo, hi=hi: self._read_part(entry, lo, hi))
 
     def _read(self, entry: Entry) -> None:
-        """Lane thread: one sequential read of the unit's blob into its buffer."""
+        """Reader thread: one sequential read of the unit's blob into its buffer."""
         blob = self.offload.blobs[entry.key]
         start = self.timeline.now()
         try:
@@ -216,8 +227,38 @@ class TieredStore:
         source = HOST if entry.key in self._host_blobs else DISK
         self.timeline.add(entry.lane, "read" if source == DISK else "copy", start, end, layer=entry.key.layer,
                           expert=entry.key.expert, bytes=blob.padded)
+        self._land(entry, weights, error, end, blob.padded, source)
+
+    def _read_part(self, entry: Entry, lo: int, hi: int) -> None:
+        """Reader thread: one part of a blob; the last part to land checks the whole and publishes it."""
+        start = self.timeline.now()
+        try:
+            got, error = self.offload.read_part(entry.key, entry.buffer, lo, hi), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who re-raises it
+            got, error = 0, exc
+        end = self.timeline.now()
+        self.timeline.add(entry.lane, "read", start, end, layer=entry.key.layer, expert=entry.key.expert,
+                          bytes=hi - lo)
         with self._cond:
-            self.bytes_read[source] += blob.padded
+            entry.parts[0] -= 1
+            entry.parts[1] += got
+            entry.parts[2] = entry.parts[2] or error
+            if entry.parts[0]:
+                return
+        weights, error = None, entry.parts[2]
+        if error is None:
+            try:
+                self.offload.check_read(entry.key, entry.buffer, entry.parts[1])
+                weights = self.offload.views(self.offload.blobs[entry.key], entry.buffer)
+            except BaseException as exc:  # noqa: BLE001
+                error = exc
+        self._land(entry, weights, error, end, self.offload.blobs[entry.key].padded, DISK)
+
+    def _land(self, entry: Entry, weights: Weights | None, error: BaseException | None, end: float,
+              nbytes: int, source: str) -> None:
+        """A fetch's bytes are in: hand them to the consumer, or free the buffer if it was released."""
+        with self._cond:
+            self.bytes_read[source] += nbytes
             arrived = entry.state != "released"
             if arrived:
                 entry.weights, entry.error, entry.state = weights, error, "ready"
