@@ -242,7 +242,7 @@ class Pipeline:
                 self.store.fetch(WeightKey(layer, EXPERT, e), "ondemand")
         if sched.hot_only:
             self._prefetch_ahead(layer, ids)
-        outs = self._experts(layer, gates, ids, used, hot)
+        outs = self._experts(layer, gates, ids, used)
         for i, b in enumerate(batches):
             xs[i] = xs[i].clone()
             xs[i][b.valid] = outs[i]
@@ -262,8 +262,7 @@ class Pipeline:
                     self.store.fetch(WeightKey(layer, EXPERT, e), "ondemand")
         return gates
 
-    def _experts(self, layer: int, gates: list[GateOutput], ids: torch.Tensor, used: list[int],
-                 hot: list[int]) -> list[torch.Tensor]:
+    def _experts(self, layer: int, gates: list[GateOutput], ids: torch.Tensor, used: list[int]) -> list[torch.Tensor]:
         """Every used expert over all its tokens of the group; returns each batch's MLP output."""
         h = torch.cat([g.h for g in gates])  # [T, D]
         weights = torch.cat([g.weights for g in gates])  # [T, K]
@@ -273,7 +272,7 @@ class Pipeline:
         # Experts the gate did not pick are dropped now, not after the layer: a prefetch of one that
         # has not started yet never reads (overlap and multibatch prefetch whole layers).
         self._release_unused(layer, used)
-        for e, w in self._expert_order(layer, used, hot):
+        for e, w in self._expert_order(layer, used):
             tok, slot = torch.where(ids == e)
             with self.timeline.span("compute", "expert", layer=layer, expert=e):
                 y = self.runner.expert(w, h[tok])
@@ -287,8 +286,9 @@ class Pipeline:
         for e in set(range(self.spec.num_experts)) - set(used):
             self.store.release(WeightKey(layer, EXPERT, e))
 
-    def _expert_order(self, layer: int, used: list[int], hot: list[int]):
-        """Yield (expert, weights): by id with a wait each, or (reorder) resident first, then by arrival."""
+    def _expert_order(self, layer: int, used: list[int]):
+        """Yield (expert, weights): by id with a wait each, or (reorder) fetched ones by arrival, resident
+        ones whenever nothing has arrived."""
         keys = {e: WeightKey(layer, EXPERT, e) for e in used}
         if not self.schedule.reorder:
             # In expert order: under `hot` the cold fetches start after all gates, in the order
@@ -299,15 +299,19 @@ class Pipeline:
                 yield e, self._wait(handle, layer=layer, expert=e)
             return
         handles = {e: self.store.fetch(keys[e], "ondemand") for e in used}
-        ready = [e for e in used if handles[e].done()]
-        ready.sort(key=lambda e: (e not in hot, e))
-        for e in ready:
-            yield e, handles[e].wait()
-        pending = {handles[e]: e for e in used if e not in ready}
-        while pending:
+        # Fetched experts first, in arrival order: each frees its buffer for the next read as soon
+        # as it is done. Resident ones fill the time the next arrival would be waited for (at a
+        # step's start they would otherwise hold up buffers that arrived and leave the disk idle).
+        resident = [e for e in used if self.store.resident(keys[e])]
+        pending = {handles[e]: e for e in used if e not in resident}
+        while pending or resident:
             arrived = [h for h in pending if h.done()]
             if arrived:
                 handle = min(arrived, key=lambda h: (h.arrived, pending[h]))
+            elif resident:
+                e = resident.pop(0)
+                yield e, handles[e].wait()
+                continue
             else:
                 with self.timeline.span("compute", "wait", layer=layer):
                     # A store may wait its own way (the simulator's moves a virtual clock).
