@@ -241,7 +241,7 @@ class OffloadDir:
 
         One small pread per row, ROW_READERS at a time: a lone 8 KB read waited about 1.4 ms on
         this machine's disk (128 rows one by one: 176 ms a step). When the rows would cost more
-        than reading the tensor, it is scanned once in 16 MiB chunks instead (a long prefill).
+        than reading the tensor, it is scanned once in 2 MiB chunks instead (a long prefill).
         """
         blob = self.blobs[key]
         tensor = next((t for t in blob.tensors if t.name == name), None)
@@ -284,7 +284,7 @@ class OffloadDir:
         return out
 
     def _scan_rows(self, fd: int, tensor: BlobTensor, row: int, rows: list[int], view, file: Path,
-                   chunk: int = 16 * 2**20) -> None:
+                   chunk: int = 2 * 2**20) -> None:
         """Copy `rows` (sorted) out of one sequential pass over the tensor."""
         per = max(chunk // row, 1)
         want = {r: i for i, r in enumerate(rows)}
@@ -299,9 +299,9 @@ class OffloadDir:
                     raise OffloadError(f"offload blob {file} is truncated; delete {self.path} to repack it")
                 view[i * row:(i + 1) * row] = data[at:at + row]
 
-    def _verify_whole(self, blob: Blob, fd: int, file: Path, chunk: int = 16 * 2**20) -> None:
-        """The checksum of a blob read only in parts: streamed through a small buffer (never the
-        whole blob in memory), once under verify="first"."""
+    def _verify_whole(self, blob: Blob, fd: int, file: Path, chunk: int = 2 * 2**20) -> None:
+        """The checksum of a blob read only in parts: streamed 2 MiB at a time (never the whole blob
+        in memory), once under verify="first"."""
         with self._lock:
             if self.verify == "never" or (self.verify == "first" and blob.key in self._verified):
                 return
