@@ -112,8 +112,14 @@ def _corrupt(model, tmp_path, how: str):
     return llm
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "in-parts"])
 @pytest.mark.parametrize("how,match", [("truncate", "truncated"), ("flip", "checksum"), ("vanish", "vanished")])
-def test_failed_reads_stop_the_run(model, tmp_path, how, match):
+def test_failed_reads_stop_the_run(model, tmp_path, monkeypatch, how, match, split):
+    """Whether a blob is read whole or in parts (one per reader thread), a bad one stops the run."""
+    from klotski.store import tiered
+
+    if split:
+        monkeypatch.setattr(tiered, "SPLIT_MIN", 1)
     llm = _corrupt(model, tmp_path, how)
     try:
         with pytest.raises(KlotskiError, match=match):
@@ -396,17 +402,4 @@ def test_blobs_read_in_parts_give_the_same_tokens(model, resident_tokens, tmp_pa
     tokens, stats = _run(model, tmp_path, schedule=schedule, device_memory="500KB", batch_size=2, num_batches=2)
     assert tokens == resident_tokens
     assert parts and 0 < sum(parts) <= stats["bytes_read"]["disk"]  # blobs came in parts (and rows too)
-
-
-@pytest.mark.parametrize("how,match", [("truncate", "truncated"), ("flip", "checksum")])
-def test_a_bad_blob_read_in_parts_stops_the_run(model, tmp_path, monkeypatch, how, match):
-    from klotski.store import tiered
-
-    monkeypatch.setattr(tiered, "SPLIT_MIN", 1)
-    llm = _corrupt(model, tmp_path, how)
-    try:
-        with pytest.raises(KlotskiError, match=match):
-            llm.generate(PROMPTS, GREEDY)
-    finally:
-        llm.store.close()
 
