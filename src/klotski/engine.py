@@ -27,6 +27,7 @@ from klotski.prefetch.replay import make_replay
 from klotski.prefetch.runtime import RoutingRecording, make_predictor
 from klotski.prefetch.table import find_model_table
 from klotski.store.base import ResidentStore
+from klotski.store.heap import return_freed_memory
 from klotski.store.offload import OffloadDir, default_offload_dir
 from klotski.store.placement import DISK, HOST, greedy_placement, inflight_parts, working_set
 from klotski.store.pool import TierPool
@@ -53,6 +54,8 @@ class LLM:
             offload_dir=offload_dir, schedule=schedule, batch_size=batch_size, num_batches=num_batches,
             num_hot=num_hot, max_model_len=max_model_len)
         self.schedule = get_schedule(schedule)
+        # Under a budget, activations freed each layer go back to the OS instead of piling up in the heap.
+        self.heap_returns_freed = self._budgeted() and return_freed_memory()
         self.checkpoint = Checkpoint.open(self.config.model)
         self.spec = self.checkpoint.spec
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
@@ -134,11 +137,14 @@ class LLM:
             ids |= self.tokenizer.eos_token_ids
         return frozenset(ids)
 
+    def _budgeted(self) -> bool:
+        cfg = self.config
+        return cfg.device_memory is not None or cfg.host_memory is not None or cfg.offload_dir is not None
+
     def _planned(self) -> bool:
         """The planner picks bs / n (and the placement) when a budget is set and a flag is missing."""
         cfg = self.config
-        budgeted = cfg.device_memory is not None or cfg.host_memory is not None or cfg.offload_dir is not None
-        return budgeted and (cfg.batch_size is None or cfg.num_batches is None)
+        return self._budgeted() and (cfg.batch_size is None or cfg.num_batches is None)
 
     def policy(self, num_requests: int, prompt_len: int | None = None, gen_len: int | None = None) -> Policy:
         """bs, n and K for this many requests: the planner's under a budget (flags override), else simple rules."""
@@ -296,6 +302,7 @@ class LLM:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "routing_replay": self.replay.describe() if self.replay is not None else None,
+            "heap_returns_freed": self.heap_returns_freed,  # malloc's thresholds fixed (store/heap.py)
         }
         stats |= timeline.summary(wall)
         stats |= self.plan_stats  # the planner's prediction next to the measured figures

@@ -83,6 +83,8 @@ def test_everything_on_device_reads_nothing(model, resident_tokens, tmp_path):
     tokens, stats = _run(model, tmp_path, device_memory="64MB")
     assert tokens == resident_tokens
     assert stats["bytes_read"]["disk"] == 0
+    # Under a budget the heap hands freed activations back (store/heap.py) unless the user tuned malloc.
+    assert stats["heap_returns_freed"] is not any(k.startswith("MALLOC_") for k in os.environ)
 
 
 def test_timeline_records_transfers_and_bubbles(model, tmp_path):
