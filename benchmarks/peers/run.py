@@ -50,6 +50,45 @@ def lower_bound(run: dict, args, config: dict, figures: dict) -> dict:
             "io_efficiency": (run["bytes_read"] or 0) / (figures["disk_gbps"] * 1e9) / run["wall_s"]}
 
 
+def achieved_gbps(runs: list[dict]) -> float:
+    """The fastest read rate a klotski run showed (its bytes read / its wall time, itself an underestimate).
+    llama.cpp's rows do not count: their block reads include model load and warmup, outside their timing."""
+    return max((r["bytes_read"] / r["wall_s"] / 1e9 for r in runs
+                if r.get("engine") == "klotski" and r.get("bytes_read") and r.get("wall_s")), default=0.0)
+
+
+def rebound(runs: list[dict], args, config: dict, figures: dict) -> None:
+    """Every row's bound at the fastest disk rate seen: the measured samples (one stream, O_DIRECT; rates
+    vary up to 3x between moments on this shared machine) or a klotski run's (two streams read faster),
+    since a lower bound must not assume a disk slower than one an engine was seen to read."""
+    figures["disk_gbps_achieved"] = achieved_gbps(runs)
+    figures["disk_gbps"] = max(*figures["disk_gbps_samples"], figures["disk_gbps_achieved"])
+    figures["disk_rate_source"] = ("achieved by a klotski run" if figures["disk_gbps"] == figures["disk_gbps_achieved"]
+                                   else "measured (O_DIRECT, one stream)")
+    for run in runs:
+        if "error" not in run:
+            run |= lower_bound(run, args, config, figures)
+
+
+def rescore(args) -> int:
+    """--rescore: the bounds of a finished peers.json recomputed (rebound) from its own figures."""
+    try:
+        result = json.loads(args.out.read_text())
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read {args.out} to rescore ({e}); pass --out FILE of a finished run", file=sys.stderr)
+        return 2
+    settings, figures = result["config"], result["machine"]
+    args.weights_bytes, args.cap = settings["weights_bytes"], settings["cap_bytes"]
+    args.prompt_len, args.gen_len = settings["prompt_len"], settings["gen_len"]
+    config = json.loads((Path(settings["checkpoint"]) / "config.json").read_text())
+    figures.setdefault("disk_gbps_samples", [figures["disk_gbps"]])
+    rebound(result["runs"], args, config, figures)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+    print(f"rescored {args.out} at {figures['disk_gbps']:.2f} GB/s ({figures['disk_rate_source']})")
+    return 0
+
+
 def _run_row(engine: str, schedule: str, batch_size: int, num_batches: int, sequences: int,
              tokens_per_s: float, bubble: float | None, bytes_read: int | None, wall: float, **extra) -> dict:
     return {"engine": engine, "schedule": schedule, "batch_size": batch_size, "num_batches": num_batches,
@@ -143,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--keep", type=Path, help="an earlier peers.json whose runs this one adds to (a second pass)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/peers.json"))
+    p.add_argument("--rescore", action="store_true", help="recompute every bound of --out at the fastest disk "
+                   "rate its runs showed (no engine runs)")
     return p
 
 
@@ -182,6 +223,8 @@ def _sweep(args, binary: Path, models: dict[str, Path], config: dict, save) -> l
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.rescore:
+        return rescore(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     binary, models = _prepare(args)
     config = json.loads((args.checkpoint / "config.json").read_text())
@@ -205,12 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps({"machine": figures, "config": settings, "runs": runs}, indent=1) + "\n")
 
     runs = _sweep(args, binary, models, config, save)
-    # Disk rates vary up to 3x between moments on this shared machine: the bound takes the best seen.
     figures["disk_gbps_samples"] = [figures["disk_gbps"], machine.disk_bandwidth(files)["disk_gbps"]]
-    figures["disk_gbps"] = max(figures["disk_gbps_samples"])
-    for run in runs:
-        if "error" not in run:
-            run |= lower_bound(run, args, config, figures)
+    rebound(runs, args, config, figures)
     settings["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     save(runs)
     print(markdown({"runs": runs}))

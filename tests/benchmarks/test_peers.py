@@ -33,3 +33,24 @@ def test_command_sizes_the_context_to_the_batch():
     assert cmd[cmd.index("-c") + 1] == str(8 * 48)
     assert cmd[cmd.index("-npl") + 1] == "8" and cmd[cmd.index("-t") + 1] == "2"
 
+
+
+def test_bounds_use_the_fastest_disk_rate_a_klotski_run_showed():
+    from argparse import Namespace
+
+    from benchmarks.peers import run
+
+    config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_local_experts": 4,
+              "num_experts_per_tok": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}
+    args = Namespace(prompt_len=4, gen_len=2, weights_bytes=10e9, cap=4e9)
+    figures = {"disk_gbps_samples": [1.0, 1.5], "matmul_gflops_bfloat16": {"64": 1e3}, "matmul_gflops_float32": {"64": 1e2}}
+    runs = [{"engine": "llama.cpp", "sequences": 1, "bytes_read": 90e9, "wall_s": 10.0},  # load + warmup reads
+            {"engine": "klotski", "sequences": 1, "bytes_read": 20e9, "wall_s": 10.0},
+            {"engine": "klotski", "error": "rc=137"}]
+    run.rebound(runs, args, config, figures)
+    assert figures["disk_gbps"] == 2.0 and figures["disk_rate_source"] == "achieved by a klotski run"
+    assert runs[1]["bound_io_s"] == 2 * 6e9 / 2e9 and runs[1]["io_efficiency"] == 1.0
+    assert "bound_s" not in runs[2]
+    runs[1]["bytes_read"] = 5e9  # slower than the measured samples: they stand
+    run.rebound(runs, args, config, figures)
+    assert figures["disk_gbps"] == 1.5 and figures["disk_rate_source"].startswith("measured")
