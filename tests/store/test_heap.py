@@ -10,20 +10,31 @@ from klotski.store import heap
 
 # Allocate and free activation-sized tensors the way a layer does, then report what stays resident.
 CHURN = r"""
-import json, sys, torch
+import ctypes, json, sys, torch
 from klotski.store.heap import return_freed_memory
 applied = return_freed_memory() if sys.argv[1] == "fixed" else None
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
 def anon():
     return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) * 1024
+big = torch.ones(16 << 20, dtype=torch.uint8)
+del big  # freeing a mapped 16 MiB chunk raises glibc's default threshold to 16 MiB
+before = libc.mallinfo2().hblkhd
+act = torch.ones(8 << 20, dtype=torch.uint8)  # an activation-sized tensor: its own mapping?
+mapped = libc.mallinfo2().hblkhd - before
+del act
 base = anon()
 keep = []
 for _ in range(3):
-    big = torch.ones(40 << 20, dtype=torch.uint8)  # freed: raises glibc's dynamic threshold
-    del big
     held = [torch.ones(8 << 20, dtype=torch.uint8) for _ in range(24)]  # 192 MiB of 8 MiB tensors
     keep.append(torch.ones(64 << 10, dtype=torch.uint8))  # a small tensor that outlives them (e.g. a KV row)
     del held
-print(json.dumps({"applied": applied, "retained": anon() - base}))
+print(json.dumps({"applied": applied, "mapped": mapped, "retained": anon() - base}))
 """
 
 
@@ -37,8 +48,8 @@ def _churn(mode: str, env: dict | None = None) -> dict:
 def test_fixed_thresholds_return_freed_tensors_to_the_os():
     default, fixed = _churn("default"), _churn("fixed")
     assert fixed["applied"] is True
-    assert fixed["retained"] < 16 << 20
-    assert default["retained"] > 64 << 20  # what the default keeps (so the test can fail)
+    assert fixed["mapped"] >= 8 << 20 and fixed["retained"] < 16 << 20
+    assert default["mapped"] == 0  # malloc's default: the tensor came from the heap (so the test can fail)
 
 
 def test_a_threshold_set_in_the_environment_stands(monkeypatch):

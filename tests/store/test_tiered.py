@@ -50,6 +50,16 @@ def test_tokens_identical_across_batch_shapes(model, resident_tokens, tmp_path, 
     assert tokens == resident_tokens
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_experts_computed_in_row_chunks_give_the_same_tokens(model, resident_tokens, tmp_path, monkeypatch, rows):
+    """A large group's prefill runs each expert over its tokens in chunks (runtime/pipeline.EXPERT_ROWS)."""
+    from klotski.runtime import pipeline
+
+    monkeypatch.setattr(pipeline, "EXPERT_ROWS", rows)
+    tokens, _ = _run(model, tmp_path, device_memory="600KB", batch_size=7, num_batches=1)
+    assert tokens == resident_tokens
+
+
 def test_kv_cache_moves_resident_experts_to_disk(model, tmp_path):
     """A long generation's KV cache does not fit beside the resident experts and the in-flight
     reserve: the store moves experts to disk instead of failing, and the tokens do not change."""

@@ -22,6 +22,7 @@ from klotski.store.base import Handle, WeightStore, wait_any
 # B = sequences in a batch, S = new tokens per sequence (padded), T = the group's valid tokens,
 # K = top_k, D = hidden, V = vocab
 
+EXPERT_ROWS = 1024  # tokens per expert matmul: bounds a large prefill's [tokens, intermediate] transients
 LIKELY = 0.9  # adaptive hot set: prefetch an expert the group uses with at least this probability
 
 
@@ -265,21 +266,38 @@ class Pipeline:
     def _experts(self, layer: int, gates: list[GateOutput], ids: torch.Tensor, used: list[int]) -> list[torch.Tensor]:
         """Every used expert over all its tokens of the group; returns each batch's MLP output."""
         h = torch.cat([g.h for g in gates])  # [T, D]
+        sizes = [g.h.shape[0] for g in gates]
+        for g in gates:
+            g.h = None  # the concatenation holds them now
         weights = torch.cat([g.weights for g in gates])  # [T, K]
-        # Each (token, slot) gets its own row, summed over slots in a fixed order at the end, so
-        # the result never depends on the order experts ran in.
-        slots = torch.zeros(h.shape[0], ids.shape[1], h.shape[1], dtype=h.dtype, device=h.device)  # [T, K, D]
+        k = ids.shape[1]
+        # A token's sum over its k experts must not depend on the order they ran in. With k <= 2 one
+        # accumulator gives that (0 + a + b == 0 + b + a exactly: two operands commute); with more, each
+        # (token, slot) keeps its own row, summed over slots in a fixed order at the end.
+        acc = torch.zeros(h.shape[0], *(() if k <= 2 else (k,)), h.shape[1], dtype=h.dtype, device=h.device)
         # Experts the gate did not pick are dropped now, not after the layer: a prefetch of one that
         # has not started yet never reads (overlap and multibatch prefetch whole layers).
         self._release_unused(layer, used)
         for e, w in self._expert_order(layer, used):
             tok, slot = torch.where(ids == e)
             with self.timeline.span("compute", "expert", layer=layer, expert=e):
-                y = self.runner.expert(w, h[tok])
-                slots[tok, slot] = y * weights[tok, slot, None].to(y.dtype)
+                # In chunks of rows: a large group's prefill gives an expert thousands of tokens, and its
+                # [tokens, intermediate] activations would otherwise be the process's largest transient.
+                for c in range(0, tok.numel(), EXPERT_ROWS):
+                    t, s = tok[c:c + EXPERT_ROWS], slot[c:c + EXPERT_ROWS]
+                    y = self.runner.expert(w, h[t])
+                    y *= weights[t, s, None].to(y.dtype)
+                    if k <= 2:
+                        acc[t] += y  # a token picks an expert once: t has no repeats
+                    else:
+                        acc[t, s] = y
+                    del y
             self.store.release(WeightKey(layer, EXPERT, e))
-        out = torch.cat([g.base for g in gates]) + slots.sum(dim=1)
-        return list(out.split([g.h.shape[0] for g in gates]))
+        del h
+        out = acc if k <= 2 else acc.sum(dim=1)
+        del acc
+        out += torch.cat([g.base for g in gates])  # residual + the experts' sum (addition commutes exactly)
+        return list(out.split(sizes))
 
     def _release_unused(self, layer: int, used: list[int]) -> None:
         """Prefetched experts nobody selected are released too (their fetch was a wasted guess)."""
