@@ -68,6 +68,15 @@ def test_op_costs_use_measured_fits(tiny_shape):
     assert costs.expert(0) == 0.0
 
 
+def test_unmeasured_cpu_costs_follow_the_compute_dtype(tiny_shape):
+    """Without a profile, bf16 matmuls are costed at bf16's rate: fp32's made plans 10x too pessimistic."""
+    from klotski.planner.api import pick_profile
+
+    fp32 = OpCosts(tiny_shape, pick_profile(tiny_shape, torch.float32, "cpu")[0], torch.float32)
+    bf16 = OpCosts(tiny_shape, pick_profile(tiny_shape, torch.bfloat16, "cpu")[0], torch.bfloat16)
+    assert bf16.expert(4096) < fp32.expert(4096) / 5
+
+
 def test_kv_bytes_match_the_runner(tiny_shape, io_costs):
     runner = ModelRunner(tiny_shape.spec, torch.float32)
     per = tiny_shape.spec.num_layers * runner.new_kv(3, 20).nbytes

@@ -54,7 +54,7 @@ def pick_profile(shape: ModelShape, dtype: torch.dtype, device: str,
     cached = cached_profile(shape.shape_key(), dtype, device)
     if cached is not None:
         return cached[0], f"cached: {cached[1]}"
-    return builtin_estimate(device), "built-in estimate"
+    return builtin_estimate(device, dtype), "built-in estimate"
 
 
 def routing_stats(shape: ModelShape, table: CorrelationTable | None) -> RoutingStats:

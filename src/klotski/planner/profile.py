@@ -103,15 +103,21 @@ def load_profile(spec: str | Path) -> HardwareProfile:
         raise KlotskiError(f"{path} is not a hardware profile ({exc})") from None
 
 
-def builtin_estimate(device: str = "cpu") -> HardwareProfile:
+def builtin_estimate(device: str = "cpu", dtype: torch.dtype | None = None) -> HardwareProfile:
     """The estimate used when nothing was measured: this project's CPU figures, or a generic GPU."""
     if device == "cpu":
         # ARCHITECTURE.md, measured on the 2-core dev machine: O_DIRECT 1.4-2.1 GB/s; fp32 matmul
         # over upcast bf16 weights 27-37 GFLOP/s; the upcast copy streams weights at a few GB/s.
+        # bf16 / fp16 compute multiplies the weights as stored: the benchmark rig measured 372-925
+        # GFLOP/s at expert shapes here across sessions (benchmarks/results/*.json "matmul_gflops_bfloat16"):
+        # the low end is the estimate (with fp32's figure, plans at bf16 predicted a tenth of the measured
+        # tokens/s and chose compute-bound policies).
+        half = dtype in (torch.bfloat16, torch.float16)
         return HardwareProfile("built-in cpu", "built-in estimate", "cpu", disk_gbps=1.4, host_to_device_gbps=None,
-                               peak_tflops=0.032, efficiency=1.0, memory_gbps=5.0, op_overhead_s=100e-6,
-                               io_latency_s=200e-6, machine=machine_id(),
-                               notes="from ARCHITECTURE.md's measured figures; run `klotski profile` to measure")
+                               peak_tflops=0.37 if half else 0.032, efficiency=1.0, memory_gbps=5.0,
+                               op_overhead_s=100e-6, io_latency_s=200e-6, machine=machine_id(),
+                               notes="from ARCHITECTURE.md's and the rig's measured figures; run `klotski profile` "
+                                     "to measure")
     return HardwareProfile("built-in gpu", "built-in estimate", "cuda", disk_gbps=2.0, host_to_device_gbps=20.0,
                            peak_tflops=100.0, efficiency=0.5, memory_gbps=1000.0, machine=machine_id(),
                            notes="a generic PCIe 4.0 GPU; run `klotski profile` to measure")
