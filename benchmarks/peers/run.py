@@ -38,14 +38,34 @@ def _time_figures(stderr: str) -> tuple[int | None, int | None]:
     return (int(m[1]) * 1024, int(m[2]) * 512) if m else (None, None)
 
 
+def must_read(config: dict, weights_bytes: float, cap: float, sequences: int, prompt_len: int, gen_len: int) -> float:
+    """Bytes the cap forces a run to read: per forward step, the experts its tokens use (expected under
+    uniform routing, which random weights approach: E (1 - (1 - k/E)^T) per layer for T tokens) times the
+    share of all experts the cap cannot hold beside the dense weights. With every expert used this is the
+    rig's weights - cap a step (benchmarks/run.py); with one sequence a step uses 2 of 8 per layer, and
+    most of what it needs could be cached, which the rig's formula (meant for >= 16 tokens a step) missed."""
+    e, k, layers = config["num_local_experts"], config["num_experts_per_tok"], config["num_hidden_layers"]
+    width = 2 if config.get("torch_dtype", "bfloat16") in ("bfloat16", "float16") else 4
+    expert = 3 * config["hidden_size"] * config["intermediate_size"] * width
+    experts = layers * e * expert
+    dense = max(0.0, weights_bytes - experts)
+    uncached = min(1.0, max(0.0, 1 - (cap - dense) / experts)) if cap > dense else 1.0
+    total = 0.0
+    for tokens in [sequences * prompt_len] + [sequences] * (gen_len - 1):  # prefill, then decode steps
+        used = layers * e * (1 - (1 - k / e) ** tokens)
+        total += used * expert * uncached + (max(0.0, dense - cap) if cap < dense else 0.0)
+    return total
+
+
 def lower_bound(run: dict, args, config: dict, figures: dict) -> dict:
-    """The rig's bound (benchmarks/run.py) for this run's sequences: max(bytes the cap forces to be read
-    / disk rate, FLOPs / best matmul rate); plus how close the run came to the disk for what it read."""
+    """max(bytes the cap forces to be read / disk rate, FLOPs / best matmul rate) for this run's sequences
+    (the rig's bound, with must_read's bytes); plus how close the run came to the disk for what it read."""
     work = Workload("peers", run["sequences"], args.prompt_len, args.gen_len, "")
-    io_s = args.gen_len * max(0, args.weights_bytes - args.cap) / (figures["disk_gbps"] * 1e9)
+    forced = must_read(config, args.weights_bytes, args.cap, run["sequences"], args.prompt_len, args.gen_len)
+    io_s = forced / (figures["disk_gbps"] * 1e9)
     compute_s = rig.flops(config, work) / (rig.compute_rate(figures) * 1e9)
     bound = max(io_s, compute_s)
-    return {"bound_s": bound, "bound_io_s": io_s, "bound_compute_s": compute_s,
+    return {"bound_s": bound, "bound_io_s": io_s, "bound_compute_s": compute_s, "bytes_must_read": forced,
             "efficiency": bound / run["wall_s"],
             "io_efficiency": (run["bytes_read"] or 0) / (figures["disk_gbps"] * 1e9) / run["wall_s"]}
 

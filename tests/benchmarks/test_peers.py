@@ -1,4 +1,6 @@
-"""The llama.cpp peer's pure-Python part: its table parsed, the metric it is scored on."""
+"""The llama.cpp peer's pure-Python part: its table parsed, the metric it is scored on, its bounds."""
+import pytest
+
 from benchmarks.peers.llama_cpp import batched_bench_cmd, parse_batched_bench
 
 TABLE = """
@@ -49,8 +51,26 @@ def test_bounds_use_the_fastest_disk_rate_a_klotski_run_showed():
             {"engine": "klotski", "error": "rc=137"}]
     run.rebound(runs, args, config, figures)
     assert figures["disk_gbps"] == 2.0 and figures["disk_rate_source"] == "achieved by a klotski run"
-    assert runs[1]["bound_io_s"] == 2 * 6e9 / 2e9 and runs[1]["io_efficiency"] == 1.0
+    forced = run.must_read(config, 10e9, 4e9, 1, 4, 2)
+    assert runs[1]["bound_io_s"] == forced / 2e9 and runs[1]["io_efficiency"] == 1.0
     assert "bound_s" not in runs[2]
     runs[1]["bytes_read"] = 5e9  # slower than the measured samples: they stand
     run.rebound(runs, args, config, figures)
     assert figures["disk_gbps"] == 1.5 and figures["disk_rate_source"].startswith("measured")
+
+
+def test_bytes_the_cap_forces_follow_the_experts_a_step_uses():
+    from benchmarks.peers.run import must_read
+
+    config = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 2, "num_local_experts": 8,
+              "num_experts_per_tok": 2, "torch_dtype": "bfloat16"}
+    expert = 3 * 4096 * 14336 * 2
+    weights, cap = 16 * expert + 0.7e9, 3 * 2**30
+    # 128 sequences use every expert every step: the rig's bound, weights - cap a step.
+    assert must_read(config, weights, cap, 128, 32, 16) == pytest.approx(16 * (weights - cap), rel=1e-6)
+    # One sequence: its 31-token prefill uses nearly all; a decode step 2 of 8 per layer, 45% of them cachable.
+    one = must_read(config, weights, cap, 1, 32, 16)
+    decode = 2 * 8 * (1 - 0.75) * expert * (1 - (cap - 0.7e9) / (16 * expert))
+    assert one == pytest.approx(must_read(config, weights, cap, 1, 32, 1) + 15 * decode)
+    assert one < 0.4 * 16 * (weights - cap)
+    assert must_read(config, weights, 100 * weights, 128, 32, 16) == 0  # everything fits: nothing is forced
