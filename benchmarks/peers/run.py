@@ -190,10 +190,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cap", type=lambda s: int(float(s) * GiB), default=3 * GiB, help="cgroup cap, GiB")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-len", type=int, default=16)
-    p.add_argument("--llama-batch-sizes", default="1,8,32,64,128")
+    p.add_argument("--llama-batch-sizes", default="1,8,32,64,128,256")
     p.add_argument("--llama-dtypes", default="f16,bf16", help="GGUF types to run; empty: klotski only")
     p.add_argument("--klotski", default=str(Path(sys.executable).parent / "klotski"))
-    p.add_argument("--klotski-grid", default="1x1,8x1,32x1,64x1,128x1,32x4,plan128",
+    p.add_argument("--klotski-grid", default="1x1,8x1,32x1,64x1,128x1,128x2,plan128",
                    help="bs x n per klotski run (sequences = bs * n), or planN: N sequences, the planner's bs and n")
     p.add_argument("--klotski-dtype", default="bfloat16", help="compute dtype (bf16 matmul is the fast one here)")
     p.add_argument("--schedule", default="klotski")
