@@ -49,11 +49,12 @@ def must_read(config: dict, weights_bytes: float, cap: float, sequences: int, pr
     expert = 3 * config["hidden_size"] * config["intermediate_size"] * width
     experts = layers * e * expert
     dense = max(0.0, weights_bytes - experts)
-    uncached = min(1.0, max(0.0, 1 - (cap - dense) / experts)) if cap > dense else 1.0
+    uncached = min(1.0, max(0.0, 1 - (cap - dense) / experts))  # 1 when the dense weights alone fill the cap
+    dense_read = max(0.0, dense - cap)  # per step, when they do not fit
     total = 0.0
     for tokens in [sequences * prompt_len] + [sequences] * (gen_len - 1):  # prefill, then decode steps
         used = layers * e * (1 - (1 - k / e) ** tokens)
-        total += used * expert * uncached + (max(0.0, dense - cap) if cap < dense else 0.0)
+        total += used * expert * uncached + dense_read
     return total
 
 

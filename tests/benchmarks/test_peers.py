@@ -36,7 +36,6 @@ def test_command_sizes_the_context_to_the_batch():
     assert cmd[cmd.index("-npl") + 1] == "8" and cmd[cmd.index("-t") + 1] == "2"
 
 
-
 def test_bounds_use_the_fastest_disk_rate_a_klotski_run_showed():
     from argparse import Namespace
 

@@ -38,8 +38,8 @@ print(json.dumps({"applied": applied, "mapped": mapped, "retained": anon() - bas
 """
 
 
-def _churn(mode: str, env: dict | None = None) -> dict:
-    env = {k: v for k, v in (env or os.environ).items() if not k.startswith("MALLOC_")} | (env or {})
+def _churn(mode: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # malloc's own defaults
     out = subprocess.run([sys.executable, "-c", CHURN, mode], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout)
 
