@@ -127,6 +127,11 @@ def test_out_of_range_settings(body, prompt_lens, code, param):
     assert (err.code, err.param) == (code, param), err.message
 
 
+def test_stream_is_refused_unless_the_caller_streams():
+    body = {"prompt": "x", "stream": True}
+    assert op.sampling_settings(op.parse_request(COMPLETIONS_URL, body), [3], 64, allow_stream=True).n == 1
+
+
 def test_top_logprobs_needs_logprobs():
     err = error_of(settings, CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})
     assert err.param == "top_logprobs"

@@ -329,13 +329,15 @@ def sample_seed(seed: int, sample: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def sampling_settings(request: Request, prompt_lens: list[int], max_model_len: int) -> RequestSettings:
+def sampling_settings(request: Request, prompt_lens: list[int], max_model_len: int, *,
+                      allow_stream: bool = False) -> RequestSettings:
     """THE mapping from a body to SamplingParams + n / echo / logprobs; raises ProtocolError.
 
     prompt_lens are the token counts of request_prompts(request) (the context check needs them).
+    allow_stream: the caller can stream (the server); a batch job cannot, and refuses stream=true.
     """
     chat = isinstance(request, ChatCompletionRequest)
-    if request.stream:
+    if request.stream and not allow_stream:
         raise ProtocolError("stream=true is not available here: batch results are whole responses",
                             code="invalid_value", param="stream")
     if not 1 <= request.n <= MAX_N:
