@@ -16,6 +16,7 @@ from klotski.errors import KlotskiError
 COMMAND_MODULES = (
     "klotski.commands.generate",
     "klotski.commands.create_model",
+    "klotski.commands.serve",
     "klotski.prefetch.cli",
     "klotski.planner.cli",
 )
