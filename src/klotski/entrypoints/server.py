@@ -213,17 +213,10 @@ async def _generate(state: EngineState, metrics, request: Request, url: str):
         except KlotskiError as exc:
             raise _protocol(exc) from None
         items = _items(prompts, settings)
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-
-        def on_update(handle: SeqHandle, update: Update) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, (handle, update))
-            except RuntimeError:  # the event loop is gone (the server is stopping): nobody is listening
-                pass
-
+        relay = _relay(asyncio.get_running_loop())
         try:
-            handles = scheduler.submit(items, on_update)
+            handles = scheduler.submit(items, lambda handle, update: relay.put(events, (handle, update)))
         except QueueFull as exc:
             raise ApiError(429, f"{exc}: the server's queue (--max-queue {scheduler.max_queue}) is full",
                            "rate_limit_error", code="queue_full",
@@ -238,6 +231,41 @@ async def _generate(state: EngineState, metrics, request: Request, url: str):
         return StreamingResponse(job.stream(request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await job.whole(request)
+
+
+class _Relay:
+    """Carries updates from the engine thread into the event loop: one wake-up per batch of updates
+    (a step emits one per running sequence), not one per update."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: list[tuple[asyncio.Queue, Any]] = []
+        self.lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            if len(self.pending) > 1:
+                return  # a drain is already scheduled
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the event loop is gone (the server is stopping): nobody is listening
+            pass
+
+    def _drain(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
+
+
+_relays: dict[int, _Relay] = {}
+
+
+def _relay(loop: asyncio.AbstractEventLoop) -> _Relay:
+    if id(loop) not in _relays or _relays[id(loop)].loop is not loop:
+        _relays[id(loop)] = _Relay(loop)
+    return _relays[id(loop)]
 
 
 async def _json_body(request: Request) -> Any:
