@@ -170,7 +170,8 @@ def run_batch(args, work: Workload, vocab: int, env: dict, tmp: Path) -> dict | 
     """`klotski run-batch` on the same prompts, when this checkout has it: throughput over its process wall
     minus the time to load (taken from `generate`'s figures is not possible, so the whole wall is reported
     beside its own summary line)."""
-    probe = subprocess.run([*_klotski(), "run-batch", "--help"], capture_output=True, text=True, env=env)
+    probe = subprocess.run([*_klotski(), "run-batch", "--help"], capture_output=True, text=True, env=env,
+                           check=False)
     if probe.returncode != 0:
         return None
     lines = tmp / "batch.jsonl"

@@ -11,6 +11,15 @@ from klotski import LLM, SamplingParams
 from klotski.entrypoints.scheduler import QueueFull, Scheduler
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The engine thread and the test share 2 cores: a second OpenMP thread mostly waits (see server_utils)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_mixtral):
     return LLM(str(tiny_mixtral))
@@ -124,5 +133,28 @@ def test_cancel_frees_the_slot_and_a_full_queue_refuses(tiny_mixtral):
         assert stats["running"] == 0 and stats["waiting"] == 0 and stats["cancelled"] == 3
         assert not waiting[1].token_ids  # cancelled while queued: it never ran
         assert all(len(h.token_ids) < 3000 for h in first + waiting)
+    finally:
+        assert sched.shutdown(5)
+
+
+def test_under_a_budget_the_planned_group_streams_weights_and_keeps_answers(tiny_mixtral, reference, tmp_path):
+    llm = LLM(str(tiny_mixtral), device_memory="1MiB", offload_dir=str(tmp_path / "offload"))
+    sched = Scheduler(llm, max_wait_ms=0, max_num_seqs=8)  # the planner picks bs x n for 8 sequences
+    sched.start()
+    try:
+        prompts = [f"The library opened at nine {i}" for i in range(12)]
+        params = [SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i, max_tokens=2 + i % 4) for i in range(12)]
+        handles = []
+        for i, (text, p) in enumerate(zip(prompts, params)):
+            handles += sched.submit([(llm.tokenizer.encode(text), p, None)])
+            if i % 4 == 3:
+                time.sleep(0.02)
+        _wait(handles)
+        stats = sched.stats()
+        assert stats["policy"]["batch_size"] * stats["policy"]["num_batches"] <= 8
+        assert stats["store"]["bytes_read"].get("disk", 0) > 0
+        assert stats["store"]["peak_bytes"]["device"] <= 1 << 20
+        for h, text, p in zip(handles, prompts, params):
+            assert h.token_ids == reference.generate([text], p)[0].outputs[0].token_ids
     finally:
         assert sched.shutdown(5)

@@ -37,7 +37,7 @@ class Spec:
 
     def params(self, sample: int = 0) -> SamplingParams:
         seed = None if self.seed is None else (self.seed if sample == 0 else sample_seed(self.seed, sample))
-        top = (2 if self.chat else 2) if self.logprobs else None
+        top = 2 if self.logprobs else None
         if self.seed is None:
             return SamplingParams(temperature=0.0, max_tokens=self.max_tokens, stop=list(self.stop), logprobs=top)
         return SamplingParams(temperature=0.8, top_p=0.9, seed=seed, max_tokens=self.max_tokens,

@@ -124,6 +124,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._policies: dict[tuple, object] = {}
         self.policy = None  # the running group's Policy
+        self._capacity = max_num_seqs
         self.pipeline = Pipeline(llm.runner, llm.store, llm.schedule, Timeline(enabled=False), llm.spec.top_k,
                                  llm.predictor, llm._routing_hooks(), adaptive_hot=llm.config.num_hot is None)
         self._batch_ids = 0
@@ -203,7 +204,10 @@ class Scheduler:
                     "batches": len(self._batches), "tokens_per_s": tokens / max(span, 1.0) if self._recent else 0.0,
                     "bubble_ratio": out["bubble_s"] / out["step_s"] if out["step_s"] > 0 else 0.0,
                     "policy": self.policy.to_dict() if self.policy is not None else None}
-        out["store"] = self.llm.store.stats()
+        try:
+            out["store"] = self.llm.store.stats()
+        except RuntimeError:  # a dict the engine thread grew mid-copy: the next scrape reads it
+            out["store"] = {}
         return out
 
     def _retry_after(self) -> float:
@@ -230,36 +234,53 @@ class Scheduler:
     def _gather_company(self) -> None:
         """Idle group: the first waiting request waits up to max_wait for others (called under the lock)."""
         first = self._waiting[0].submitted
-        want = self._plan().batch_size * self._plan().num_batches
+        want = self._capacity  # the last group's bs x n (max_num_seqs before the first)
         while not self._stop and len(self._waiting) < want and self.clock() < first + self.max_wait:
             self._cond.wait(max(first + self.max_wait - self.clock(), 0.0))
 
-    def _plan(self):
-        """bs x n for the group, as LLM.generate would plan max_num_seqs requests like the waiting ones."""
-        waiting = list(self._waiting) or [h for b in self._batches for h in b.handles]
-        prompt = max((len(h.seq.prompt_ids) for h in waiting), default=1)
-        gen = max((h.seq.params.max_tokens for h in waiting), default=1)
-        # Powers of two, so the planner runs once per shape class, not once per group.
-        key = (1 << (prompt - 1).bit_length(), 1 << (gen - 1).bit_length())
+    def _plan_key(self) -> tuple[int, int]:
+        """The waiting requests' longest prompt and max_tokens, as powers of two: the planner runs once
+        per shape class, not once per group (called under the lock)."""
+        prompt = max((len(h.seq.prompt_ids) for h in self._waiting), default=1)
+        gen = max((h.seq.params.max_tokens for h in self._waiting), default=1)
+        return 1 << (prompt - 1).bit_length(), 1 << (gen - 1).bit_length()
+
+    def _policy(self, key: tuple[int, int]):
+        """bs x n for a group, as LLM.generate would plan max_num_seqs requests of this shape (outside the
+        lock: the planner may take a while, and submit() must not wait for it)."""
         if key not in self._policies:
-            self._policies[key] = self.llm.policy(max(self.max_num_seqs, 1), key[0], key[1])
+            self._policies[key] = self.llm.policy(self.max_num_seqs, key[0], key[1])
         return self._policies[key]
 
     def _step(self) -> None:
         """One step boundary and one forward step of the running group."""
         with self._cond:
             self._leave()
+            key = None
             if not self._batches:
                 self.pipeline.drain()
                 if not self._waiting:
                     self.policy = None
                     return
-                self.policy = self._plan()
-                self.pipeline.num_hot = self.policy.num_hot
+                key = self._plan_key()
+        if key is not None:  # a new group: plan it
+            try:
+                policy = self._policy(key)
+            except KlotskiError as exc:  # e.g. no group of this shape fits the budget: the waiting ones learn why
+                with self._cond:
+                    while self._waiting:
+                        self._finish(self._waiting.popleft(), error=str(exc))
+                return
+            with self._cond:
+                self.policy, self._capacity = policy, policy.batch_size * policy.num_batches
+                self.pipeline.num_hot = policy.num_hot
+        with self._cond:
             self._merge()
             joined = self._admit()
             batches = list(self._batches)
             final = not self._waiting
+            if not batches:
+                return
         start = self.clock()
         timeline = Timeline(enabled=True)
         self.pipeline.timeline = timeline
@@ -306,8 +327,8 @@ class Scheduler:
         kept = []
         for b in self._batches:
             stay = [i for i, h in enumerate(b.handles) if not (h.cancelled or h.seq.finished)]
-            for i, h in enumerate(b.handles):
-                if h.cancelled and not h.seq.finished:
+            for h in b.handles:
+                if h.cancelled:  # (a sequence cancelled in the step it finished got no update either)
                     self._finish(h, cancelled=True)
             if not stay:
                 self._free_kv(b)

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from klotski.entrypoints import openai_protocol as proto
-from klotski.entrypoints.scheduler import NotAccepting, QueueFull, Scheduler, SeqHandle, Update
+from klotski.entrypoints.scheduler import NotAccepting, QueueFull, Scheduler, Update
 from klotski.errors import KlotskiError
 from klotski.outputs import RequestOutput
 
@@ -209,7 +209,7 @@ async def _generate(state: EngineState, metrics, request: Request, url: str):
         req = _parse(url, body, state.config.served_model_name)
         prompts = _prompts(llm, req)
         try:
-            settings = proto.sampling_settings(req, [len(p.ids) for p in prompts], llm.max_model_len, stream_ok=True)
+            settings = proto.sampling_settings(req, [len(p.ids) for p in prompts], llm.max_model_len, allow_stream=True)
         except KlotskiError as exc:
             raise _protocol(exc) from None
         items = _items(prompts, settings)
@@ -220,7 +220,7 @@ async def _generate(state: EngineState, metrics, request: Request, url: str):
         except QueueFull as exc:
             raise ApiError(429, f"{exc}: the server's queue (--max-queue {scheduler.max_queue}) is full",
                            "rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(int(round(exc.retry_after)))}) from None
+                           headers={"Retry-After": str(round(exc.retry_after))}) from None
         except NotAccepting as exc:
             raise ApiError(503, str(exc), "service_unavailable", code="shutting_down") from None
     except ApiError as exc:
