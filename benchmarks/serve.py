@@ -9,7 +9,7 @@ same prompts go through the batch path in one process (`klotski run-batch` when 
 and `klotski generate --input`), whose own generation throughput (load excluded, as the server's) is
 the reference. Each engine process runs in its own memory cgroup with --cap (when one can be made).
 
-    python -m benchmarks.serve --model DIR [--prompts 128] [--clients 64] [--cap 3] -- [engine flags]
+    python -m benchmarks.serve --model DIR [--prompts 128] [--clients 64] [--cap 3] [--threads N] -- [engine flags]
 """
 from __future__ import annotations
 
@@ -102,7 +102,8 @@ async def _load(url: str, work: Workload, vocab: int, clients: int) -> list[dict
 def run_server(args, work: Workload, vocab: int, env: dict) -> dict:
     port = args.port
     cmd = [*_klotski(), "serve", "--model", str(args.model), "--port", str(port), "--served-model-name", "bench",
-           "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning", *args.engine_flags]
+           "--max-wait-ms", str(args.max_wait_ms), "--max-num-seqs", str(args.max_num_seqs or args.clients),
+           "--log-level", "warning", *args.engine_flags]
     proc, group = _popen_capped(cmd, args.cap, "serve", env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -207,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-len", type=int, default=16)
     p.add_argument("--cap", type=lambda s: int(float(s) * GiB), default=None, help="memory cgroup cap, GiB")
     p.add_argument("--max-wait-ms", type=float, default=50.0)
+    p.add_argument("--max-num-seqs", type=int, help="the server plans its group for this many sequences "
+                   "(default: --clients, the most that can be in flight; the batch path plans for --prompts)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every engine process")
     p.add_argument("--port", type=int, default=8731)
     p.add_argument("--timeout", type=float, default=3600)
