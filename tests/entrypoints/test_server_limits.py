@@ -73,6 +73,7 @@ INVALID = [  # (path, body or raw bytes, status, param or None, words the messag
     (C, {"model": "tiny"}, 400, "prompt", "required"),
     (C, {"model": "tiny", "prompt": ""}, 400, None, "empty"),
     (C, {"model": "tiny", "prompt": [999999]}, 400, None, "vocabulary"),
+    (C, {"model": "tiny", "prompt": "x", "stop_token_ids": [999999]}, 400, None, "vocabulary"),
     (C, [1, 2, 3], 400, None, "object"),
     (C, b'{"model": "tiny", "prompt": ', 400, None, "not valid JSON"),
     (C, b"\xff\xfe\x00", 400, None, "not valid"),

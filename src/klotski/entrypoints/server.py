@@ -213,6 +213,11 @@ async def _generate(state: EngineState, metrics, request: Request, url: str):
         except KlotskiError as exc:
             raise _protocol(exc) from None
         items = _items(prompts, settings)
+        try:
+            for _, params, _ in items:
+                params.validate(llm.spec.vocab_size)  # what LLM.generate checks too (stop_token_ids, logprobs)
+        except KlotskiError as exc:
+            raise _protocol(exc) from None
         events: asyncio.Queue = asyncio.Queue()
         relay = _relay(asyncio.get_running_loop())
         try:
