@@ -19,6 +19,7 @@ from klotski.sampling import is_utf8
 COMMAND_MODULES = (
     "klotski.commands.generate",
     "klotski.commands.create_model",
+    "klotski.commands.perplexity",
     "klotski.commands.serve",
     "klotski.prefetch.cli",
     "klotski.planner.cli",
