@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "klotski.commands.generate",
     "klotski.commands.create_model",
     "klotski.commands.perplexity",
+    "klotski.commands.serve",
     "klotski.prefetch.cli",
     "klotski.planner.cli",
 )
