@@ -31,7 +31,7 @@ def parse_bytes(value: str | int | float | None, what: str = "memory") -> int | 
         number, scale = (int(digits) if digits.isdigit() else float(digits)), _UNITS[m.group(2).lower()]
     else:
         number, scale = value, 1
-    if not math.isfinite(number) or number < 0 or number * scale >= 2**63:
+    if (isinstance(number, float) and not math.isfinite(number)) or number < 0 or number * scale >= 2**63:
         raise KlotskiError(f"{what} size {value!r:.60} is out of range; give a size from 0 to 8 EiB, like 20GiB")
     return int(number * scale)  # exact for integers: no float rounding of a byte count
 
