@@ -15,7 +15,7 @@ import torch
 
 from klotski.checkpoint.reader import Checkpoint
 from klotski.config import EngineConfig, Policy, parse_bytes, resolve_dtype
-from klotski.errors import KlotskiError, ParameterError
+from klotski.errors import KlotskiError, NumericalError, ParameterError
 from klotski.outputs import RequestOutput
 from klotski.runtime.generate import GroupBatch, Sequence, run_group
 from klotski.runtime.model import ModelRunner
@@ -271,6 +271,11 @@ class LLM:
             step.last = None
             final = g + policy.batch_size >= len(seqs)
             logits = pipeline.forward([step], final=final)[0].cpu()  # [T, V], rows in (sequence, position) order
+            if not bool(torch.isfinite(logits).all()):  # a score from NaN is no score: say so
+                raise NumericalError("the model produced non-finite logits (NaN or inf) while scoring prompts "
+                                     f"{g}..{g + len(batch.seqs) - 1}; the weights may hold NaN/inf (run with "
+                                     "--check-weights to find them) or a low-precision dtype overflowed "
+                                     "(try --dtype float32)")
             out += list(logits.split([len(s.prompt_ids) for s in batch.seqs]))
         pipeline.drain()
         return out

@@ -130,6 +130,12 @@ def test_nan_logits_stop_the_run_instead_of_emitting_tokens(ckpt):
         llm.generate(["Hello"], GREEDY)
 
 
+def test_nan_logits_stop_scoring_too(ckpt):
+    _poison(ckpt, "lm_head.weight", float("nan"))
+    with pytest.raises(NumericalError, match="while scoring prompts 0..0"):
+        LLM(str(ckpt)).prompt_logits(["Hello"])
+
+
 def test_nan_cli_errors_leave_earlier_results_intact(capsys, ckpt, tmp_path):
     _poison(ckpt, "lm_head.weight", float("nan"))
     out_file = tmp_path / "out.jsonl"
