@@ -323,12 +323,26 @@ def test_too_little_room_is_said_before_writing(capsys, models, tmp_path, monkey
     assert not list((tmp_path / "off").glob("*/*.bin"))
 
 
-def test_a_changed_checkpoint_gets_its_own_subdirectory(models, tmp_path):
+def test_a_changed_checkpoint_gets_its_own_subdirectory_and_the_old_one_goes(models, tmp_path):
     src = shutil.copytree(models[0], tmp_path / "ckpt")
     first = _subdir(src, tmp_path / "off")
     _tokens(src, tmp_path / "off")
+    other = _subdir(models[1], tmp_path / "off")
+    _tokens(models[1], tmp_path / "off")
     os.utime(src / "model.safetensors", (time.time() + 100, time.time() + 100))
-    assert _subdir(src, tmp_path / "off") != first
+    second = _subdir(src, tmp_path / "off")
+    assert second != first
+    _tokens(src, tmp_path / "off")
+    assert second.is_dir() and not first.exists() and other.is_dir()  # another model's blobs stay
+
+
+def test_an_old_subdirectory_in_use_is_not_pruned(models, tmp_path):
+    src = shutil.copytree(models[0], tmp_path / "ckpt")
+    reader = OffloadDir.prepare(Checkpoint.open(src), tmp_path / "off")
+    os.utime(src / "model.safetensors", (time.time() + 100, time.time() + 100))
+    OffloadDir.prepare(Checkpoint.open(src), tmp_path / "off").close()
+    assert (reader.path / "manifest.json").is_file()  # still read by `reader`: left alone
+    reader.close()
 
 
 def test_an_unusable_offload_dir_is_one_line(capsys, models, tmp_path):

@@ -350,7 +350,29 @@ class OffloadDir:
                 cls._clean(sub)
                 raise _write_error(exc, sub, done, total) from None
         lock.downgrade()
+        if missing:
+            cls._prune_stale(sub, checkpoint)
         return cls(sub, blobs, lock=lock)
+
+    @staticmethod
+    def _prune_stale(sub: Path, checkpoint: Checkpoint) -> None:
+        """Remove this checkpoint's older subdirectories (repacked before it changed), each only when
+        its lock is free: a changed checkpoint does not leave a full copy of its old weights behind."""
+        source = str(checkpoint.path)
+        for other in sub.parent.glob(f"{checkpoint.path.name}-*"):
+            if other == sub or not other.is_dir() or not (other / "manifest.json").is_file():
+                continue
+            try:
+                if json.loads((other / "manifest.json").read_bytes()).get("source") != source:
+                    continue
+            except (OSError, ValueError, AttributeError):
+                continue
+            lock = DirLock(other.parent / f"{other.name}.lock")
+            try:
+                if lock.fd is not None and lock.try_exclusive():
+                    shutil.rmtree(other, ignore_errors=True)
+            finally:
+                lock.close()
 
     @staticmethod
     def _clean(sub: Path) -> None:
