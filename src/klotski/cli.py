@@ -15,6 +15,7 @@ from klotski.errors import KlotskiError
 # Modules that define `register(subparsers)`; each adds one or more subcommands.
 COMMAND_MODULES = (
     "klotski.commands.generate",
+    "klotski.commands.run_batch",
     "klotski.commands.create_model",
     "klotski.prefetch.cli",
     "klotski.planner.cli",
