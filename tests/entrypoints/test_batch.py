@@ -153,8 +153,8 @@ BAD_LINES = {  # kind: (raw line, expected error code)
     "invalid UTF-8": (b'{"custom_id": "u", "method": "POST", "url": "/v1/completions", "body": {"prompt": "\xff\xfe"}}',
                       "invalid_utf8"),
     "lone surrogate": (line("s", {"prompt": "\ud800"}), "invalid_unicode"),  # json.dumps writes the \\ud800 escape
-    "NaN": ('{"custom_id": "nan", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", '
-            '"temperature": NaN}}', "invalid_json"),
+    "NaN": ('{"custom_id": "nan", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "temperature": NaN}}',
+            "invalid_json"),
     "deep nesting": ('{"custom_id": "deep", "body": ' + "[" * 100000 + "]" * 100000 + "}", "invalid_json"),
     "not an object": ('["custom_id", "x"]', "invalid_line"),
     "no custom_id": ('{"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}', "invalid_custom_id"),
@@ -294,7 +294,7 @@ def test_resume_repairs_a_torn_line(capsys, tiny_mixtral, tmp_path, reference):
     data = dst.read_bytes()
     cut = data.index(b"\n", len(data) // 2) + 40  # through a third of the file and into a line
     dst.write_bytes(data[:cut])
-    code, out, err = run_cli(capsys, *batch_args(tiny_mixtral, src, dst))
+    code, _, err = run_cli(capsys, *batch_args(tiny_mixtral, src, dst))
     assert code == EXIT_FAILED_LINES and "torn line" in err
     assert_same_as_reference(dst, reference)
 
@@ -350,7 +350,7 @@ def test_sigkill_at_chosen_moments_then_resume_equals_an_uninterrupted_run(tiny_
             assert lines[-1] and not data.endswith(b"\n"), "the torn kill left no torn line"
     assert kills >= 5, plan
     proc, _ = start(tiny_mixtral, src, dst, tmp_path, None)
-    out, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_FAILED_LINES, err
     assert "Traceback" not in err
     assert_same_as_reference(dst, reference)

@@ -1,6 +1,7 @@
 """`klotski generate`: prompts in (flags or a JSONL file), completions and throughput out."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -173,17 +174,13 @@ def _generate_durably(llm, prompts: list[dict], ids: list[str], params, output: 
         return []
     requests = [(p["prompt"], p["prompt_token_ids"], params) for p in prompts]
     outputs: list = []
-    f = open(output, "w") if output else None
-    try:
+    with open(output, "w") if output else contextlib.nullcontext() as f:
         for group in llm.run_groups(requests):
             if f is not None:
                 f.write("".join(json.dumps(_row(rid, o)) + "\n" for rid, o in zip(ids[len(outputs):], group)))
                 f.flush()
                 os.fsync(f.fileno())
             outputs += group
-    finally:
-        if f is not None:
-            f.close()
     return outputs
 
 
