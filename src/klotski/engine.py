@@ -16,7 +16,7 @@ import torch
 
 from klotski.checkpoint.reader import Checkpoint
 from klotski.config import EngineConfig, Policy, parse_bytes, resolve_dtype
-from klotski.errors import KlotskiError
+from klotski.errors import KlotskiError, ParameterError
 from klotski.outputs import RequestOutput
 from klotski.progress import Progress
 from klotski.runtime.generate import GroupBatch, Sequence, run_group
@@ -24,7 +24,7 @@ from klotski.runtime.model import ModelRunner
 from klotski.runtime.pipeline import Pipeline
 from klotski.runtime.schedule import get_schedule
 from klotski.runtime.timeline import Timeline
-from klotski.sampling import Sampler, SamplingParams, derive_seed, make_generator
+from klotski.sampling import Sampler, SamplingParams, is_utf8, derive_seed, make_generator
 from klotski.prefetch.replay import make_replay
 from klotski.prefetch.runtime import RoutingRecording, make_predictor
 from klotski.prefetch.table import find_model_table
@@ -46,7 +46,8 @@ class LLM:
                  device: str = "auto", device_memory: str | int | None = None, host_memory: str | int | None = None,
                  offload_dir: str | None = None, schedule: str = "klotski", batch_size: int | None = None,
                  num_batches: int | None = None, num_hot: int | None = None, max_model_len: int | None = None,
-                 prefetch_table: str | None = None, record_timeline: bool = True, routing_replay: str | None = None):
+                 prefetch_table: str | None = None, record_timeline: bool = True, routing_replay: str | None = None,
+                 check_weights: bool = False):
         if model is None:
             from klotski.default_model import ensure_default_model
             model = str(ensure_default_model())
@@ -59,6 +60,9 @@ class LLM:
         # Under a budget, activations freed each layer go back to the OS instead of piling up in the heap.
         self.heap_returns_freed = self._budgeted() and return_freed_memory()
         self.checkpoint = Checkpoint.open(self.config.model)
+        # Weights repacked into the offload dir are always checked for NaN / inf (they are read anyway);
+        # resident loads only when asked, since that is one more pass over every weight.
+        self.checkpoint.check_weights = bool(check_weights)
         self.spec = self.checkpoint.spec
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.dtype = resolve_dtype(dtype, self.checkpoint.dtype, self.device)
@@ -171,11 +175,11 @@ class LLM:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-                    raise KlotskiError(f"{where}: prompt_token_ids must be a list of integers")
+                if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise ParameterError(f"{where}: prompt_token_ids must be a list of integers")
                 bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
                 if bad:
-                    raise KlotskiError(f"{where}: token id {bad[0]} is outside the vocabulary (0..{self.spec.vocab_size - 1})")
+                    raise ParameterError(f"{where}: token id {bad[0]} is outside the vocabulary (0..{self.spec.vocab_size - 1})")
                 return prompt.get("prompt"), list(ids)
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
@@ -183,6 +187,8 @@ class LLM:
                 raise KlotskiError(f"{where}: a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if not isinstance(prompt, str):
             raise KlotskiError(f"{where}: a prompt must be a string or a dict, got {type(prompt).__name__}")
+        if not is_utf8(prompt):
+            raise ParameterError(f"{where}: the prompt is not valid UTF-8 text; re-encode it as UTF-8")
         if self.tokenizer is None:
             raise KlotskiError(f"{self.config.model} has no tokenizer.json: pass prompts as "
                                "{'prompt_token_ids': [...]} or add the model's tokenizer files")
@@ -220,17 +226,30 @@ class LLM:
             raise KlotskiError(f"{self.config.model} has no tokenizer.json, so chat templates are unavailable")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise KlotskiError("messages must be a list of {'role': ..., 'content': ...} objects")
+        for i, m in enumerate(messages):
+            content = m.get("content")
+            if isinstance(content, str) and not is_utf8(content):
+                raise ParameterError(f"message {i}: the content is not valid UTF-8 text; re-encode it as UTF-8")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         # The template writes BOS itself where it wants one, so no special tokens are added again.
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
     def _params_per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:
+        """One SamplingParams per prompt, each checked again against this model's vocabulary."""
         if sampling_params is None:
             return [SamplingParams()] * count
         if isinstance(sampling_params, SamplingParams):
+            sampling_params.validate(self.spec.vocab_size)
             return [sampling_params] * count
+        if isinstance(sampling_params, (str, bytes, dict)) or not hasattr(sampling_params, "__len__"):
+            raise ParameterError(f"sampling_params must be a SamplingParams or a list of them, "
+                                 f"got {type(sampling_params).__name__}")
         if len(sampling_params) != count:
             raise KlotskiError(f"got {len(sampling_params)} SamplingParams for {count} prompts; give one or one each")
+        for i, p in enumerate(sampling_params):
+            if not isinstance(p, SamplingParams):
+                raise ParameterError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
+            p.validate(self.spec.vocab_size)
         return list(sampling_params)
 
     def prompt_logits(self, prompts: list[Prompt]) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from klotski.errors import KlotskiError
+from klotski.errors import KlotskiError, ParameterError
 
 
 def register(sub) -> None:
@@ -53,13 +53,16 @@ def add_engine_flags(p) -> None:
     p.add_argument("--prefetch-table", help="correlation table (ours, or the authors' JSON) driving hot-expert prefetch")
     p.add_argument("--trace", help="write the timeline as Chrome trace JSON (opens in Perfetto)")
     p.add_argument("--timeline", help="draw the timeline's lanes to a PNG (needs matplotlib)")
+    p.add_argument("--check-weights", action="store_true",
+                   help="check every weight for NaN / inf as it is loaded (one more pass over the weights; "
+                        "weights repacked into the offload dir are always checked)")
 
 
 def engine_kwargs(args) -> dict:
     """LLM(...) keyword arguments from the shared engine flags."""
     return {"device_memory": args.device_memory, "host_memory": args.host_memory, "offload_dir": args.offload_dir,
             "schedule": args.schedule, "batch_size": args.batch_size, "num_batches": args.num_batches,
-            "num_hot": args.num_hot, "prefetch_table": args.prefetch_table}
+            "num_hot": args.num_hot, "prefetch_table": args.prefetch_table, "check_weights": args.check_weights}
 
 
 def read_jsonl(path: str) -> tuple[list[tuple[int, dict]], list[str]]:
@@ -103,9 +106,10 @@ def run(args) -> int:
     from klotski.engine import LLM
     from klotski.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
-                            ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+    with flag_names():
+        params = SamplingParams(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+                                ignore_eos=args.ignore_eos, logprobs=args.logprobs)
     items, errors = [], []
     for i, text in enumerate(args.prompt):
         items.append((f"prompt-{i}", {"prompt": text}))
@@ -116,8 +120,14 @@ def run(args) -> int:
         raise KlotskiError("no prompts: give --prompt TEXT (repeatable) or --input FILE.jsonl")
     if args.model is None:
         print(NOTICE, file=sys.stderr)
-    _check_writable(args.output)
+    for flag in ("output", "trace", "timeline", "record_routing"):
+        _check_writable(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if args.timeline:
+        from klotski.runtime.plot import require_matplotlib
+        require_matplotlib()
     llm = LLM(model=args.model, dtype=args.dtype, routing_replay=args.routing_replay, **engine_kwargs(args))
+    with flag_names():
+        params.validate(llm.spec.vocab_size)  # logprobs, stop ids against this model's vocabulary
     if llm.replay is not None:
         print(f"klotski: routing replay ON ({llm.replay.describe()}): the router's choices are replaced; "
               "text is not the model's", file=sys.stderr)
@@ -131,6 +141,19 @@ def run(args) -> int:
     for message in errors:
         print(f"klotski: error: {message}", file=sys.stderr)
     return 2 if errors else 0
+
+
+@contextlib.contextmanager
+def flag_names():
+    """SamplingParams errors in the CLI's words: `--max-tokens: ...` rather than `max_tokens=...`."""
+    try:
+        yield
+    except ParameterError as exc:
+        if exc.field is None:
+            raise
+        flag = "--" + exc.field.replace("_", "-")
+        text = str(exc).removeprefix("SamplingParams: ").removeprefix(f"{exc.field}=")
+        raise ParameterError(f"{flag}: {text}", exc.field) from None
 
 
 def _prompts(llm, items, errors) -> tuple[list, list[str]]:
@@ -149,20 +172,34 @@ def _prompts(llm, items, errors) -> tuple[list, list[str]]:
     return prompts, ids
 
 
-def _check_writable(path: str | None) -> None:
-    """Fail before generating, not after, when --output cannot be written."""
+def _check_writable(path: str | None, flag: str = "--output") -> None:
+    """Fail before generating, not after, when an output file cannot be written; an existing
+    file is left as it is (nothing is created or truncated here)."""
     if path is None:
         return
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as exc:
-        raise KlotskiError(f"--output {path} cannot be written ({exc.strerror}); choose another path") from None
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        problem = "is a directory"
+    elif target.exists():
+        problem = None if os.access(target, os.W_OK) else "is not writable"
+    elif not parent.is_dir():
+        problem = f"is in a directory that does not exist ({parent})"
+    else:
+        problem = None if os.access(parent, os.W_OK | os.X_OK) else f"is in a directory that is not writable ({parent})"
+    if problem:
+        raise KlotskiError(f"{flag} {path} cannot be written: it {problem}; choose another path")
 
 
-def _row(rid: str, o) -> dict:
-    return {"id": rid, "text": o.outputs[0].text, "token_ids": o.outputs[0].token_ids,
-            "finish_reason": o.outputs[0].finish_reason}
+def output_row(rid: str, out) -> dict:
+    """One result line: id, text, token_ids, finish_reason, and the logprobs when asked for
+    (per generated token, {token id: logprob} of the top-N and the sampled token)."""
+    c = out.outputs[0]
+    row = {"id": rid, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+    if c.logprobs is not None:
+        row["logprobs"] = [{str(k): v for k, v in step.items()} for step in c.logprobs]
+        row["cumulative_logprob"] = c.cumulative_logprob
+    return row
 
 
 def _generate_durably(llm, prompts: list[dict], ids: list[str], params, output: str | None) -> list:
@@ -177,7 +214,7 @@ def _generate_durably(llm, prompts: list[dict], ids: list[str], params, output: 
     with open(output, "w") if output else contextlib.nullcontext() as f:
         for group in llm.run_groups(requests):
             if f is not None:
-                f.write("".join(json.dumps(_row(rid, o)) + "\n" for rid, o in zip(ids[len(outputs):], group)))
+                f.write("".join(json.dumps(output_row(rid, o)) + "\n" for rid, o in zip(ids[len(outputs):], group)))
                 f.flush()
                 os.fsync(f.fileno())
             outputs += group
@@ -185,12 +222,15 @@ def _generate_durably(llm, prompts: list[dict], ids: list[str], params, output: 
 
 
 def _write_outputs(args, ids, outputs, stats) -> None:
-    rows = [_row(rid, o) for rid, o in zip(ids, outputs)]
+    rows = [output_row(rid, o) for rid, o in zip(ids, outputs)]
     if args.json:
         print(json.dumps({"outputs": rows, "stats": stats}, indent=2, default=str))
         return
     for rid, o in zip(ids, outputs):
         print(f"--- {rid}: {o.prompt!r}\n{o.outputs[0].text}  [{o.outputs[0].finish_reason}]")
+        c = o.outputs[0]
+        if c.logprobs is not None:  # the sampled token's logprob per step; --json has the top-N
+            print("logprobs: " + " ".join(f"{step[t]:.4f}" for t, step in zip(c.token_ids, c.logprobs)))
     if outputs:
         print(format_stats(stats))
 

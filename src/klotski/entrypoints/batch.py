@@ -526,7 +526,8 @@ class BatchJob:
         try:
             parsed = op.parse_batch_request(record)
             prompts = [self._tokenize(p) for p in op.request_prompts(parsed.request)]
-            settings = op.sampling_settings(parsed.request, [len(ids) for _, ids in prompts], self.llm.max_model_len)
+            settings = op.sampling_settings(parsed.request, [len(ids) for _, ids in prompts], self.llm.max_model_len,
+                                            vocab_size=self.llm.spec.vocab_size)
         except KlotskiError as exc:
             return None if done else Failure(custom_id, op.as_protocol_error(exc, code="invalid_value"), None)
         if settings.echo:

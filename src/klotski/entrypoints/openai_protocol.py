@@ -57,8 +57,8 @@ def as_protocol_error(exc: KlotskiError, code: str = "invalid_value", param: str
         return exc
     message = str(exc).removeprefix("SamplingParams: ")
     # SamplingParams says "temperature=-1 is negative: ..."; the field name is the param.
-    if param is None:
-        param = getattr(exc, "param", None)
+    if param is None:  # ParameterError names its field
+        param = getattr(exc, "field", None) or getattr(exc, "param", None)
     if param is None and "=" in message.split(" ", 1)[0]:
         param = message.split("=", 1)[0]
     return ProtocolError(message, code=code, param=param)
@@ -330,11 +330,12 @@ def sample_seed(seed: int, sample: int) -> int:
 
 
 def sampling_settings(request: Request, prompt_lens: list[int], max_model_len: int, *,
-                      allow_stream: bool = False) -> RequestSettings:
+                      allow_stream: bool = False, vocab_size: int | None = None) -> RequestSettings:
     """THE mapping from a body to SamplingParams + n / echo / logprobs; raises ProtocolError.
 
     prompt_lens are the token counts of request_prompts(request) (the context check needs them).
     allow_stream: the caller can stream (the server); a batch job cannot, and refuses stream=true.
+    vocab_size: check stop_token_ids and logprobs against the model's vocabulary too.
     """
     chat = isinstance(request, ChatCompletionRequest)
     if request.stream and not allow_stream:
@@ -386,6 +387,8 @@ def sampling_settings(request: Request, prompt_lens: list[int], max_model_len: i
                 stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=request.skip_special_tokens,
                 include_stop_str_in_output=request.include_stop_str_in_output)
+            if vocab_size is not None:
+                params.validate(vocab_size)
         except KlotskiError as exc:
             raise as_protocol_error(exc) from None
     elif request.min_tokens:
