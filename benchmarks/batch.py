@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lines", default="1000,10000", help="line counts on the tiny default model")
     p.add_argument("--rig-lines", default="128,512", help="line counts on the Mixtral-8x7B-shaped rig checkpoint")
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--tiny-dtypes", default="auto,float32",
+                   help="compute dtypes for the tiny model (auto is bf16 on this CPU; each runs every line count)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for every child (default 1)")
     p.add_argument("--progress-interval", type=float, default=10.0)
     p.add_argument("--out", default=str(RESULTS / "batch-latest.json"))
@@ -176,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             from klotski.default_model import ensure_default_model
 
             vocab = json.loads((ensure_default_model() / "config.json").read_text())["vocab_size"]
-            rows = []
-            for lines in [int(x) for x in args.lines.split(",")]:
-                rows += run_pair(None, lines, Path(tmp), args, ["--dtype", "auto"], env, None, vocab, (4, 24))
-            result["parts"]["tiny"] = {"model": "the built-in default model", "max_tokens": args.max_tokens,
-                                       "rows": rows, "ratios": ratios(rows)}
+            for dtype in args.tiny_dtypes.split(","):
+                rows = []
+                for lines in [int(x) for x in args.lines.split(",")]:
+                    rows += run_pair(None, lines, Path(tmp), args, ["--dtype", dtype], env, None, vocab, (4, 24))
+                result["parts"][f"tiny-{dtype}"] = {"model": "the built-in default model", "dtype": dtype,
+                                                    "max_tokens": args.max_tokens, "rows": rows, "ratios": ratios(rows)}
         if args.part in ("rig", "both"):
             from benchmarks import run as rig
             from klotski.config import parse_bytes
