@@ -214,11 +214,11 @@ class LLM:
         return self._run(requests, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate replies to conversations, rendered with the checkpoint's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [self.chat_prompt(conv, add_generation_prompt) for conv in conversations]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> dict[str, Any]:
         """A conversation rendered with the chat template, as a prompt dict for generate()."""
