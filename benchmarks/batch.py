@@ -39,7 +39,7 @@ def measured(cmd: list[str], env: dict, cap: int | None = None, name: str = "bat
         res = cgroup.run_capped(wrapper, cap, name, env=env)
         rc, out, err, peak = res.returncode, res.stdout, res.stderr, res.peak_bytes
     else:
-        proc = subprocess.run(wrapper, capture_output=True, text=True, env=env)
+        proc = subprocess.run(wrapper, check=False, capture_output=True, text=True, env=env)
         rc, out, err, peak = proc.returncode, proc.stdout, proc.stderr, None
     report = json.loads(err.strip().splitlines()[-1])
     return {"returncode": report["returncode"], "wall_s": report["wall_s"], "peak_rss_bytes": report["maxrss_kib"] * 1024,
@@ -77,7 +77,7 @@ _SUMMARY = re.compile(r"(\d+) tokens generated in ([0-9.]+) s = ([0-9.]+) tok/s"
 
 
 def run_pair(model: str | None, lines: int, directory: Path, args, extra: list[str], env: dict, cap: int | None,
-             vocab: int, prompt_len: tuple[int, int]) -> list[dict]:
+             vocab: int, prompt_len: tuple[int, int], drop: list[Path] | None = None) -> list[dict]:
     gen_in, batch_in = write_inputs(directory, lines, prompt_len, args.max_tokens, vocab)
     model_flag = ["--model", model] if model else []
     rows = []
@@ -95,6 +95,10 @@ def run_pair(model: str | None, lines: int, directory: Path, args, extra: list[s
         stale.unlink(missing_ok=True)
     batch_cmd = [str(BIN / "klotski"), "run-batch", *model_flag, "-i", str(batch_in), "-o", str(out),
                  "--progress-interval", str(args.progress_interval), *extra]
+    if drop:  # both commands start from a cold page cache, as the rig's runs do
+        from benchmarks import cgroup
+
+        cgroup.drop_page_cache(drop)
     res = measured(batch_cmd, env, cap, "batch-run-batch")
     row = {"command": "run-batch", "lines": lines, **_slim(res)}
     m = _SUMMARY.search(res["stdout"])
@@ -103,7 +107,7 @@ def run_pair(model: str | None, lines: int, directory: Path, args, extra: list[s
                 "summary": res["stdout"].strip().splitlines()[-1],
                 "progress_sample": next((x for x in res["stderr"].splitlines() if x.startswith("run-batch: ")), None),
                 "grouping": json.loads(Path(str(out) + ".meta.json").read_text())["grouping"],
-                "output_lines": sum(1 for _ in open(out, "rb"))}
+                "output_lines": out.read_bytes().count(b"\n")}
     rows.append(row)
     for r in rows:
         print(f"batch-bench: {r['command']:<9} {lines:>6} lines: {r.get('tokens_per_s', float('nan')):8.1f} tok/s, "
@@ -118,40 +122,52 @@ def _slim(res: dict) -> dict:
 
 
 def machine() -> dict:
-    flags = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
+    flags = next((x for x in _cpuinfo() if x.startswith("flags")), "")
     simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "simd": simd, "python": platform.python_version(),
             "load_avg_start": os.getloadavg()}
 
 
 def _cpu_model() -> str:
+    line = next((x for x in _cpuinfo() if x.startswith("model name")), None)
+    return line.split(":", 1)[1].strip() if line else platform.processor()
+
+
+def _cpuinfo() -> list[str]:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        return []
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def ratios(rows: list[dict]) -> dict:
-    out = {}
-    by = {(r["command"], r["lines"]): r for r in rows}
-    for (command, lines), r in by.items():
-        g = by.get(("generate", lines))
-        if command == "run-batch" and g and r.get("tokens_per_s") and g.get("tokens_per_s"):
-            out[f"tok/s run-batch / generate at {lines} lines"] = r["tokens_per_s"] / g["tokens_per_s"]
-    batch = sorted((r for r in rows if r["command"] == "run-batch"), key=lambda r: r["lines"])
-    if len(batch) >= 2:
-        out[f"run-batch peak RSS {batch[-1]['lines']} / {batch[0]['lines']} lines"] = \
-            batch[-1]["peak_rss_bytes"] / batch[0]["peak_rss_bytes"]
+    """Medians over repeats: run-batch / generate tok/s per line count, run-batch peak RSS largest / smallest."""
+    out: dict = {}
+    lines = sorted({r["lines"] for r in rows})
+    med = {}
+    for command in ("generate", "run-batch"):
+        for n in lines:
+            got = [r for r in rows if r["command"] == command and r["lines"] == n and r.get("tokens_per_s")]
+            if got:
+                med[command, n] = {"tokens_per_s": _median([r["tokens_per_s"] for r in got]),
+                                   "tokens_per_s_range": [min(r["tokens_per_s"] for r in got),
+                                                          max(r["tokens_per_s"] for r in got)],
+                                   "peak_rss_mib": _median([r["peak_rss_bytes"] / 2**20 for r in got]),
+                                   "repeats": len(got)}
+    out["medians"] = {f"{c} {n}": v for (c, n), v in med.items()}
+    for n in lines:
+        if ("generate", n) in med and ("run-batch", n) in med:
+            out[f"tok/s run-batch / generate at {n} lines"] = \
+                med["run-batch", n]["tokens_per_s"] / med["generate", n]["tokens_per_s"]
+    if len(lines) >= 2 and ("run-batch", lines[0]) in med and ("run-batch", lines[-1]) in med:
+        out[f"run-batch peak RSS {lines[-1]} / {lines[0]} lines"] = \
+            med["run-batch", lines[-1]]["peak_rss_mib"] / med["run-batch", lines[0]]["peak_rss_mib"]
     return out
 
 
@@ -167,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny-dtypes", default="auto,float32",
                    help="compute dtypes for the tiny model (auto is bf16 on this CPU; each runs every line count)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for every child (default 1)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every pair (medians reported)")
     p.add_argument("--progress-interval", type=float, default=10.0)
     p.add_argument("--out", default=str(RESULTS / "batch-latest.json"))
     args = p.parse_args(argv)
@@ -180,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             vocab = json.loads((ensure_default_model() / "config.json").read_text())["vocab_size"]
             for dtype in args.tiny_dtypes.split(","):
                 rows = []
-                for lines in [int(x) for x in args.lines.split(",")]:
-                    rows += run_pair(None, lines, Path(tmp), args, ["--dtype", dtype], env, None, vocab, (4, 24))
+                for repeat in range(args.repeats):
+                    for lines in [int(x) for x in args.lines.split(",")]:
+                        rows += run_pair(None, lines, Path(tmp), args, ["--dtype", dtype], env, None, vocab, (4, 24))
                 result["parts"][f"tiny-{dtype}"] = {"model": "the built-in default model", "dtype": dtype,
                                                     "max_tokens": args.max_tokens, "rows": rows, "ratios": ratios(rows)}
         if args.part in ("rig", "both"):
@@ -192,12 +210,14 @@ def main(argv: list[str] | None = None) -> int:
             cap, budget = parse_bytes("3GiB"), "2.25GiB"
             extra = ["--dtype", rig.DTYPE, "--device-memory", budget, "--routing-replay", rig.REPLAY]
             vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
-            rows = []
-            for lines in [int(x) for x in args.rig_lines.split(",")]:
-                from benchmarks import cgroup
+            from benchmarks import cgroup
 
-                cgroup.drop_page_cache([ckpt])
-                rows += run_pair(str(ckpt), lines, Path(tmp), args, extra, env, cap, vocab, (8, 8))
+            rows = []
+            for repeat in range(args.repeats):
+                for lines in [int(x) for x in args.rig_lines.split(",")]:
+                    cgroup.drop_page_cache([ckpt])
+                    rows += run_pair(str(ckpt), lines, Path(tmp), args, extra, env, cap, vocab, (8, 8),
+                                     drop=[ckpt])
             result["parts"]["rig"] = {"model": str(ckpt), "cap_bytes": cap, "device_memory": budget,
                                       "flags": extra, "max_tokens": args.max_tokens, "rows": rows,
                                       "ratios": ratios(rows)}
@@ -206,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for part, data in result["parts"].items():
         for name, value in data["ratios"].items():
-            print(f"batch-bench: {part}: {name} = {value:.3f}", file=sys.stderr)
+            if name != "medians":
+                print(f"batch-bench: {part}: {name} = {value:.3f}", file=sys.stderr)
     print(f"batch-bench: wrote {args.out}", file=sys.stderr)
     return 0
 

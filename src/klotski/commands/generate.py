@@ -204,16 +204,21 @@ def output_row(rid: str, out) -> dict:
 
 def _generate_durably(llm, prompts: list[dict], ids: list[str], params, output: str | None) -> list:
     """Generate group by group; with --output each group's rows are written, flushed and fsynced as it
-    finishes (in input order), so a crash keeps every finished group. Resuming is run-batch's job."""
+    finishes (in input order), so a crash keeps every finished group. OUT is replaced only once the
+    first group is done: a run that fails before that leaves an earlier OUT as it was. Resuming is
+    run-batch's job."""
     if not prompts:
         if output:
             open(output, "w").close()
         return []
     requests = [(p["prompt"], p["prompt_token_ids"], params) for p in prompts]
     outputs: list = []
-    with open(output, "w") if output else contextlib.nullcontext() as f:
+    with contextlib.ExitStack() as stack:
+        f = None
         for group in llm.run_groups(requests):
-            if f is not None:
+            if output:
+                if f is None:
+                    f = stack.enter_context(open(output, "w"))
                 f.write("".join(json.dumps(output_row(rid, o)) + "\n" for rid, o in zip(ids[len(outputs):], group)))
                 f.flush()
                 os.fsync(f.fileno())
