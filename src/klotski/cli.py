@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "klotski.commands.generate",
     "klotski.commands.run_batch",
     "klotski.commands.create_model",
+    "klotski.commands.perplexity",
+    "klotski.commands.serve",
     "klotski.prefetch.cli",
     "klotski.planner.cli",
 )
