@@ -1,6 +1,6 @@
 """The `klotski` command line: subcommands map flags onto config fields.
 
-Each subcommand lives beside the code it drives and registers itself here through a
+Every subcommand lives in klotski/commands/ and registers itself here through a
 `register(subparsers)` function; this module only dispatches and turns user errors into
 exit code 2 without a traceback.
 """
@@ -16,8 +16,8 @@ from klotski.errors import KlotskiError
 COMMAND_MODULES = (
     "klotski.commands.generate",
     "klotski.commands.create_model",
-    "klotski.prefetch.cli",
-    "klotski.planner.cli",
+    "klotski.commands.prefetch",
+    "klotski.commands.plan",
 )
 
 
@@ -30,13 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # a command module not written yet
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -21,6 +21,7 @@ import torch
 from klotski.checkpoint.reader import Checkpoint, read_tensor
 from klotski.errors import KlotskiError
 from klotski.models.spec import WeightKey
+from klotski.paths import home
 
 FORMAT_VERSION = 1
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the logical block size
@@ -78,7 +79,8 @@ class Blob:
     tensors: tuple[BlobTensor, ...]
 
 
-def _round_up(n: int, align: int) -> int:
+def round_up(n: int, align: int = ALIGN) -> int:
+    """n rounded up to a multiple of align."""
     return (n + align - 1) // align * align
 
 
@@ -86,7 +88,7 @@ def blob_layout(units: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], in
     """Offsets of each tensor (aligned) and the payload size."""
     offsets, pos = [], 0
     for name, nbytes in units:
-        pos = _round_up(pos, TENSOR_ALIGN)
+        pos = round_up(pos, TENSOR_ALIGN)
         offsets.append((name, pos))
         pos += nbytes
     return offsets, pos
@@ -109,8 +111,6 @@ def source_fingerprint(checkpoint: Checkpoint) -> list:
 
 def default_offload_dir(checkpoint: Checkpoint) -> Path:
     """$KLOTSKI_HOME/offload/<name>-<hash of the checkpoint's path>."""
-    from klotski.default_model import home
-
     digest = zlib.crc32(str(checkpoint.path.resolve()).encode())
     return home() / "offload" / f"{checkpoint.path.name}-{digest:08x}"
 
@@ -164,7 +164,7 @@ class OffloadDir:
             probe.unlink()
         except OSError as exc:
             raise KlotskiError(f"offload dir {path} is not writable ({exc.strerror}); choose another --offload-dir") from None
-        need = sum(_round_up(checkpoint.unit_nbytes(k) + TENSOR_ALIGN * 16, ALIGN) for k in keys)
+        need = sum(round_up(checkpoint.unit_nbytes(k) + TENSOR_ALIGN * 16, ALIGN) for k in keys)
         free = shutil.disk_usage(path).free
         if free < need:
             raise KlotskiError(f"offload dir {path} has {free / 1e9:.2f} GB free but repacking needs "
@@ -174,7 +174,7 @@ class OffloadDir:
     def _write_blob(checkpoint: Checkpoint, path: Path, key: WeightKey) -> Blob:
         refs = checkpoint.units[key]
         offsets, payload = blob_layout([(name, ref.nbytes) for name, ref in refs.items()])
-        buf = bytearray(_round_up(max(payload, 1), ALIGN))
+        buf = bytearray(round_up(max(payload, 1), ALIGN))
         tensors = []
         for (name, off), ref in zip(offsets, refs.values()):
             data = read_tensor(ref)
