@@ -43,6 +43,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    # Per prompt token: {token_id: logprob} (top-N and the actual token); None for the first token, or
+    # None throughout when not asked (vLLM's prompt_logprobs).
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict, one line of a JSON-lines results file."""
@@ -52,4 +55,6 @@ class RequestOutput:
             "prompt_token_ids": list(self.prompt_token_ids),
             "outputs": [o.to_dict() for o in self.outputs],
             "finished": self.finished,
+            "prompt_logprobs": None if self.prompt_logprobs is None else
+            [None if step is None else {str(k): v for k, v in step.items()} for step in self.prompt_logprobs],
         }
