@@ -3,21 +3,29 @@
 # with real Mixtral routing replayed, hot experts from (a) the correlation table, (b) frequencies
 # learnt online, (c) nothing (K = 0). Same prompts, budget, bs and n; prints bubble and tok/s.
 # Usage: benchmarks/prefetch_effect.sh CHECKPOINT_DIR [DEVICE_MEMORY] [NUM_PROMPTS] [MAX_TOKENS] [BS] [N]
+# A trained model's own routing (the default model): REPLAY=none TABLE=its-table.json INPUT=prompts.jsonl
+# (INPUT's first NUM_PROMPTS lines are used); OUT names the results file.
 set -euo pipefail
 model=${1:?checkpoint dir}; mem=${2:-2.5GiB}; prompts=${3:-64}; max_tokens=${4:-8}; bs=${5:-16}; n=${6:-4}
 bin=${KLOTSKI_BIN:-.venv/bin/klotski}
-out=benchmarks/results/prefetch_effect.jsonl
-mkdir -p benchmarks/results
+replay=${REPLAY:-mixtral-8x7b}; table=${TABLE:-mixtral-8x7b}
+out=${OUT:-benchmarks/results/prefetch_effect.jsonl}
+mkdir -p "$(dirname "$out")"
 input=$(mktemp)
-for i in $(seq 1 "$prompts"); do echo "{\"prompt\": \"Request $i: summarise the history of mixture-of-experts language models.\"}"; done > "$input"
+if [ -n "${INPUT:-}" ]; then
+  head -n "$prompts" "$INPUT" > "$input"
+else
+  for i in $(seq 1 "$prompts"); do echo "{\"prompt\": \"Request $i: summarise the history of mixture-of-experts language models.\"}"; done > "$input"
+fi
+replay_flags=(); [ "$replay" = none ] || replay_flags=(--routing-replay "$replay")
 : > "$out"
 run() {  # label, extra flags...
   local label=$1; shift
   "$bin" generate --model "$model" --input "$input" --max-tokens "$max_tokens" --ignore-eos --device-memory "$mem" \
-    --schedule klotski --batch-size "$bs" --num-batches "$n" --routing-replay mixtral-8x7b --json "$@" 2>/dev/null \
+    --schedule klotski --batch-size "$bs" --num-batches "$n" "${replay_flags[@]}" --json "$@" 2>/dev/null \
     | python3 -c "import json,sys; d=json.load(sys.stdin)['stats']; d.pop('placement', None); d['label']='$label'; print(json.dumps(d))" >> "$out"
 }
-run correlation --prefetch-table mixtral-8x7b
+run correlation --prefetch-table "$table"
 run frequency
 run none --num-hot 0
 rm -f "$input"
