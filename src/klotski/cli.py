@@ -18,8 +18,10 @@ from klotski.sampling import is_utf8
 # Modules that define `register(subparsers)`; each adds one or more subcommands.
 COMMAND_MODULES = (
     "klotski.commands.generate",
+    "klotski.commands.run_batch",
     "klotski.commands.create_model",
     "klotski.commands.perplexity",
+    "klotski.commands.serve",
     "klotski.prefetch.cli",
     "klotski.planner.cli",
 )

@@ -17,6 +17,8 @@ otherwise, with a message that says so, rather than silently ignored.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,8 +59,8 @@ def as_protocol_error(exc: KlotskiError, code: str = "invalid_value", param: str
         return exc
     message = str(exc).removeprefix("SamplingParams: ")
     # SamplingParams says "temperature=-1 is negative: ..."; the field name is the param.
-    if param is None:
-        param = getattr(exc, "param", None)
+    if param is None:  # ParameterError names its field
+        param = getattr(exc, "field", None) or getattr(exc, "param", None)
     if param is None and "=" in message.split(" ", 1)[0]:
         param = message.split("=", 1)[0]
     return ProtocolError(message, code=code, param=param)
@@ -318,9 +320,17 @@ class RequestSettings:
         base = self.params.seed if self.params.seed is not None else default_seed
         if base is None or self.params.greedy:
             return [self.params] * self.n
-        from dataclasses import replace
+        return [_with_seed(self.params, base if j == 0 else sample_seed(base, j)) for j in range(self.n)]
 
-        return [replace(self.params, seed=base if j == 0 else sample_seed(base, j)) for j in range(self.n)]
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    """params with another seed. A copy, not dataclasses.replace: the fields were validated already and
+    a 63-bit seed is valid, and validating again per sample costs more than a small model's step."""
+    if params.seed == seed:
+        return params
+    out = copy.copy(params)
+    out.seed = seed
+    return out
 
 
 def sample_seed(seed: int, sample: int) -> int:
@@ -330,11 +340,12 @@ def sample_seed(seed: int, sample: int) -> int:
 
 
 def sampling_settings(request: Request, prompt_lens: list[int], max_model_len: int, *,
-                      allow_stream: bool = False) -> RequestSettings:
+                      allow_stream: bool = False, vocab_size: int | None = None) -> RequestSettings:
     """THE mapping from a body to SamplingParams + n / echo / logprobs; raises ProtocolError.
 
     prompt_lens are the token counts of request_prompts(request) (the context check needs them).
     allow_stream: the caller can stream (the server); a batch job cannot, and refuses stream=true.
+    vocab_size: check stop_token_ids and logprobs against the model's vocabulary too.
     """
     chat = isinstance(request, ChatCompletionRequest)
     if request.stream and not allow_stream:
@@ -376,22 +387,38 @@ def sampling_settings(request: Request, prompt_lens: list[int], max_model_len: i
                             "or shorten the prompt", code="context_length_exceeded", param=tokens_param)
     params = None
     if max_tokens > 0:
+        stop = request.stop if request.stop is None or isinstance(request.stop, str) else tuple(request.stop)
         try:
-            params = SamplingParams(
-                temperature=1.0 if request.temperature is None else request.temperature,
-                top_p=1.0 if request.top_p is None else request.top_p,
-                top_k=0 if request.top_k is None else request.top_k,
-                min_p=0.0 if request.min_p is None else request.min_p,
-                seed=request.seed, max_tokens=max_tokens, min_tokens=request.min_tokens, stop=request.stop,
-                stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos, logprobs=logprobs,
-                skip_special_tokens=request.skip_special_tokens,
-                include_stop_str_in_output=request.include_stop_str_in_output)
+            params = _sampling_params(
+                1.0 if request.temperature is None else request.temperature,
+                1.0 if request.top_p is None else request.top_p,
+                0 if request.top_k is None else request.top_k,
+                0.0 if request.min_p is None else request.min_p,
+                request.seed, max_tokens, request.min_tokens, stop,
+                None if request.stop_token_ids is None else tuple(request.stop_token_ids), request.ignore_eos,
+                logprobs, request.skip_special_tokens, request.include_stop_str_in_output, vocab_size)
         except KlotskiError as exc:
             raise as_protocol_error(exc) from None
     elif request.min_tokens:
         raise ProtocolError(f"min_tokens={request.min_tokens} must lie in [0, max_tokens=0]", param="min_tokens")
     prompt_logprobs = logprobs if echo and logprobs is not None else None
     return RequestSettings(params, request.n, max_tokens, echo, logprobs, prompt_logprobs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sampling_params(temperature, top_p, top_k, min_p, seed, max_tokens, min_tokens, stop, stop_token_ids, ignore_eos,
+                     logprobs, skip_special_tokens, include_stop_str_in_output, vocab_size) -> SamplingParams:
+    """One validated SamplingParams per distinct setting: a batch file's requests mostly share theirs, and
+    validating costs more per request than the rest of the mapping. Shared instances are never mutated."""
+    params = SamplingParams(
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens,
+        min_tokens=min_tokens, stop=list(stop) if isinstance(stop, tuple) else stop,
+        stop_token_ids=None if stop_token_ids is None else list(stop_token_ids), ignore_eos=ignore_eos,
+        logprobs=logprobs, skip_special_tokens=skip_special_tokens,
+        include_stop_str_in_output=include_stop_str_in_output)
+    if vocab_size is not None:
+        params.validate(vocab_size)
+    return params
 
 
 def score_only_outputs(settings: RequestSettings) -> list[CompletionOutput]:
@@ -538,3 +565,76 @@ def batch_error_line(custom_id: str | None, error: ProtocolError, *, id: str, re
             "response": {"status_code": error.status_code, "request_id": request_id,
                          "body": {"error": error.to_dict()}},
             "error": summary}
+
+
+# -- streaming (the server's server-sent events) -------------------------------------------------------
+class StreamChunks:
+    """The chunks of one streamed response: `text_completion` chunks (completions) or
+    `chat.completion.chunk`s (chat), one choice per (prompt, sample), numbered as the whole body numbers
+    them; the text of a choice's chunks joined is the whole body's text."""
+
+    def __init__(self, request: Request, settings: RequestSettings, *, model: str, id: str, created: int,
+                 token_text: TokenText) -> None:
+        self.chat = isinstance(request, ChatCompletionRequest)
+        self.settings, self.model, self.id, self.created, self.token_text = settings, model, id, created, token_text
+        self._offsets: dict[int, int] = {}  # completions: text_offset reached per choice (echo included)
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def start(self, choice: int) -> dict[str, Any] | None:
+        """Chat's first chunk of a choice announces the assistant role; completions have none."""
+        if not self.chat:
+            return None
+        return self._chunk([{"index": choice, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}])
+
+    def update(self, choice: int, text: str, token_ids: list[int], logprobs: list[dict[int, float]] | None,
+               finish_reason: str | None, *, prompt_text: str | None = None, prompt_ids: list[int] | None = None,
+               prompt_logprobs: list[dict[int, float] | None] | None = None) -> dict[str, Any] | None:
+        """The chunk for what one choice produced since its last chunk (None when there is nothing to say).
+        A completions choice's first chunk starts with the prompt under echo (and its logprobs)."""
+        pairs: list[tuple[int, dict[int, float] | None]] = []
+        first = choice not in self._offsets
+        if first:
+            self._offsets[choice] = 0
+        if first and self.settings.echo and not self.chat:
+            text = (prompt_text or "") + text
+            ids = prompt_ids or []
+            pairs += list(zip(ids, prompt_logprobs or [None] * len(ids)))
+        pairs += list(zip(token_ids, logprobs or [None] * len(token_ids)))
+        if not text and finish_reason is None and (not pairs or self.settings.logprobs is None):
+            return None  # a token whose text is still held back (a partial character, a possible stop string)
+        out_logprobs = None
+        if self.settings.logprobs is not None:
+            if self.chat:
+                out_logprobs = {"content": [_chat_token(t, e, self.settings.logprobs, self.token_text)
+                                            for t, e in pairs], "refusal": None}
+            else:
+                out_logprobs = self._completion_logprobs(choice, pairs)
+        if self.chat:
+            body: dict[str, Any] = {"index": choice, "delta": {"content": text} if text else {},
+                                    "logprobs": out_logprobs, "finish_reason": finish_reason}
+        else:
+            body = {"index": choice, "text": text, "logprobs": out_logprobs, "finish_reason": finish_reason}
+        return self._chunk([body])
+
+    def _completion_logprobs(self, choice: int, pairs: list[tuple[int, dict[int, float] | None]]) -> dict[str, Any]:
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for token, entry in pairs:
+            text = self.token_text(token)
+            value, entries = _entry_logprob(entry, token)
+            tokens.append(text)
+            token_logprobs.append(value)
+            top.append({self.token_text(t): v for t, v in entries.items()})
+            offsets.append(self._offsets[choice])
+            self._offsets[choice] += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        """stream_options.include_usage: the last chunk, with no choices and the request's usage."""
+        chunk = self._chunk([])
+        chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}
+        return chunk
