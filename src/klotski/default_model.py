@@ -13,8 +13,6 @@ from pathlib import Path
 from klotski.errors import KlotskiError
 
 DEFAULT_NAME = "klotski-shakespeare-mixtral"
-NOTICE = ("note: using the built-in default model, a 5M-parameter Mixtral (8 experts, top-2) trained on "
-          "Shakespeare (model card: {path}/README.md). Pass --model DIR to run another checkpoint.")
 
 
 def home() -> Path:
@@ -27,6 +25,10 @@ def default_model_dir() -> Path:
     return Path(__file__).parent / "data" / "default-model"
 
 
+NOTICE = ("note: using the built-in default model, a 5M-parameter Mixtral (8 experts, top-2) trained on "
+          f"Shakespeare (model card: {default_model_dir()}/README.md). Pass --model DIR to run another checkpoint.")
+
+
 def ensure_default_model() -> Path:
     """The default checkpoint's directory (read-only: caches and offload blobs go under home())."""
     path = default_model_dir()
@@ -37,4 +39,5 @@ def ensure_default_model() -> Path:
 
 
 def notice() -> str:
-    return NOTICE.format(path=default_model_dir())
+    """The line `generate`, `run-batch` and `serve` print when no --model is given."""
+    return NOTICE
