@@ -7,17 +7,12 @@ language on a fresh machine with no download. Random checkpoints of any shape co
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from klotski.errors import KlotskiError
+from klotski.paths import home  # noqa: F401  (re-exported: callers used to find it here)
 
 DEFAULT_NAME = "klotski-shakespeare-mixtral"
-
-
-def home() -> Path:
-    """KLOTSKI_HOME, else ~/.cache/klotski."""
-    return Path(os.environ.get("KLOTSKI_HOME") or Path.home() / ".cache" / "klotski")
 
 
 def default_model_dir() -> Path:
