@@ -61,16 +61,25 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-async def _client(http: httpx.AsyncClient, queue: asyncio.Queue, work: Workload, rows: list[dict]) -> None:
+async def _client(http: httpx.AsyncClient, queue: asyncio.Queue, work: Workload, rows: list[dict],
+                  stream: bool) -> None:
     while True:
         try:
             i, ids = queue.get_nowait()
         except asyncio.QueueEmpty:
             return
-        body = {"model": "bench", "prompt": ids, "max_tokens": work.max_tokens, "temperature": 0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        body = {"model": "bench", "prompt": ids, "max_tokens": work.max_tokens, "temperature": 0, "ignore_eos": True}
         sent = time.perf_counter()
         first, tokens, text = None, 0, ""
+        if not stream:
+            r = await http.post("/v1/completions", json=body)
+            if r.status_code != 200:
+                raise RuntimeError(f"request {i}: HTTP {r.status_code}: {r.text}")
+            answer = r.json()
+            rows.append({"prompt": i, "sent": sent, "first": None, "done": time.perf_counter(),
+                         "tokens": answer["usage"]["completion_tokens"], "text": answer["choices"][0]["text"]})
+            continue
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
         async with http.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"request {i}: HTTP {r.status_code}: {await r.aread()}")
@@ -88,14 +97,14 @@ async def _client(http: httpx.AsyncClient, queue: asyncio.Queue, work: Workload,
                      "text": text})
 
 
-async def _load(url: str, work: Workload, vocab: int, clients: int) -> list[dict]:
+async def _load(url: str, work: Workload, vocab: int, clients: int, stream: bool) -> list[dict]:
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(work.num_prompts):
         queue.put_nowait((i, prompt_token_ids(i, work.prompt_len, vocab)))
     rows: list[dict] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(3600.0), limits=limits) as http:
-        await asyncio.gather(*(_client(http, queue, work, rows) for _ in range(clients)))
+        await asyncio.gather(*(_client(http, queue, work, rows, stream) for _ in range(clients)))
     return rows
 
 
@@ -123,7 +132,7 @@ def run_server(args, work: Workload, vocab: int, env: dict) -> dict:
         httpx.post(url + "/v1/completions", json={"model": "bench", "prompt": [5, 6, 7], "max_tokens": 1},
                    timeout=args.timeout)
         load = os.getloadavg()
-        rows = asyncio.run(_load(url, work, vocab, args.clients))
+        rows = asyncio.run(_load(url, work, vocab, args.clients, not args.no_stream))
         metrics = httpx.get(url + "/metrics", timeout=30).text
         peak = int((group / "memory.max_usage_in_bytes").read_text()) if group is not None else None
     finally:
@@ -137,11 +146,11 @@ def run_server(args, work: Workload, vocab: int, env: dict) -> dict:
             cgroup._remove(group)
     start, end = min(r["sent"] for r in rows), max(r["done"] for r in rows)
     tokens = sum(r["tokens"] for r in rows)
-    ttft = [r["first"] - r["sent"] for r in rows]
+    ttft = [r["first"] - r["sent"] for r in rows if r["first"] is not None] or [float("nan")]
     e2e = [r["done"] - r["sent"] for r in rows]
     figures = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
                if line.startswith("klotski_") and "{" not in line}
-    return {"engine": "serve", "clients": args.clients, "requests": len(rows), "generated_tokens": tokens,
+    return {"engine": "serve", "clients": args.clients, "stream": not args.no_stream, "requests": len(rows), "generated_tokens": tokens,
             "wall_s": end - start, "tokens_per_s": tokens / (end - start),
             "ttft_median_s": statistics.median(ttft), "ttft_p99_s": _percentile(ttft, 0.99),
             "e2e_median_s": statistics.median(e2e), "e2e_p99_s": _percentile(e2e, 0.99),
@@ -210,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=50.0)
     p.add_argument("--max-num-seqs", type=int, help="the server plans its group for this many sequences "
                    "(default: --clients, the most that can be in flight; the batch path plans for --prompts)")
+    p.add_argument("--no-stream", action="store_true", help="whole responses (no time to first token)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every engine process")
     p.add_argument("--port", type=int, default=8731)
     p.add_argument("--timeout", type=float, default=3600)
