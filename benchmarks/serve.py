@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -177,9 +178,8 @@ def run_generate(args, work: Workload, vocab: int, env: dict, tmp: Path) -> dict
 
 
 def run_batch(args, work: Workload, vocab: int, env: dict, tmp: Path) -> dict | None:
-    """`klotski run-batch` on the same prompts, when this checkout has it: throughput over its process wall
-    minus the time to load (taken from `generate`'s figures is not possible, so the whole wall is reported
-    beside its own summary line)."""
+    """`klotski run-batch` on the same prompts, when this checkout has it: throughput over the wall its
+    summary reports (from after the model loaded, as for the other two)."""
     probe = subprocess.run([*_klotski(), "run-batch", "--help"], capture_output=True, text=True, env=env,
                            check=False)
     if probe.returncode != 0:
@@ -203,9 +203,13 @@ def run_batch(args, work: Workload, vocab: int, env: dict, tmp: Path) -> dict | 
         body = row["response"]["body"]
         texts[int(row["custom_id"])] = body["choices"][0]["text"]
         tokens += body["usage"]["completion_tokens"]
-    summary = res.stderr.strip().splitlines()[-3:] if res.stderr.strip() else []
-    return {"engine": "run-batch", "requests": len(texts), "generated_tokens": tokens, "process_wall_s": res.seconds,
-            "summary": summary, "load_avg": load, "peak_cgroup_bytes": res.peak_bytes, "texts": texts}
+    # Its summary line: "... N tokens generated in W s = R tok/s; ..." (the wall after the model loaded).
+    rate = re.search(r"tokens generated in ([\d.]+) s = ([\d.]+) tok/s", res.stderr)
+    row = {"engine": "run-batch", "requests": len(texts), "generated_tokens": tokens, "process_wall_s": res.seconds,
+           "load_avg": load, "peak_cgroup_bytes": res.peak_bytes, "texts": texts}
+    if rate is not None:
+        row |= {"wall_s": float(rate[1]), "tokens_per_s": tokens / float(rate[1])}
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
