@@ -101,7 +101,7 @@ def check_fields(config: dict) -> None:
     act = config.get("hidden_act", "silu")
     from klotski.layers.linear import ACTIVATIONS
 
-    if act not in ACTIVATIONS:
+    if not isinstance(act, str) or act not in ACTIVATIONS:
         _fail(f"hidden_act {act!r:.40} is not supported (supported: {', '.join(ACTIVATIONS)})")
 
 
