@@ -204,7 +204,7 @@ def run_batch(args, work: Workload, vocab: int, env: dict, tmp: Path) -> dict | 
         texts[int(row["custom_id"])] = body["choices"][0]["text"]
         tokens += body["usage"]["completion_tokens"]
     # Its summary line: "... N tokens generated in W s = R tok/s; ..." (the wall after the model loaded).
-    rate = re.search(r"tokens generated in ([\d.]+) s = ([\d.]+) tok/s", res.stderr)
+    rate = re.search(r"tokens generated in ([\d.]+) s = ([\d.]+) tok/s", res.stdout + res.stderr)
     row = {"engine": "run-batch", "requests": len(texts), "generated_tokens": tokens, "process_wall_s": res.seconds,
            "load_avg": load, "peak_cgroup_bytes": res.peak_bytes, "texts": texts}
     if rate is not None:
