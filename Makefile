@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench bench-quick bench-peers clean-venv
+.PHONY: run test lint bench bench-quick bench-peers clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The layering contract and no import circles (pyproject.toml [tool.importlinter]; CONTRIBUTING.md).
+lint: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 
 # The benchmark rig (benchmarks/README.md): every engine under one memory-cgroup cap. Needs root for the cgroup.
 bench: $(STAMP)

@@ -1,6 +1,6 @@
 """The `klotski` command line: subcommands map flags onto config fields.
 
-Each subcommand lives beside the code it drives and registers itself here through a
+Every subcommand lives in klotski/commands/ and registers itself here through a
 `register(subparsers)` function; this module only dispatches and turns user errors into
 exit code 2 without a traceback.
 """
@@ -20,10 +20,10 @@ COMMAND_MODULES = (
     "klotski.commands.generate",
     "klotski.commands.run_batch",
     "klotski.commands.create_model",
+    "klotski.commands.prefetch",
+    "klotski.commands.plan",
     "klotski.commands.perplexity",
     "klotski.commands.serve",
-    "klotski.prefetch.cli",
-    "klotski.planner.cli",
 )
 
 
@@ -64,13 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")  # subparsers inherit ArgumentParser
     sub.required = True
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # a command module not written yet
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -53,22 +53,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float3
           "half": torch.float16}
 
 
-def resolve_dtype(name: str | torch.dtype, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The compute dtype: 'auto' is the checkpoint's on CUDA; on CPU, whichever of the checkpoint's
-    dtype and fp32 (upcasting weights per matmul) measured faster on this machine."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name == "auto":
-        if device.type == "cuda":
-            return checkpoint_dtype
-        from klotski.runtime.compute_dtype import cpu_compute_dtype
-
-        return cpu_compute_dtype(checkpoint_dtype)
-    if name not in DTYPES:
-        raise KlotskiError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
-    return DTYPES[name]
-
-
 @dataclass(frozen=True)
 class EngineConfig:
     """What the user asked for: the model, budgets, and the schedule knobs."""
@@ -98,6 +82,11 @@ class EngineConfig:
         if self.host_memory is not None and self.host_memory < 0:
             raise KlotskiError(f"host_memory cannot be negative, got {self.host_memory}")
 
+    @property
+    def budgeted(self) -> bool:
+        """Some memory budget or an offload dir is given: weights are placed across tiers."""
+        return self.device_memory is not None or self.host_memory is not None or self.offload_dir is not None
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -107,11 +96,8 @@ class Policy:
     num_batches: int  # n
     num_hot: int  # K
     schedule: str
-    placement: dict  # tensor kind / unit -> tier
-    host_window: int = 0  # L: layers kept in host memory ahead of use when disk is in play
-    # The planner's tier per weight unit (WeightKey -> tier), for the store to lay out; None: greedy.
-    unit_tiers: dict | None = field(default=None, compare=False, repr=False)
+    placement: dict  # tensor kind -> tier (a summary, for stats and the plan's report)
 
     def to_dict(self) -> dict:
         return {"batch_size": self.batch_size, "num_batches": self.num_batches, "num_hot": self.num_hot,
-                "schedule": self.schedule, "host_window": self.host_window, "placement": self.placement}
+                "schedule": self.schedule, "placement": self.placement}

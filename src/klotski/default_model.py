@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from klotski.paths import home
+
 DEFAULT_NAME = "default-mixtral-random-v1"
 # Small enough to create in about a second, large enough to exercise every part of the engine.
 DEFAULT_SHAPE = {"preset": "tiny", "layers": 4, "hidden_size": 256, "intermediate_size": 512,
@@ -18,14 +20,9 @@ NOTICE = ("note: using the built-in default model: a small Mixtral-architecture 
           "weights, so its text is meaningless. Pass --model DIR to run a real checkpoint.")
 
 
-def home() -> Path:
-    """KLOTSKI_HOME, else ~/.cache/klotski."""
-    return Path(os.environ.get("KLOTSKI_HOME") or Path.home() / ".cache" / "klotski")
-
-
 def ensure_default_model() -> Path:
     """The default checkpoint's directory, creating it (atomically) on first use."""
-    from klotski.commands.create_model import create_model
+    from klotski.checkpoint.create import create_model
 
     path = home() / "models" / DEFAULT_NAME
     if (path / "config.json").is_file():

@@ -5,7 +5,6 @@ sampler and tokenizer.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -15,28 +14,26 @@ from typing import Any
 import torch
 
 from klotski.checkpoint.reader import Checkpoint
-from klotski.config import EngineConfig, Policy, parse_bytes, resolve_dtype
+from klotski.config import EngineConfig, Policy, parse_bytes
 from klotski.errors import KlotskiError, ParameterError
 from klotski.outputs import RequestOutput
 from klotski.progress import Progress
-from klotski.runtime.generate import GroupBatch, Sequence, run_group
-from klotski.runtime.model import ModelRunner
-from klotski.runtime.pipeline import Pipeline
-from klotski.runtime.schedule import get_schedule
-from klotski.runtime.timeline import Timeline
-from klotski.sampling import Sampler, SamplingParams, is_utf8, derive_seed, make_generator
 from klotski.prefetch.replay import make_replay
 from klotski.prefetch.runtime import RoutingRecording, make_predictor
-from klotski.prefetch.table import find_model_table
-from klotski.store.base import ResidentStore
+from klotski.prefetch.table import CorrelationTable, find_model_table
+from klotski.prompts import Prompt, PromptParser
+from klotski.runtime.compute_dtype import resolve_dtype
+from klotski.runtime.generate import GroupBatch, Sequence, run_group
+from klotski.runtime.model import ModelRunner
+from klotski.runtime.pipeline import Pipeline, RoutingHook
+from klotski.runtime.schedule import get_schedule
+from klotski.sampling import Sampler, SamplingParams, derive_seed, make_generator
+from klotski.store.base import WeightStore
+from klotski.store.factory import open_store
 from klotski.store.heap import return_freed_memory
-from klotski.store.offload import OffloadDir, default_offload_dir
-from klotski.store.placement import DISK, HOST, greedy_placement, inflight_parts, working_set
-from klotski.store.pool import TierPool
-from klotski.store.tiered import TieredStore
-from klotski.tokenizer import StopChecker, Tokenizer
-
-Prompt = str | dict[str, Any]
+from klotski.store.tiers import DEVICE
+from klotski.timeline import Timeline
+from klotski.tokenizer import StopChecker, Tokenizer, collect_eos_ids
 
 
 class LLM:
@@ -58,7 +55,7 @@ class LLM:
             num_hot=num_hot, max_model_len=max_model_len)
         self.schedule = get_schedule(schedule)
         # Under a budget, activations freed each layer go back to the OS instead of piling up in the heap.
-        self.heap_returns_freed = self._budgeted() and return_freed_memory()
+        self.heap_returns_freed = self.config.budgeted and return_freed_memory()
         self.checkpoint = Checkpoint.open(self.config.model)
         # Weights repacked into the offload dir are always checked for NaN / inf (they are read anyway);
         # resident loads only when asked, since that is one more pass over every weight.
@@ -66,9 +63,11 @@ class LLM:
         self.spec = self.checkpoint.spec
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.dtype = resolve_dtype(dtype, self.checkpoint.dtype, self.device)
-        self.tokenizer = self._load_tokenizer(Path(self.config.model))
-        self.eos_token_ids = self._eos_ids(Path(self.config.model))
+        path = Path(self.config.model)
+        self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+        self.eos_token_ids = collect_eos_ids(path, self.spec.eos_token_ids, self.tokenizer)
         self.max_model_len = min(max_model_len or self.spec.max_position_embeddings, self.spec.max_position_embeddings)
+        self.prompts = PromptParser(self.tokenizer, self.spec.vocab_size, self.max_model_len, self.config.model)
         self.runner = ModelRunner(self.spec, self.dtype, self.device)
         self.store = self._make_store()
         self.prefetch_table = self._find_table(prefetch_table)
@@ -84,36 +83,18 @@ class LLM:
         self._requests_seen = 0
 
     # -- setup --------------------------------------------------------------------------
-    def _make_store(self):
-        """All resident when no budget is given; else greedy placement over device / host / disk."""
-        cfg = self.config
-        if cfg.device_memory is None and cfg.host_memory is None and cfg.offload_dir is None:
-            return ResidentStore(self.checkpoint, self.device)
-        spec = self.spec
-        unit_bytes = {k: self.checkpoint.unit_nbytes(k) for k in spec.weight_keys()}
-        # Without a GPU the device tier is host RAM already: a separate host tier would count RAM twice.
-        host = cfg.host_memory if cfg.host_memory is not None else (0 if self.device.type == "cpu" else None)
-        k = spec.top_k if cfg.num_hot is None else cfg.num_hot
+    def _make_store(self) -> WeightStore:
+        """The store for the budgets (store/factory.py); the planner places the units when it plans the run."""
+        placement = None
         if self._planned():
             from klotski.planner.engine_glue import load_placement
-            placement = load_placement(self.checkpoint, cfg, self.device, self.dtype, self.schedule.name)
-        else:
-            dense, experts = inflight_parts(spec, unit_bytes, k)
-            placement = greedy_placement(spec, unit_bytes, cfg.device_memory, host, experts, dense)
-        reserve = working_set(spec, unit_bytes, k, placement)
-        offload = None
-        # On CUDA host-placed units are copied in per use, from their blobs held in pinned memory.
-        if DISK in placement.values() or (self.device.type == "cuda" and HOST in placement.values()):
-            offload = OffloadDir.prepare(self.checkpoint, cfg.offload_dir or default_offload_dir(self.checkpoint),
-                                         progress=True)
-        return TieredStore(self.checkpoint, offload, placement, TierPool("device", cfg.device_memory, self.device),
-                           TierPool("host", host), Timeline(enabled=False), device=self.device,
-                           reserve=0 if DISK not in placement.values() else reserve)
+            placement = load_placement(self.checkpoint, self.config, self.device, self.dtype, self.schedule.name)
+        return open_store(self.checkpoint, self.config, self.device, placement)
 
-    def _find_table(self, override: str | None):
+    def _find_table(self, override: str | None) -> CorrelationTable | None:
         """--prefetch-table, else a table saved beside the model or in its offload dir."""
         table = find_model_table(self.config.model, override)
-        if table is None and getattr(self.store, "offload", None) is not None:
+        if table is None and self.store.offload is not None:
             table = find_model_table(self.store.offload.path)
         return table
 
@@ -122,35 +103,14 @@ class LLM:
         self.routing = RoutingRecording(self.spec)
         return self.routing
 
-    def _routing_hooks(self) -> list:
+    def _routing_hooks(self) -> list[RoutingHook]:
         """Replay first (when on), so a recording sees the routing that actually ran."""
         return [h for h in (self.replay, self.routing) if h is not None]
-
-    def _load_tokenizer(self, path: Path) -> Tokenizer | None:
-        return Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
-
-    def _eos_ids(self, path: Path) -> frozenset[int]:
-        """EOS ids from generation_config.json, config.json and the tokenizer."""
-        ids = set(self.spec.eos_token_ids)
-        gen = path / "generation_config.json"
-        if gen.is_file():
-            try:
-                eos = json.loads(gen.read_text()).get("eos_token_id")
-            except json.JSONDecodeError as exc:
-                raise KlotskiError(f"{gen} is not valid JSON ({exc}); fix or remove it") from None
-            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer is not None:
-            ids |= self.tokenizer.eos_token_ids
-        return frozenset(ids)
-
-    def _budgeted(self) -> bool:
-        cfg = self.config
-        return cfg.device_memory is not None or cfg.host_memory is not None or cfg.offload_dir is not None
 
     def _planned(self) -> bool:
         """The planner picks bs / n (and the placement) when a budget is set and a flag is missing."""
         cfg = self.config
-        return self._budgeted() and (cfg.batch_size is None or cfg.num_batches is None)
+        return cfg.budgeted and (cfg.batch_size is None or cfg.num_batches is None)
 
     def policy(self, num_requests: int, prompt_len: int | None = None, gen_len: int | None = None) -> Policy:
         """bs, n and K for this many requests: the planner's under a budget (flags override), else simple rules."""
@@ -159,48 +119,17 @@ class LLM:
             from klotski.planner.engine_glue import routing_table, run_policy
             policy, self.plan_stats = run_policy(
                 self.checkpoint, self.config, self.device, self.dtype, self.schedule.name,
-                getattr(self.store, "placement", None), num_requests, prompt_len, gen_len or 1,
-                routing_table(self.prefetch_table, getattr(self, "replay", None), self.spec.top_k))
+                self.store.placement, num_requests, prompt_len, gen_len or 1,
+                routing_table(self.prefetch_table, self.replay, self.spec.top_k))
             return policy
         cfg, multibatch = self.config, self.schedule.multibatch
         bs = cfg.batch_size or max(1, min(num_requests, 64))
         n = (cfg.num_batches or max(1, math.ceil(num_requests / bs))) if multibatch else 1
         k = self.spec.top_k if cfg.num_hot is None else cfg.num_hot
-        placement = {"weights": "device", "kv_cache": "device"}
+        placement = {"weights": DEVICE, "kv_cache": DEVICE}
         return Policy(batch_size=bs, num_batches=n, num_hot=k, schedule=self.schedule.name, placement=placement)
 
     # -- requests ------------------------------------------------------------------------
-    def _prompt_ids(self, prompt: Prompt, where: str) -> tuple[str | None, list[int]]:
-        """(text, token ids) of one prompt: a string, or {"prompt": ...} / {"prompt_token_ids": [...]}."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                    raise ParameterError(f"{where}: prompt_token_ids must be a list of integers")
-                bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
-                if bad:
-                    raise ParameterError(f"{where}: token id {bad[0]} is outside the vocabulary (0..{self.spec.vocab_size - 1})")
-                return prompt.get("prompt"), list(ids)
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise KlotskiError(f"{where}: a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if not isinstance(prompt, str):
-            raise KlotskiError(f"{where}: a prompt must be a string or a dict, got {type(prompt).__name__}")
-        if not is_utf8(prompt):
-            raise ParameterError(f"{where}: the prompt is not valid UTF-8 text; re-encode it as UTF-8")
-        if self.tokenizer is None:
-            raise KlotskiError(f"{self.config.model} has no tokenizer.json: pass prompts as "
-                               "{'prompt_token_ids': [...]} or add the model's tokenizer files")
-        return prompt, self.tokenizer.encode(prompt)
-
-    def _check_request(self, ids: list[int], where: str) -> None:
-        if not ids:
-            raise KlotskiError(f"{where}: the prompt is empty; give at least one token")
-        if len(ids) >= self.max_model_len:
-            raise KlotskiError(f"{where}: the prompt has {len(ids)} tokens but the model's context is "
-                               f"{self.max_model_len}; shorten the prompt")
-
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate a completion for every prompt; outputs come back in the prompts' order."""
@@ -208,8 +137,7 @@ class LLM:
         params = self._params_per_prompt(sampling_params, len(prompts))
         requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
-            text, ids = self._prompt_ids(prompt, f"prompt {i}")
-            self._check_request(ids, f"prompt {i}")
+            text, ids = self.prompts.parse(prompt, f"prompt {i}")
             requests.append((text, ids, p))
         return self._run(requests, use_tqdm)
 
@@ -222,17 +150,7 @@ class LLM:
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> dict[str, Any]:
         """A conversation rendered with the chat template, as a prompt dict for generate()."""
-        if self.tokenizer is None:
-            raise KlotskiError(f"{self.config.model} has no tokenizer.json, so chat templates are unavailable")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise KlotskiError("messages must be a list of {'role': ..., 'content': ...} objects")
-        for i, m in enumerate(messages):
-            content = m.get("content")
-            if isinstance(content, str) and not is_utf8(content):
-                raise ParameterError(f"message {i}: the content is not valid UTF-8 text; re-encode it as UTF-8")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        # The template writes BOS itself where it wants one, so no special tokens are added again.
-        return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+        return self.prompts.chat(messages, add_generation_prompt)
 
     def _params_per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:
         """One SamplingParams per prompt, each checked again against this model's vocabulary."""
@@ -257,12 +175,13 @@ class LLM:
         from klotski.runtime.generate import prefill_step
 
         policy = self.policy(len(prompts))
+        # A predictor of its own, learning online: scoring leaves the generation runs' predictor as it was.
         pipeline = Pipeline(self.runner, self.store, self.schedule, Timeline(enabled=False), policy.num_hot,
-                            routing_hooks=self._routing_hooks(), adaptive_hot=self.config.num_hot is None)
+                            make_predictor(self.spec, None), self._routing_hooks(),
+                            adaptive_hot=self.config.num_hot is None)
         seqs = []
         for i, prompt in enumerate(prompts):
-            _, ids = self._prompt_ids(prompt, f"prompt {i}")
-            self._check_request(ids, f"prompt {i}")
+            _, ids = self.prompts.parse(prompt, f"prompt {i}")
             seqs.append(self._sequence(i, ids, SamplingParams(max_tokens=1)))
         out: list[torch.Tensor] = []
         for g in range(0, len(seqs), policy.batch_size):

@@ -212,6 +212,16 @@ def _jinja_env():
     return env
 
 
+def collect_eos_ids(directory: str | Path, config_ids: Sequence[int] = (),
+                    tokenizer: Tokenizer | None = None) -> frozenset[int]:
+    """Every id that ends a sequence: config.json's (`config_ids`), generation_config.json's and the
+    tokenizer's EOS token (the tokenizer already read generation_config.json when there is one)."""
+    if tokenizer is not None:
+        return frozenset(config_ids) | tokenizer.eos_token_ids
+    generation = _read_json(Path(directory) / "generation_config.json")
+    return frozenset(config_ids) | frozenset(_id_set(generation.get("eos_token_id")))
+
+
 class IncrementalDecoder:
     """Detokenizes one sequence a token at a time, holding back incomplete UTF-8 pieces."""
 

@@ -13,7 +13,7 @@ from klotski.planner.cost import (BlockTimes, OpCosts, RoutingStats, block_times
 from klotski.planner.profile import builtin_estimate
 from klotski.runtime.model import ModelRunner
 from klotski.runtime.schedule import get_schedule
-from klotski.store.placement import DEVICE, DISK
+from klotski.store.tiers import DEVICE, DISK
 
 # t_c_A=2, t_c_G=1, io: A=4, G=3, E=10, hotE=5, cold sum=6, K=2, Q=1.5
 B = BlockTimes(t_c_A=2.0, t_c_G=1.0, t_io_A=4.0, t_io_G=3.0, t_io_E=10.0, t_c_hotE=5.0, t_c_coldE=6.0, K=2, Q=1.5)

@@ -10,7 +10,7 @@ from klotski.models.spec import EXPERT
 from klotski.planner.simulate import simulate
 from klotski.prefetch.table import bundled_table
 from klotski.runtime import pipeline as pipeline_module
-from klotski.store.placement import DEVICE, DISK
+from klotski.store.tiers import DEVICE, DISK
 
 
 def _run(shape, costs, schedule, bs=4, n=4, budget=None, table=None):

@@ -8,7 +8,8 @@ import pytest
 
 from klotski.errors import KlotskiError
 from klotski.prefetch.table import CorrelationTable
-from klotski.prefetch.trace import RoutingRecorder, RoutingTrace, sample_markov_trace, split
+from klotski.prefetch.synthetic import sample_markov_trace
+from klotski.prefetch.trace import RoutingRecorder, RoutingTrace, split
 
 
 def test_save_load_round_trip(tmp_path: Path, markov_trace: RoutingTrace) -> None:

@@ -10,7 +10,7 @@ from klotski.prefetch.runtime import make_predictor
 from klotski.runtime.generate import GroupBatch, prefill_step
 from klotski.runtime.pipeline import Pipeline
 from klotski.runtime.schedule import get_schedule
-from klotski.runtime.timeline import Timeline
+from klotski.timeline import Timeline
 
 
 class Recorder:

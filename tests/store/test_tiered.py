@@ -185,7 +185,7 @@ def _in_thread(fn):
 def _manual_store(model, tmp_path, room_of):
     """A TieredStore with every unit on disk, room for exactly one `room_of` unit, and hand-driven lanes."""
     from klotski.checkpoint.reader import Checkpoint
-    from klotski.runtime.timeline import Timeline
+    from klotski.timeline import Timeline
     from klotski.store.offload import OffloadDir
     from klotski.store.pool import TierPool
     from klotski.store.tiered import TieredStore
@@ -301,7 +301,8 @@ def test_dense_room_holds_experts_when_dense_units_are_resident(model):
     for them. The embedding table is placed last (only its rows are ever read)."""
     from klotski.checkpoint.reader import Checkpoint
     from klotski.models.spec import EXPERT
-    from klotski.store.placement import DEVICE, dense_resident, greedy_placement, inflight_parts, working_set
+    from klotski.store.placement import dense_resident, greedy_placement, inflight_parts, working_set
+    from klotski.store.tiers import DEVICE
 
     ckpt = Checkpoint.open(model)
     spec = ckpt.spec

@@ -1,12 +1,9 @@
 """`klotski create-model`: write a random-weight checkpoint of any family and shape, with a tokenizer."""
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
-from klotski.config import DTYPES
-from klotski.errors import KlotskiError
+from klotski.checkpoint.create import create_model
 
 
 def register(sub) -> None:
@@ -21,50 +18,6 @@ def register(sub) -> None:
                    "GGUF converter needs one")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(handler=run)
-
-
-def create_model(out: str | Path, family: str, preset: str | None = None, layers: int | None = None,
-                 dtype: str = "bfloat16", seed: int = 0, progress: bool = False,
-                 tokenizer_model: str | Path | None = None, **overrides) -> Path:
-    """Write config.json, generation_config.json, safetensors weights and a tokenizer to `out`."""
-    from klotski.checkpoint.writer import write_checkpoint
-    from klotski.models.presets import preset_config
-    from klotski.spm_tokenizer import write_spm_tokenizer
-    from klotski.tokenizer import DEFAULT_CHAT_TEMPLATE, write_tokenizer
-
-    if dtype not in DTYPES:
-        raise KlotskiError(f"unknown dtype {dtype!r}; choose bfloat16, float16 or float32")
-    config = preset_config(family, preset, layers, **overrides)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise KlotskiError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    if tokenizer_model is not None:  # a real SentencePiece model, copied with a matching tokenizer.json
-        special = write_spm_tokenizer(out, tokenizer_model, config["vocab_size"], DEFAULT_CHAT_TEMPLATE)
-    else:
-        special = write_tokenizer(out, config["vocab_size"])  # the tokenizer decides bos/eos ids
-    config |= {k: special[k] for k in ("bos_token_id", "eos_token_id")}
-    bar = _progress_bar(config, DTYPES[dtype]) if progress else None
-    write_checkpoint(out, config, DTYPES[dtype], seed, bar)
-    if bar is not None:
-        print(file=sys.stderr)
-    gen = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    return out
-
-
-def _progress_bar(config: dict, dtype):
-    from klotski.checkpoint.writer import plan_tensors, _numel
-    from klotski.models import spec_from_config
-
-    total = sum(_numel(s) for _, s in plan_tensors(spec_from_config(config))) * dtype.itemsize
-    done = [0]
-
-    def tick(nbytes: int) -> None:
-        done[0] += nbytes
-        print(f"\rwriting {done[0] / 1e9:6.2f} / {total / 1e9:.2f} GB", end="", file=sys.stderr, flush=True)
-
-    return tick
 
 
 def run(args) -> int:

@@ -161,9 +161,7 @@ def _prompts(llm, items, errors) -> tuple[list, list[str]]:
     prompts, ids = [], []
     for rid, record in items:
         try:
-            prompt = llm.chat_prompt(record["messages"]) if "messages" in record else record
-            text, tokens = llm._prompt_ids(prompt, f"input {rid}")
-            llm._check_request(tokens, f"input {rid}")
+            text, tokens = llm.prompts.record(record, f"input {rid}")
         except KlotskiError as exc:
             errors.append(str(exc) + "; this input was skipped")
             continue

@@ -541,7 +541,7 @@ class BatchJob:
             if "messages" in prompt:
                 rendered = llm.chat_prompt(prompt["messages"], prompt["add_generation_prompt"])
                 return rendered["prompt"], rendered["prompt_token_ids"]
-            return llm._prompt_ids(prompt, "prompt")
+            return llm.prompts.tokenize(prompt, "prompt")
         except ProtocolError:
             raise
         except KlotskiError as exc:

@@ -32,7 +32,7 @@ from klotski.errors import KlotskiError
 from klotski.layers.attention import KVBlock
 from klotski.runtime.generate import GroupBatch, Sequence, decode_step, prefill_step, sample_batch
 from klotski.runtime.pipeline import Pipeline
-from klotski.runtime.timeline import Timeline
+from klotski.timeline import Timeline
 from klotski.sampling import SamplingParams
 
 # B = sequences in a batch, L = KV capacity (positions), T = a prefill's valid tokens, V = vocab

@@ -307,7 +307,7 @@ def _prompts(llm, req) -> list[_Prompt]:
         for i, prompt in enumerate(proto.request_prompts(req)):
             if "messages" in prompt:
                 prompt = llm.chat_prompt(prompt["messages"], prompt.get("add_generation_prompt", True))
-            text, ids = llm._prompt_ids(prompt, "prompt" if i == 0 else f"prompt[{i}]")
+            text, ids = llm.prompts.tokenize(prompt, "prompt" if i == 0 else f"prompt[{i}]")
             out.append(_Prompt(text, ids))
     except KlotskiError as exc:
         raise _protocol(exc) from None

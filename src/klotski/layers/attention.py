@@ -99,12 +99,3 @@ def gqa_attention(spec: AttentionSpec, eps: float, w: dict[str, torch.Tensor], x
     k_all, v_all = write_kv(kv, k, v, step.positions)
     return x + linear(sdpa(q, k_all, v_all, step, spec), w["o_proj"])
 
-
-ATTENTION_KINDS = {"gqa": gqa_attention}
-
-
-def attention(spec: AttentionSpec, eps: float, w, x, kv, step, rotary) -> torch.Tensor:
-    """Dispatch on the attention kind named in the spec."""
-    if spec.kind not in ATTENTION_KINDS:
-        from klotski.layers import mla  # noqa: F401  (registers "mla")
-    return ATTENTION_KINDS[spec.kind](spec, eps, w, x, kv, step, rotary)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from klotski.models.spec import ACTIVATIONS as ACTIVATION_NAMES
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias); a weight stored in another dtype (bf16 on CPU) is upcast transiently.
@@ -18,7 +20,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+ACTIVATIONS = {name: getattr(F, name) for name in ACTIVATION_NAMES}  # hidden_act -> function
 
 
 def swiglu_ffn(x: torch.Tensor, w: dict[str, torch.Tensor], act: str, prefix: str = "") -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from klotski.layers.attention import ATTENTION_KINDS, KVBlock, StepInfo, sdpa, write_kv
+from klotski.layers.attention import KVBlock, StepInfo, sdpa, write_kv
 from klotski.layers.linear import linear
 from klotski.layers.norm import rms_norm
 from klotski.layers.rotary import Rotary
@@ -52,5 +52,3 @@ def _decompress(spec: AttentionSpec, eps: float, w: dict[str, torch.Tensor],
     k_nope, v = kv.split([spec.qk_nope_head_dim, spec.v_head_dim], dim=-1)
     return k_nope, v
 
-
-ATTENTION_KINDS["mla"] = mla_attention

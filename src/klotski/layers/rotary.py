@@ -6,7 +6,7 @@ import math
 import torch
 
 from klotski.errors import KlotskiError
-from klotski.models.spec import RopeSpec
+from klotski.models.spec import RopeSpec, yarn_mscale
 
 
 def inv_freq_and_scale(rope: RopeSpec, max_positions: int) -> tuple[torch.Tensor, float]:
@@ -22,11 +22,6 @@ def inv_freq_and_scale(rope: RopeSpec, max_positions: int) -> tuple[torch.Tensor
     if kind == "yarn":
         return _yarn(rope, scaling, base, max_positions)
     raise KlotskiError(f"rope scaling type {kind!r} is not supported; supported: default, linear, yarn")
-
-
-def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    """YaRN's attention magnitude correction."""
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _yarn(rope: RopeSpec, s: dict, pos_freqs: torch.Tensor, max_positions: int) -> tuple[torch.Tensor, float]:

@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from klotski.errors import UnsupportedModelError
-from klotski.layers.rotary import yarn_mscale
 from klotski.models import common
-from klotski.models.spec import ATTN, MOE, AttentionSpec, ModelSpec, NameTable, RopeSpec, RouterSpec, rule
+from klotski.models.spec import ATTN, MOE, AttentionSpec, ModelSpec, NameTable, RopeSpec, RouterSpec, rule, yarn_mscale
 
 ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 

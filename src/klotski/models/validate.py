@@ -12,7 +12,7 @@ import math
 import numbers
 
 from klotski.errors import ConfigError
-from klotski.models.spec import ModelSpec
+from klotski.models.spec import ACTIVATIONS, ModelSpec
 
 # Counts the code allocates per unit of: bounded so a typo cannot ask for 10**12 layers.
 MAX_LAYERS = 4096
@@ -99,8 +99,6 @@ def check_fields(config: dict) -> None:
         if value is not None and not isinstance(value, dict):
             _fail(f"{name} must be an object or null, got {value!r:.60}")
     act = config.get("hidden_act", "silu")
-    from klotski.layers.linear import ACTIVATIONS
-
     if not isinstance(act, str) or act not in ACTIVATIONS:
         _fail(f"hidden_act {act!r:.40} is not supported (supported: {', '.join(ACTIVATIONS)})")
 

@@ -13,7 +13,7 @@ from klotski.planner.solver import Budgets, Plan, Solver, Workload
 from klotski.prefetch.runtime import moe_index
 from klotski.prefetch.table import CorrelationTable
 from klotski.runtime.schedule import get_schedule
-from klotski.store.placement import DEVICE, HOST
+from klotski.store.tiers import DEVICE, HOST
 
 
 @dataclass
@@ -32,7 +32,7 @@ class PlanReport:
     def to_dict(self) -> dict:
         p, m = self.plan.policy, self.plan.memory
         out = {"batch_size": p.batch_size, "num_batches": p.num_batches, "num_hot": p.num_hot,
-               "schedule": p.schedule, "host_window": p.host_window, "placement": p.placement,
+               "schedule": p.schedule, "placement": p.placement,
                "memory": m.to_dict(), "budgets": {DEVICE: self.budgets.device, HOST: self.budgets.host},
                "constraints_slack_s": self.plan.slack, "binding_constraints": self.plan.binding,
                "estimate_tokens_per_s": self.plan.estimate_tokens_per_s,

@@ -17,7 +17,8 @@ from klotski.planner.profile import HardwareProfile
 from klotski.planner.shapes import ModelShape
 from klotski.runtime.model import ModelRunner
 from klotski.runtime.schedule import Schedule
-from klotski.store.placement import DEVICE, DISK, HOST, inflight_parts, working_set
+from klotski.store.placement import inflight_parts, working_set
+from klotski.store.tiers import DEVICE, DISK, HOST
 
 # T = tokens, C = context (keys attended), E = experts, K = hot experts prefetched
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from klotski.config import Policy
+from klotski.config import EngineConfig, Policy
 from klotski.planner.api import PlanReport, make_plan, pick_profile
 from klotski.planner.shapes import ModelShape
 from klotski.planner.solver import Budgets, Workload
+from klotski.prefetch.replay import RoutingReplay
 from klotski.prefetch.table import CorrelationTable
-from klotski.store.placement import DEVICE
+from klotski.store.factory import host_budget
+from klotski.store.tiers import DEVICE
 
 # Load-time placement assumes this workload: a few modest groups of short prompts.
 NOMINAL = Workload(prompt_len=128, gen_len=32, num_prompts=64)
@@ -26,9 +28,8 @@ def engine_shape(checkpoint) -> ModelShape:
     return ModelShape(checkpoint.path.name, checkpoint.spec, checkpoint.dtype, units)
 
 
-def _budgets(config, device: torch.device) -> Budgets:
-    host = config.host_memory if config.host_memory is not None else (0 if device.type == "cpu" else None)
-    return Budgets(config.device_memory, host)
+def _budgets(config: EngineConfig, device: torch.device) -> Budgets:
+    return Budgets(config.device_memory, host_budget(config.host_memory, device))
 
 
 def load_placement(checkpoint, config, device: torch.device, dtype: torch.dtype, schedule: str) -> dict:
@@ -68,10 +69,11 @@ def plan_stats(report: PlanReport) -> dict:
                         "routing": d["routing"]}}
 
 
-def routing_table(prefetch_table: CorrelationTable | None, replay, top_k: int) -> CorrelationTable | None:
+def routing_table(prefetch_table: CorrelationTable | None, replay: RoutingReplay | None,
+                  top_k: int) -> CorrelationTable | None:
     """The routing the run will see: a replayed table's (benchmarks), else the prefetch table, else none."""
-    source = getattr(replay, "source", None)
-    if source is not None and not str(source).endswith(".npz"):
+    source = replay.source if replay is not None else None
+    if source is not None and not source.endswith(".npz"):
         from klotski.prefetch.table import load_table
 
         return load_table(source, top_k)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from klotski.errors import KlotskiError
+from klotski.paths import home
 
 BUNDLED = {"env1": "env1-rtx3090.json", "env2": "env2-h800.json"}
 
@@ -139,8 +140,6 @@ def machine_id() -> dict:
 
 
 def profiles_dir() -> Path:
-    from klotski.default_model import home
-
     return home() / "profiles"
 
 

@@ -16,7 +16,7 @@ from klotski.checkpoint.reader import DTYPES, load_config, spec_of
 from klotski.config import DTYPES as NAMED_DTYPES
 from klotski.errors import KlotskiError
 from klotski.models.spec import ATTN, EXPERT, HEAD, MOE, ModelSpec, WeightKey
-from klotski.store.offload import ALIGN
+from klotski.store.offload import round_up
 
 # T = tokens, C = context (keys attended), H = hidden
 
@@ -36,7 +36,7 @@ class ModelShape:
 
     def padded(self, key: WeightKey) -> int:
         """Bytes a fetched unit occupies (offload blobs are padded to the O_DIRECT block)."""
-        return (self.unit_bytes[key] + ALIGN - 1) // ALIGN * ALIGN
+        return round_up(self.unit_bytes[key])
 
     def params(self, key: WeightKey, exclude_norms: bool = True) -> int:
         """Parameters of one unit (its matmul weights when exclude_norms)."""

@@ -22,15 +22,14 @@ from klotski.planner.cost import OpCosts
 from klotski.planner.shapes import ModelShape
 from klotski.prefetch.runtime import make_predictor, moe_index
 from klotski.prefetch.table import CorrelationTable
-from klotski.prefetch.trace import _transition
 from klotski.runtime.generate import GroupBatch, Sequence, run_group
 from klotski.runtime.model import GateOutput
 from klotski.runtime.pipeline import Pipeline
 from klotski.runtime.schedule import get_schedule
-from klotski.runtime.timeline import Timeline
+from klotski.timeline import Timeline
 from klotski.sampling import Sampler, SamplingParams
 from klotski.store.base import Handle
-from klotski.store.placement import DEVICE, DISK, HOST
+from klotski.store.tiers import DEVICE, DISK, HOST
 from klotski.tokenizer import StopChecker
 
 # B = sequences in a batch, S = new tokens per sequence, T = valid tokens, K = top_k
@@ -63,7 +62,7 @@ class MarkovRouting:
             self.first, self.trans = np.ones(num_experts), [np.ones((num_experts, num_experts))] * num_layers
         else:
             self.first = table.frequency(0)
-            self.trans = [_transition(table, min(i, table.num_layers - 1)) for i in range(num_layers)]
+            self.trans = [table.transition(min(i, table.num_layers - 1)) for i in range(num_layers)]
 
     def sample(self, layer: int, prev: np.ndarray | None, tokens: int) -> np.ndarray:
         """ids [T, K] for `tokens` tokens at MoE layer `layer` given their previous experts [T, K]."""
@@ -182,6 +181,8 @@ class SimHandle(Handle):
 class SimStore:
     """The TieredStore's behaviour on a virtual clock: resident units, link queues, the device budget."""
 
+    offload = None  # nothing is read from disk for real
+
     def __init__(self, shape: ModelShape, placement: dict[WeightKey, str], costs: OpCosts, clock: VirtualClock,
                  timeline: Timeline, device_budget: int | None = None, kv_tier: str = DEVICE):
         self.shape, self.placement, self.costs, self.clock = shape, placement, costs, clock
@@ -256,7 +257,7 @@ class SimStore:
 
     def wait_any(self, handles: list[Handle]) -> Handle:
         """The earliest arrival among the handles; the clock moves to it (the pipeline's seam)."""
-        if not any(getattr(h, "issued", True) for h in handles):
+        if all(isinstance(h, SimHandle) and not h.issued for h in handles):
             self._issue(force=True)  # nothing can free room: the real store would evict a prefetch
         handle = min(handles, key=lambda h: h.arrived)
         if math.isinf(handle.arrived):

@@ -21,7 +21,8 @@ from klotski.planner.cost import (BlockTimes, MemoryModel, OpCosts, RoutingStats
                                   inflight_bytes, inflight_split, memory_model)
 from klotski.planner.shapes import ModelShape
 from klotski.runtime.schedule import Schedule, get_schedule
-from klotski.store.placement import DEVICE, HOST, greedy_placement, summarize
+from klotski.store.placement import greedy_placement, summarize
+from klotski.store.tiers import DEVICE, HOST
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 MAX_BATCHES = 64
@@ -128,7 +129,7 @@ class Solver:
             return None
         slack = self._slack(placement, bs, n, work, k)
         policy = Policy(batch_size=bs, num_batches=n, num_hot=k, schedule=self.schedule.name,
-                        placement=placement_summary(self.shape, placement, self.kv_tier), unit_tiers=placement)
+                        placement=placement_summary(self.shape, placement, self.kv_tier))
         return Plan(policy, placement, memory, slack, self.estimate(placement, bs, n, work, k), self.kv_tier)
 
     def _inflight(self, k: int) -> int:
@@ -251,7 +252,7 @@ def _ranges(layers: list[int]) -> str:
 
 
 def compute_dtype(shape: ModelShape, device: str) -> torch.dtype:
-    """The engine's 'auto' compute dtype for this device (config.resolve_dtype)."""
-    from klotski.config import resolve_dtype
+    """The engine's 'auto' compute dtype for this device (runtime.compute_dtype.resolve_dtype)."""
+    from klotski.runtime.compute_dtype import resolve_dtype
 
     return resolve_dtype("auto", shape.weight_dtype, torch.device(device))

@@ -75,6 +75,12 @@ class CorrelationTable:
         arr = self.counts[layer]
         return arr.reshape(-1, self.num_experts).sum(axis=0)
 
+    def transition(self, layer: int) -> np.ndarray:
+        """Counts from the previous layer's expert alone to this layer's: [E, E]."""
+        arr = self.counts[layer]
+        # Longer paths marginalise to one step: sum out every older layer.
+        return arr.sum(axis=tuple(range(arr.ndim - 2))) if arr.ndim > 2 else arr
+
     def copy(self) -> CorrelationTable:
         """A private copy whose counts can be updated online without touching this one."""
         return CorrelationTable(

@@ -15,6 +15,10 @@ import time
 
 import torch
 
+from klotski.config import DTYPES
+from klotski.errors import KlotskiError
+from klotski.paths import home
+
 # Big enough to be memory-bound like a real expert, small enough to time in ~0.1 s.
 PROBE_TOKENS, PROBE_IN, PROBE_OUT = 16, 4096, 4096
 
@@ -52,8 +56,6 @@ def cpu_compute_dtype(storage: torch.dtype) -> torch.dtype:
     """fp32 for fp32 weights; for bf16/fp16 weights, whichever measured faster on this CPU."""
     if storage == torch.float32:
         return torch.float32
-    from klotski.default_model import home
-
     key = f"{_cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{storage}"
     cache = home() / "profiles" / "cpu-compute-dtype.json"
     try:
@@ -69,3 +71,15 @@ def cpu_compute_dtype(storage: torch.dtype) -> torch.dtype:
             pass  # an unwritable cache only costs a re-measure next time
     times = known[key]
     return storage if times["native"] <= times["upcast_fp32"] else torch.float32
+
+
+def resolve_dtype(name: str | torch.dtype, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The compute dtype: 'auto' is the checkpoint's on CUDA; on CPU, whichever of the checkpoint's
+    dtype and fp32 (upcasting weights per matmul) measured faster on this machine."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return checkpoint_dtype if device.type == "cuda" else cpu_compute_dtype(checkpoint_dtype)
+    if name not in DTYPES:
+        raise KlotskiError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
+    return DTYPES[name]

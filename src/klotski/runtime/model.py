@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from klotski.layers.attention import KVBlock, StepInfo, attention
+from klotski.layers.attention import KVBlock, StepInfo, gqa_attention
 from klotski.layers.linear import linear, swiglu_ffn
+from klotski.layers.mla import mla_attention
 from klotski.layers.norm import rms_norm
 from klotski.layers.rotary import Rotary
 from klotski.layers.router import route
@@ -18,6 +19,7 @@ from klotski.models.spec import ModelSpec
 # B = sequences in a batch, S = new tokens per sequence (padded), T = valid tokens,
 # K = top_k, D = hidden, V = vocab
 Weights = dict[str, torch.Tensor]
+ATTENTION_KINDS = {"gqa": gqa_attention, "mla": mla_attention}  # AttentionSpec.kind -> its layer
 
 
 @dataclass(slots=True)
@@ -60,7 +62,7 @@ class ModelRunner:
 
     def attention(self, w: Weights, x: torch.Tensor, kv: KVBlock, step: StepInfo) -> torch.Tensor:
         """One batch through one layer's attention block (with residual)."""
-        return attention(self.spec.attention, self.eps, w, x, kv, step, self.rotary)
+        return ATTENTION_KINDS[self.spec.attention.kind](self.spec.attention, self.eps, w, x, kv, step, self.rotary)
 
     def dense_mlp(self, w: Weights, x: torch.Tensor) -> torch.Tensor:
         """A dense (non-MoE) MLP block with residual: x [B, S, D] -> [B, S, D]."""

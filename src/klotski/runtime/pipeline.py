@@ -8,6 +8,7 @@ of the ablation ladder is this one loop.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -16,8 +17,8 @@ from klotski.layers.attention import KVBlock, StepInfo
 from klotski.models.spec import ATTN, EMBED, EXPERT, HEAD, MOE, WeightKey
 from klotski.runtime.model import GateOutput, ModelRunner
 from klotski.runtime.schedule import Schedule
-from klotski.runtime.timeline import Timeline
-from klotski.store.base import Handle, WeightStore, wait_any
+from klotski.store.base import Handle, WeightStore
+from klotski.timeline import Timeline
 
 # B = sequences in a batch, S = new tokens per sequence (padded), T = the group's valid tokens,
 # K = top_k, D = hidden, V = vocab
@@ -50,7 +51,8 @@ class BatchStep:
 
 
 class HotPredictor:
-    """The K hot experts a layer is expected to use; the prefetcher plugs in here."""
+    """The K hot experts a layer is expected to use: the seam the prefetcher plugs into
+    (prefetch/runtime.py's PipelinePredictor, over a correlation table or learnt frequencies)."""
 
     def predict(self, layer: int, prev_ids: torch.Tensor | None, k: int) -> list[int]:
         raise NotImplementedError
@@ -63,17 +65,8 @@ class HotPredictor:
         return []
 
 
-class FrequencyHot(HotPredictor):
-    """Until the correlation prefetcher is wired in: the experts most selected so far per layer."""
-
-    def __init__(self, num_layers: int, num_experts: int):
-        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.int64)
-
-    def predict(self, layer, prev_ids, k):
-        return sorted(range(self.counts.shape[1]), key=lambda e: (-int(self.counts[layer, e]), e))[:k]
-
-    def observe(self, layer, prev_ids, ids):
-        self.counts[layer] += torch.bincount(ids.flatten().cpu(), minlength=self.counts.shape[1])
+# A routing hook sees a batch's gate output and returns the ids to use ([T, K]): replay, recording.
+RoutingHook = Callable[[int, BatchStep, GateOutput], torch.Tensor]
 
 
 @dataclass
@@ -85,8 +78,8 @@ class Pipeline:
     schedule: Schedule
     timeline: Timeline
     num_hot: int  # K: hot experts prefetched per layer
-    predictor: HotPredictor | None = None
-    routing_hooks: list = field(default_factory=list)  # fn(layer, batch, gate) -> ids [T, K]
+    predictor: HotPredictor
+    routing_hooks: list[RoutingHook] = field(default_factory=list)
     # K not fixed by the user: prefetch exactly the experts the group will almost surely use (a
     # large group's nearly all; a single token's often none), so reads neither wait for the gate
     # to name them nor spend bandwidth on guesses (a wrong guess costs a whole expert's read).
@@ -95,8 +88,6 @@ class Pipeline:
     def __post_init__(self):
         spec = self.runner.spec
         self.spec = spec
-        if self.predictor is None:
-            self.predictor = FrequencyHot(spec.num_layers, max(spec.num_experts, 1))
         self._moe_layers = [l for l in range(spec.num_layers) if spec.moe_layers[l]]
         self._ahead: dict[int, list[int]] = {}  # MoE layer -> hot experts already being prefetched
         self._final = False  # the current step is the group's last
@@ -332,6 +323,6 @@ class Pipeline:
                 continue
             else:
                 with self.timeline.span("compute", "wait", layer=layer):
-                    # A store may wait its own way (the simulator's moves a virtual clock).
-                    handle = getattr(self.store, "wait_any", wait_any)(list(pending))
+                    # Each store waits its own way (the simulator's moves a virtual clock).
+                    handle = self.store.wait_any(list(pending))
             yield pending.pop(handle), handle.wait()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from klotski.errors import KlotskiError
-from klotski.runtime.timeline import Timeline
+from klotski.timeline import Timeline
 
 COLORS = {"attention": "#4c72b0", "gate": "#dd8452", "expert": "#55a868", "dense_mlp": "#8172b3",
           "embed": "#937860", "head": "#937860", "sample": "#937860", "wait": "#c44e52", "read": "#64b5cd"}

@@ -1,13 +1,16 @@
-"""What the pipeline asks of a weight store: fetch a unit (get a handle), wait on it, release it."""
+"""What the pipeline and the engine ask of a weight store: fetch a unit (get a handle), wait on it,
+release it; count the KV cache against the device budget; report what was read."""
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
 from klotski.models.spec import WeightKey
+from klotski.timeline import Timeline
 
 Weights = dict[str, torch.Tensor]
 
@@ -23,7 +26,7 @@ class Handle:
         self._weights: Weights | None = None
         self._error: BaseException | None = None
         self.arrived = 0.0  # timeline time the data became usable
-        self._callbacks: list = []
+        self._callbacks: list[Callable[[Handle], None]] = []
         self._lock = threading.Lock()
 
     @classmethod
@@ -36,21 +39,30 @@ class Handle:
     def set(self, weights: Weights, at: float) -> None:
         """Publish the fetched tensors (called by the lane that did the copy)."""
         self._weights, self.arrived = weights, at
-        self._finish()
+        self.finish()
 
     def fail(self, error: BaseException) -> None:
         """Publish a failed fetch: the consumer re-raises it."""
         self._error = error
-        self._finish()
+        self.finish()
 
-    def _finish(self) -> None:
+    def finish(self, at: float | None = None) -> None:
+        """Mark the fetch finished (usable from timeline time `at`, if given) and run the callbacks.
+
+        A store that keeps the data itself (its own wait() returns it) calls this alone."""
+        if at is not None:
+            self.arrived = at
         with self._lock:
             self._event.set()
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             fn(self)
 
-    def add_done_callback(self, fn) -> None:
+    def reset(self) -> None:
+        """The fetch runs again (its data was evicted, or it waited for room): not done until finish()."""
+        self._event.clear()
+
+    def add_done_callback(self, fn: Callable[[Handle], None]) -> None:
         """Call fn(handle) once the fetch finishes (at once if it already has)."""
         with self._lock:
             if not self._event.is_set():
@@ -67,6 +79,7 @@ class Handle:
         self._event.wait()
         if self._error is not None:
             raise self._error
+        assert self._weights is not None, "a handle finished without weights must override wait()"
         return self._weights
 
 
@@ -79,7 +92,18 @@ def wait_any(handles: list[Handle]) -> Handle:
 
 
 class WeightStore(Protocol):
-    """The pipeline's view of the store."""
+    """A weight store as the pipeline and the engine use it (ResidentStore, TieredStore, the
+    planner's SimStore)."""
+
+    timeline: Timeline | None  # where transfers are recorded (set per run by the engine)
+
+    @property
+    def placement(self) -> dict[WeightKey, str] | None:
+        """Tier per unit; None when every unit is resident on the device."""
+
+    @property
+    def offload(self) -> Any:
+        """The offload directory units are read from (an OffloadDir), or None."""
 
     def fetch(self, key: WeightKey, lane: str = "prefetch") -> Handle:
         """Start bringing a unit to the device tier (idempotent while it is in flight or resident)."""
@@ -94,6 +118,18 @@ class WeightStore(Protocol):
         """Rows `ids` of one of a unit's tensors on the device, [*ids.shape, ...], reading only
         those rows where the unit is not resident (embedding lookups)."""
 
+    def wait_any(self, handles: list[Handle]) -> Handle:
+        """Block until one of the handles is usable; return it (the pipeline's arrival-order seam)."""
+
+    def charge_kv(self, nbytes: int) -> None:
+        """Count a KV cache allocation against the device budget (raise KlotskiError if it cannot fit)."""
+
+    def uncharge_kv(self, nbytes: int) -> None:
+        """The KV cache of `nbytes` is freed."""
+
+    def stats(self) -> dict[str, Any]:
+        """The store's own accounting for a run's stats: bytes read, peaks, placement."""
+
     def close(self) -> None:
         """Stop lanes and free buffers."""
 
@@ -101,12 +137,15 @@ class WeightStore(Protocol):
 class ResidentStore:
     """Every unit in memory, read lazily from the checkpoint on first use: the all-resident run."""
 
-    def __init__(self, checkpoint, device: torch.device | str = "cpu"):
+    placement = None  # every unit on the device
+    offload = None
+
+    def __init__(self, checkpoint: Any, device: torch.device | str = "cpu"):
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self._units: dict[WeightKey, Weights] = {}
         self.bytes_read = {"checkpoint": 0}
-        self.timeline = None
+        self.timeline: Timeline | None = None
 
     def charge_kv(self, nbytes: int) -> None:
         """KV cache is not budgeted when everything is resident."""
@@ -114,8 +153,11 @@ class ResidentStore:
     def uncharge_kv(self, nbytes: int) -> None:
         pass
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return {"bytes_read": dict(self.bytes_read), "peak_bytes": {}, "placement": "all resident"}
+
+    def wait_any(self, handles: list[Handle]) -> Handle:
+        return wait_any(handles)
 
     def fetch(self, key: WeightKey, lane: str = "prefetch") -> Handle:
         if key not in self._units:

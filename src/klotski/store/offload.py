@@ -39,6 +39,7 @@ from klotski.checkpoint.reader import Checkpoint, check_finite, read_tensor
 from klotski.config import format_bytes
 from klotski.errors import KlotskiError, OffloadError
 from klotski.models.spec import EMBED, WeightKey
+from klotski.paths import home
 
 try:
     from xxhash import xxh3_64_intdigest as _xxh3
@@ -112,7 +113,8 @@ class Blob:
     tensors: tuple[BlobTensor, ...]
 
 
-def _round_up(n: int, align: int) -> int:
+def round_up(n: int, align: int = ALIGN) -> int:
+    """n rounded up to a multiple of align."""
     return (n + align - 1) // align * align
 
 
@@ -134,7 +136,7 @@ def blob_layout(units: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], in
     """Offsets of each tensor (aligned) and the payload size."""
     offsets, pos = [], 0
     for name, nbytes in units:
-        pos = _round_up(pos, TENSOR_ALIGN)
+        pos = round_up(pos, TENSOR_ALIGN)
         offsets.append((name, pos))
         pos += nbytes
     return offsets, pos
@@ -163,8 +165,6 @@ def model_dir_name(checkpoint: Checkpoint, fingerprint: list) -> str:
 
 def default_offload_dir(checkpoint: Checkpoint) -> Path:
     """$KLOTSKI_HOME/offload/<name>-<hash of the checkpoint's path>."""
-    from klotski.default_model import home
-
     digest = zlib.crc32(str(checkpoint.path.resolve()).encode())
     return home() / "offload" / f"{checkpoint.path.name}-{digest:08x}"
 
@@ -368,7 +368,7 @@ class OffloadDir:
             probe.unlink()
         except OSError as exc:
             raise OffloadError(f"offload dir {path} is not writable ({exc.strerror}); choose another --offload-dir") from None
-        need = sum(_round_up(checkpoint.unit_nbytes(k) + TENSOR_ALIGN * 16, ALIGN) for k in keys)
+        need = sum(round_up(checkpoint.unit_nbytes(k) + TENSOR_ALIGN * 16, ALIGN) for k in keys)
         stat = os.statvfs(path)
         free = stat.f_bavail * stat.f_frsize
         if free < need:
@@ -382,7 +382,7 @@ class OffloadDir:
     def _write_blob(checkpoint: Checkpoint, path: Path, key: WeightKey) -> Blob:
         refs = checkpoint.units[key]
         offsets, payload = blob_layout([(name, ref.nbytes) for name, ref in refs.items()])
-        buf = bytearray(_round_up(max(payload, 1), ALIGN))
+        buf = bytearray(round_up(max(payload, 1), ALIGN))
         tensors = []
         for (name, off), ref in zip(offsets, refs.values()):
             data = read_tensor(ref)

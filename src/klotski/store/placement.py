@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from klotski.models.spec import ATTN, EMBED, EXPERT, HEAD, MOE, ModelSpec, WeightKey
 
-DEVICE, HOST, DISK = "device", "host", "disk"
+from klotski.store.tiers import DEVICE, DISK, HOST
 
 
 def placement_order(spec: ModelSpec) -> list[WeightKey]:

@@ -6,11 +6,7 @@ import threading
 
 import torch
 
-from klotski.store.offload import ALIGN
-
-
-def round_up(n: int, align: int = ALIGN) -> int:
-    return (n + align - 1) // align * align
+from klotski.store.offload import round_up
 
 
 class TierPool:

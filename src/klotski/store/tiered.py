@@ -13,20 +13,42 @@ import heapq
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
 
 import torch
 
 from klotski.config import format_bytes
 from klotski.errors import KlotskiError
 from klotski.models.spec import EXPERT, WeightKey
-from klotski.runtime.timeline import Timeline
+from klotski.timeline import Timeline
 from klotski.store.base import Handle, Weights
 from klotski.store.offload import OffloadDir
 from klotski.store.placement import placement_order
 from klotski.store.pool import TierPool
 
-DEVICE, HOST, DISK = "device", "host", "disk"
+from klotski.store.tiers import DEVICE, DISK, HOST
 SPLIT_MIN = 64 * 2**20  # a blob of at least twice this is read in parts, one per reader thread
+
+
+class State(Enum):
+    """Where a non-resident unit's fetch stands: DEFERRED -> INFLIGHT -> READY -> CLAIMED; RELEASED
+    once the pipeline dropped it (an eviction sends a READY one back to DEFERRED)."""
+
+    DEFERRED = "deferred"  # waiting for room in the device budget
+    INFLIGHT = "inflight"  # a reader thread is copying it
+    READY = "ready"  # arrived, not yet waited for (evictable)
+    CLAIMED = "claimed"  # the pipeline holds it
+    RELEASED = "released"
+
+
+@dataclass
+class Parts:
+    """A blob read in parts, one per reader thread: how many are still out, bytes got, first error."""
+
+    left: int
+    got: int = 0
+    error: BaseException | None = None
 
 
 @dataclass(eq=False)
@@ -36,11 +58,11 @@ class Entry:
     key: WeightKey
     handle: Handle
     lane: str
-    state: str = "deferred"  # deferred -> inflight -> ready -> claimed; "released" once dropped
-    buffer: object = None
+    state: State = State.DEFERRED
+    buffer: Any = None  # a TierPool buffer (mmap on CPU, uint8 tensor on CUDA) while it holds one
     weights: Weights | None = None
     error: BaseException | None = None
-    parts: list | None = None  # a blob read in parts: [parts left, bytes got, first error]
+    parts: Parts | None = None
 
 
 class ReaderPool:
@@ -202,8 +224,8 @@ class TieredStore:
             self._start(entry, buf)
 
     def _start(self, entry: Entry, buf) -> None:
-        entry.state, entry.buffer = "inflight", buf
-        entry.handle._event.clear()
+        entry.state, entry.buffer = State.INFLIGHT, buf
+        entry.handle.reset()
         blob = self.offload.blobs[entry.key]
         if self._cuda or self.readers < 2 or blob.padded < 2 * SPLIT_MIN:
             self.lanes[entry.lane].submit(lambda: self._read(entry))
@@ -213,7 +235,7 @@ class TieredStore:
         # Cuts on the blob's checksum grid: each part checks its own chunks on its own thread.
         cuts = sorted({blob.padded * i // self.readers // blob.chunk * blob.chunk for i in range(self.readers)}
                       | {blob.padded})
-        entry.parts = [len(cuts) - 1, 0, None]  # parts left, bytes got, first error
+        entry.parts = Parts(len(cuts) - 1)
         for lo, hi in zip(cuts, cuts[1:]):
             self.lanes[entry.lane].submit(lambda lo=lo, hi=hi: self._read_part(entry, lo, hi))
 
@@ -242,16 +264,18 @@ class TieredStore:
         end = self.timeline.now()
         self.timeline.add(entry.lane, "read", start, end, layer=entry.key.layer, expert=entry.key.expert,
                           bytes=hi - lo)
+        parts = entry.parts
+        assert parts is not None
         with self._cond:
-            entry.parts[0] -= 1
-            entry.parts[1] += got
-            entry.parts[2] = entry.parts[2] or error
-            if entry.parts[0]:
+            parts.left -= 1
+            parts.got += got
+            parts.error = parts.error or error
+            if parts.left:
                 return
-        weights, error = None, entry.parts[2]
+        weights, error = None, parts.error
         if error is None:
             try:
-                self.offload.check_read(entry.key, entry.buffer, entry.parts[1])
+                self.offload.check_read(entry.key, entry.buffer, parts.got)
                 weights = self.offload.views(self.offload.blobs[entry.key], entry.buffer)
             except BaseException as exc:  # noqa: BLE001
                 error = exc
@@ -262,17 +286,16 @@ class TieredStore:
         """A fetch's bytes are in: hand them to the consumer, or free the buffer if it was released."""
         with self._cond:
             self.bytes_read[source] += nbytes
-            arrived = entry.state != "released"
+            arrived = entry.state != State.RELEASED
             if arrived:
-                entry.weights, entry.error, entry.state = weights, error, "ready"
+                entry.weights, entry.error, entry.state = weights, error, State.READY
             else:  # nobody wants it any more
                 self._orphans -= 1
                 self.device_pool.give_back(entry.buffer)
                 self._issue_deferred()
             self._cond.notify_all()
         if arrived:
-            entry.handle.arrived = end
-            entry.handle._finish()
+            entry.handle.finish(end)
 
     def _copy_in(self, entry: Entry, blob) -> Weights:
         """CUDA: disk -> pinned staging (or the pinned host copy) -> device buffer on the lane's stream."""
@@ -316,13 +339,13 @@ class TieredStore:
                     return self.fetch(key, "ondemand").wait()
                 finally:
                     self._cond.acquire()
-            while entry.state not in ("ready", "claimed"):
-                if entry.state == "deferred" and not self._make_room(entry):
+            while entry.state not in (State.READY, State.CLAIMED):
+                if entry.state == State.DEFERRED and not self._make_room(entry):
                     raise KlotskiError(self._too_small(entry))
                 self._cond.wait()
             if entry.error is not None:
                 raise entry.error
-            entry.state = "claimed"
+            entry.state = State.CLAIMED
             return entry.weights
 
     def wait_any(self, handles: list[Handle]) -> Handle:
@@ -335,13 +358,13 @@ class TieredStore:
             while True:
                 for h in handles:
                     entry = self._entries.get(h.key)
-                    if h.done() or (entry is not None and entry.handle is h and entry.state in ("ready", "claimed")):
+                    if h.done() or (entry is not None and entry.handle is h and entry.state in (State.READY, State.CLAIMED)):
                         return h
                     if entry is None or entry.handle is not h:
                         return h  # released or replaced: its wait() fetches it anew
                 entries = [self._entries[h.key] for h in handles]
-                if not any(e.state == "inflight" for e in entries):
-                    waiting = next(e for e in entries if e.state == "deferred")
+                if not any(e.state == State.INFLIGHT for e in entries):
+                    waiting = next(e for e in entries if e.state == State.DEFERRED)
                     if not self._make_room(waiting):
                         raise KlotskiError(self._too_small(waiting))
                 self._cond.wait(timeout=0.1)
@@ -352,9 +375,9 @@ class TieredStore:
             self._deferred.remove(wanted)
         need = self.offload.blobs[wanted.key].padded
         while (buf := self.device_pool.try_alloc(need)) is None:
-            idle = [e for e in self._entries.values() if e.state == "ready" and e is not wanted]
+            idle = [e for e in self._entries.values() if e.state == State.READY and e is not wanted]
             if not idle:
-                inflight = self._orphans > 0 or any(e.state == "inflight" for e in self._entries.values())
+                inflight = self._orphans > 0 or any(e.state == State.INFLIGHT for e in self._entries.values())
                 self._deferred.appendleft(wanted)
                 return inflight  # an arriving fetch frees or may become evictable; else nothing can free memory
             victim = max(idle, key=lambda e: self._distance(wanted.key, e.key))
@@ -372,8 +395,8 @@ class TieredStore:
         """Drop an unclaimed unit's buffer; it goes back to waiting and is fetched again on demand."""
         self.evictions += 1
         self.device_pool.give_back(entry.buffer)
-        entry.state, entry.buffer, entry.weights = "deferred", None, None
-        entry.handle._event.clear()
+        entry.state, entry.buffer, entry.weights = State.DEFERRED, None, None
+        entry.handle.reset()
         self._deferred.append(entry)
 
     def _too_small(self, entry: Entry) -> str:
@@ -390,13 +413,13 @@ class TieredStore:
             entry = self._entries.pop(key, None)
             if entry is None:
                 return
-            if entry.state == "inflight":
+            if entry.state == State.INFLIGHT:
                 self._orphans += 1  # the lane frees it on arrival
-            elif entry.state == "deferred":
+            elif entry.state == State.DEFERRED:
                 self._deferred.remove(entry)
             else:
                 self.device_pool.give_back(entry.buffer)
-            entry.state = "released"
+            entry.state = State.RELEASED
             self._issue_deferred()
             self._cond.notify_all()
 

@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from klotski.commands.generate import read_jsonl
 from klotski.errors import KlotskiError
 from klotski.prefetch import calibrate
 from klotski.prefetch.evaluate import METRICS, evaluate
-from klotski.prefetch.table import TABLE_FILENAME, load_table
-from klotski.prefetch.trace import RoutingTrace, sample_markov_trace, split
+from klotski.prefetch.table import TABLE_FILENAME, CorrelationTable, load_table
+from klotski.prefetch.synthetic import sample_markov_trace
+from klotski.prefetch.trace import RoutingTrace, split
 
 TABLE_HELP = "a table from `klotski calibrate`, an authors' JSON, or mixtral-8x7b / mixtral-8x22b"
 
@@ -83,7 +85,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.model is not None:
         if args.input is None:
             raise KlotskiError("calibrate --model needs --input FILE.jsonl with the prompts")
-        table = calibrate.calibrate_from_model(args.model, args.input, args.path_length)
+        table = calibrate_from_model(args.model, args.input, args.path_length)
         out = args.out or args.model / TABLE_FILENAME
     else:
         if args.out is None:
@@ -143,3 +145,21 @@ def format_report(report: dict[str, Any]) -> str:
     for name, figures in report["predictors"].items():
         lines.append(f"{name:<12}" + "".join(f"{figures[m]:>16.4f}" for m in METRICS))
     return "\n".join(lines)
+
+
+def calibrate_from_model(model_dir: str | Path, input_path: str | Path,
+                         path_length: int = 1) -> CorrelationTable:
+    """Run the prompts of `input_path` through the model (prefill only), recording routing into a table."""
+    from klotski.engine import LLM
+    from klotski.sampling import SamplingParams
+
+    records, errors = read_jsonl(str(input_path))
+    if errors:
+        raise KlotskiError(errors[0])
+    llm = LLM(model=str(model_dir))
+    recording = llm.record_routing()
+    prompts = [llm.chat_prompt(r["messages"]) if "messages" in r else r for _, r in records]
+    llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0))
+    trace = recording.recorder.to_trace(drop_incomplete=True)
+    return CorrelationTable.from_trace(trace, path_length, llm.spec.num_experts, model=llm.spec.architecture,
+                                       calibrated_on=f"{Path(input_path).name} ({trace.num_tokens} tokens)")

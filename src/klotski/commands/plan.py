@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from klotski.commands.generate import add_policy_flags
-from klotski.config import parse_bytes, resolve_dtype
+from klotski.config import parse_bytes
 from klotski.errors import KlotskiError
+from klotski.runtime.compute_dtype import resolve_dtype
 
 
 def register(sub) -> None:
