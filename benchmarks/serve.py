@@ -109,6 +109,12 @@ async def _load(url: str, work: Workload, vocab: int, clients: int, stream: bool
     return rows
 
 
+def _figures(metrics: str) -> dict[str, float]:
+    """/metrics samples by name (labels kept in the name)."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+            if line.startswith("klotski_")}
+
+
 def run_server(args, work: Workload, vocab: int, env: dict) -> dict:
     port = args.port
     cmd = [*_klotski(), "serve", "--model", str(args.model), "--port", str(port), "--served-model-name", "bench",
@@ -132,9 +138,10 @@ def run_server(args, work: Workload, vocab: int, env: dict) -> dict:
         # One short request first: the first reads of each blob verify its checksum, as a batch job's would.
         httpx.post(url + "/v1/completions", json={"model": "bench", "prompt": [5, 6, 7], "max_tokens": 1},
                    timeout=args.timeout)
+        before = _figures(httpx.get(url + "/metrics", timeout=30).text)
         load = os.getloadavg()
         rows = asyncio.run(_load(url, work, vocab, args.clients, not args.no_stream))
-        metrics = httpx.get(url + "/metrics", timeout=30).text
+        after = _figures(httpx.get(url + "/metrics", timeout=30).text)
         peak = int((group / "memory.max_usage_in_bytes").read_text()) if group is not None else None
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -149,14 +156,14 @@ def run_server(args, work: Workload, vocab: int, env: dict) -> dict:
     tokens = sum(r["tokens"] for r in rows)
     ttft = [r["first"] - r["sent"] for r in rows if r["first"] is not None] or [float("nan")]
     e2e = [r["done"] - r["sent"] for r in rows]
-    figures = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
-               if line.startswith("klotski_") and "{" not in line}
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}  # the warm-up request left out
     return {"engine": "serve", "clients": args.clients, "stream": not args.no_stream, "requests": len(rows), "generated_tokens": tokens,
             "wall_s": end - start, "tokens_per_s": tokens / (end - start),
             "ttft_median_s": statistics.median(ttft), "ttft_p99_s": _percentile(ttft, 0.99),
             "e2e_median_s": statistics.median(e2e), "e2e_p99_s": _percentile(e2e, 0.99),
-            "bubble_ratio": figures.get("klotski_bubble_ratio"), "steps": figures.get("klotski_engine_steps_total"),
-            "engine_step_s": figures.get("klotski_engine_step_seconds_total"),
+            "bubble_ratio": delta["klotski_bubble_seconds_total"] / delta["klotski_engine_step_seconds_total"],
+            "steps": delta["klotski_engine_steps_total"], "engine_step_s": delta["klotski_engine_step_seconds_total"],
+            "bytes_read": sum(v for k, v in delta.items() if k.startswith("klotski_bytes_read_total")),
             "load_avg": load, "peak_cgroup_bytes": peak, "exit_code_after_sigterm": rc,
             "texts": {r["prompt"]: r["text"] for r in rows}}
 
@@ -173,6 +180,7 @@ def run_generate(args, work: Workload, vocab: int, env: dict, tmp: Path) -> dict
     stats = out["stats"]
     return {"engine": "generate", "requests": stats["requests"], "generated_tokens": stats["generated_tokens"],
             "wall_s": stats["wall_s"], "tokens_per_s": stats["tokens_per_s"], "bubble_ratio": stats["bubble_ratio"],
+            "steps": stats.get("forward_steps"), "bytes_read": sum(stats["bytes_read"].values()),
             "policy": stats["policy"], "load_avg": load, "peak_cgroup_bytes": res.peak_bytes,
             "texts": {int(o["id"]): o["text"] for o in out["outputs"]}}
 
