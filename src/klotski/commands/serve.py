@@ -10,7 +10,7 @@ from klotski.errors import KlotskiError
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI API (/v1/completions, /v1/chat/completions) over HTTP")
-    p.add_argument("--model", help="checkpoint directory (default: the built-in random-weight model)")
+    p.add_argument("--model", help="checkpoint directory (default: the built-in Shakespeare-trained Mixtral)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16 | float16")
     p.add_argument("--max-model-len", type=int, help="context length served (default: the model's)")
     add_engine_flags(p)
