@@ -38,7 +38,8 @@ class PromptParser:
         return TokenizedPrompt(text, ids)
 
     def tokenize(self, prompt: Prompt, where: str = "prompt") -> TokenizedPrompt:
-        """(text, ids) of a string, {"prompt": ...} or {"prompt_token_ids": [...]}; ids checked against the vocabulary."""
+        """(text, ids) of a string, {"prompt": ...} or {"prompt_token_ids": [...]}; ids checked against the
+        vocabulary."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
@@ -46,7 +47,9 @@ class PromptParser:
                     raise KlotskiError(f"{where}: prompt_token_ids must be a list of integers")
                 bad = [t for t in ids if not 0 <= t < self.vocab_size]
                 if bad:
-                    raise KlotskiError(f"{where}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+                    raise KlotskiError(
+                        f"{where}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
+                    )
                 return TokenizedPrompt(prompt.get("prompt"), list(ids))
             if "prompt" not in prompt:
                 raise KlotskiError(f"{where}: a prompt dict needs 'prompt' or 'prompt_token_ids'")

@@ -102,10 +102,11 @@ class SampleResult:
 
     def logprob_dict(self, row: int) -> dict[int, float] | None:
         """vLLM's per-token logprobs entry: the top-N tokens plus the sampled one."""
-        if self.logprobs[row] is None:
+        logprob = self.logprobs[row]
+        if logprob is None:
             return None
         entry = dict(self.top_logprobs[row] or ())
-        entry[int(self.token_ids[row])] = self.logprobs[row]
+        entry[int(self.token_ids[row])] = logprob
         return entry
 
 
@@ -114,7 +115,7 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None],
-               suppress_ids: list[Sequence[int]] | None = None) -> SampleResult:
+               suppress_ids: Sequence[Sequence[int]] | None = None) -> SampleResult:
         """Token ids [B] from logits [B, V]; each row's suppress_ids are never picked (min_tokens)."""
         if not (logits.dim() == 2 and len(params) == len(generators) == logits.shape[0]):
             raise ValueError("logits must be [B, V] with one SamplingParams and generator per row")
@@ -129,7 +130,7 @@ class Sampler:
         return _with_logprobs(raw, token_ids, params)
 
 
-def _suppress(logits: torch.Tensor, suppress_ids: list[Sequence[int]] | None) -> torch.Tensor:
+def _suppress(logits: torch.Tensor, suppress_ids: Sequence[Sequence[int]] | None) -> torch.Tensor:
     """Set the listed ids of each row to -inf (a copy): used to hold back EOS before min_tokens."""
     if not suppress_ids or not any(suppress_ids):
         return logits
@@ -193,6 +194,8 @@ def _with_logprobs(raw: torch.Tensor, token_ids: torch.Tensor,
     chosen = logprobs.gather(1, token_ids[wanted].unsqueeze(1)).squeeze(1)  # [W]
     for j, row in enumerate(wanted):
         result.logprobs[row] = float(chosen[j])
-        values, ids = logprobs[j].topk(params[row].logprobs)
+        top = params[row].logprobs
+        assert top is not None  # `wanted` holds the rows that asked
+        values, ids = logprobs[j].topk(top)
         result.top_logprobs[row] = list(zip(ids.tolist(), values.tolist()))
     return result

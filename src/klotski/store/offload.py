@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from klotski.checkpoint.reader import Checkpoint, read_tensor
 from klotski.errors import KlotskiError
@@ -29,8 +30,8 @@ TENSOR_ALIGN = 64
 
 
 # One pread per 16 MiB of a blob: a whole-blob pread queues hundreds of MB in the device queue,
-# and a small read issued behind it (an embedding row) waited 0.1-2 s on this disk; in 16 MiB
-# pieces it waits for at most a piece per stream.
+# and a small read issued behind it (an embedding row) waits for all of them; in 16 MiB pieces it
+# waits for at most a piece per stream.
 READ_CHUNK = 16 * 2**20
 ROW_READERS = 16  # concurrent row reads (embedding lookups off the device)
 ROW_READ_COST = 64 * 1024  # bytes of sequential reading one random row read is worth
@@ -129,7 +130,7 @@ class OffloadDir:
     # -- creating -------------------------------------------------------------------------
     @classmethod
     def prepare(cls, checkpoint: Checkpoint, path: str | os.PathLike, keys: list[WeightKey] | None = None,
-                progress: bool = False) -> "OffloadDir":
+                progress: bool = False) -> OffloadDir:
         """Open the offload dir for this checkpoint, repacking it first when missing or stale."""
         path = Path(path)
         keys = keys if keys is not None else checkpoint.spec.weight_keys()
@@ -140,14 +141,11 @@ class OffloadDir:
         cls._check_room(checkpoint, path, keys)
         blobs = {}
         total = sum(checkpoint.unit_nbytes(k) for k in keys)
-        done = 0
-        for key in keys:
-            blobs[key] = cls._write_blob(checkpoint, path, key)
-            done += blobs[key].nbytes
-            if progress:
-                print(f"\rrepacking into {path}: {done / 1e9:6.2f} / {total / 1e9:.2f} GB", end="", file=sys.stderr, flush=True)
-        if progress:
-            print(file=sys.stderr)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"repacking into {path}", file=sys.stderr,
+                  disable=not progress) as bar:
+            for key in keys:
+                blobs[key] = cls._write_blob(checkpoint, path, key)
+                bar.update(blobs[key].nbytes)
         manifest = {"version": FORMAT_VERSION, "source": str(checkpoint.path), "fingerprint": fingerprint,
                     "blobs": [cls._blob_json(b) for b in blobs.values()]}
         tmp = path / "manifest.json.tmp"
@@ -163,7 +161,9 @@ class OffloadDir:
             probe.write_bytes(b"x")
             probe.unlink()
         except OSError as exc:
-            raise KlotskiError(f"offload dir {path} is not writable ({exc.strerror}); choose another --offload-dir") from None
+            raise KlotskiError(
+                f"offload dir {path} is not writable ({exc.strerror}); choose another --offload-dir"
+            ) from None
         need = sum(round_up(checkpoint.unit_nbytes(k) + TENSOR_ALIGN * 16, ALIGN) for k in keys)
         free = shutil.disk_usage(path).free
         if free < need:
@@ -193,7 +193,7 @@ class OffloadDir:
                 "tensors": [[t.name, t.offset, str(t.dtype).removeprefix("torch."), list(t.shape)] for t in b.tensors]}
 
     @classmethod
-    def _load_manifest(cls, path: Path, fingerprint: list) -> "OffloadDir | None":
+    def _load_manifest(cls, path: Path, fingerprint: list) -> OffloadDir | None:
         manifest = path / "manifest.json"
         if not manifest.is_file():
             return None
@@ -239,9 +239,9 @@ class OffloadDir:
         """Rows of one tensor of a blob ([len(rows), ...]): the embedding lookup of a step reads a
         few KB per token, not the whole table.
 
-        One small pread per row, ROW_READERS at a time: a lone 8 KB read waited about 1.4 ms on
-        this machine's disk (128 rows one by one: 176 ms a step). When the rows would cost more
-        than reading the tensor, it is scanned once in 2 MiB chunks instead (a long prefill).
+        One small pread per row, ROW_READERS at a time (a lone small read waits out the disk's
+        latency, so one by one they would add up every step). When the rows would cost more than
+        reading the tensor, it is scanned once in 2 MiB chunks instead (a long prefill).
         """
         blob = self.blobs[key]
         tensor = next((t for t in blob.tensors if t.name == name), None)
@@ -251,10 +251,12 @@ class OffloadDir:
         count = tensor.shape[0]
         bad = [r for r in rows if not 0 <= r < count]
         if bad:
-            raise KlotskiError(f"token id {bad[0]} is out of range for {key} ({count} rows); check the prompt's token ids")
+            raise KlotskiError(
+                f"token id {bad[0]} is out of range for {key} ({count} rows); check the prompt's token ids"
+            )
         row = tensor.nbytes // count
         out = torch.empty((len(rows), *tensor.shape[1:]), dtype=tensor.dtype)
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        view = out.view(-1).view(torch.uint8).numpy().data
         file = self.path / blob.file
         try:
             fd = os.open(file, os.O_RDONLY)
@@ -327,7 +329,7 @@ class OffloadDir:
         with self._lock:
             if self.verify == "never" or (self.verify == "first" and blob.key in self._verified):
                 return
-        data = memoryview(buf.numpy() if isinstance(buf, torch.Tensor) else buf)
+        data = buf.numpy().data if isinstance(buf, torch.Tensor) else memoryview(buf)
         if zlib.crc32(data[: blob.nbytes]) != blob.crc32:
             raise OffloadError(f"offload blob {file} fails its checksum (corrupt); delete {self.path} to repack it")
         with self._lock:
@@ -336,7 +338,7 @@ class OffloadDir:
     def _read(self, file: Path, buf, length: int, start: int = 0) -> int:
         """pread bytes [start, length) of a blob: O_DIRECT when possible (no page-cache copy), else
         buffered; returns the bytes read."""
-        view = memoryview(buf.numpy() if isinstance(buf, torch.Tensor) else buf)[:length]
+        view = (buf.numpy().data if isinstance(buf, torch.Tensor) else memoryview(buf))[:length]
         try:
             fd = os.open(file, os.O_RDONLY | (os.O_DIRECT if self._direct else 0))
         except FileNotFoundError:
