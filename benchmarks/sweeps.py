@@ -5,11 +5,13 @@ so the page cache does not help), real Mixtral routing replayed:
                                             [--batch-size 128] [--num-batches 8]
     python -m benchmarks.sweeps prefetch-effect CKPT [--device-memory 2.5GiB] [--prompts 64] [--max-tokens 8]
                                                      [--batch-size 16] [--num-batches 4]
+                                                     [--replay none --table TABLE.json --input PROMPTS.jsonl]
 
 `ladder`: every --schedule on the same prompts and budget; sequential and overlap run one batch at
 a time (n = 1), the others share each layer across n batches. `prefetch-effect`: the klotski
 schedule with hot experts from the correlation table, from frequencies learnt online, and none
-(K = 0). Each writes one JSON line per run (the run's stats) to
+(K = 0); a trained model's own routing with `--replay none`, its table and its prompts (the
+first --prompts lines of --input). Each writes one JSON line per run (the run's stats) to
 benchmarks/results/<sweep>/latest.jsonl, archiving the previous one (benchmarks/results/README.md),
 and prints a table.
 """
@@ -26,22 +28,26 @@ from benchmarks.results import publish
 
 BIN = Path(sys.executable).parent
 LADDER = ("sequential", "overlap", "multibatch", "hot", "klotski")
-PREFETCH = (("correlation", ["--prefetch-table", "mixtral-8x7b"]), ("frequency", []), ("none", ["--num-hot", "0"]))
 
 
 def _generate(args, inputs: Path, schedule: str, num_batches: int, extra: list[str], label: str | None) -> dict:
     out = subprocess.run([str(BIN / "klotski"), "generate", "--model", str(args.checkpoint), "--input", str(inputs),
                           "--max-tokens", str(args.max_tokens), "--ignore-eos", "--device-memory", args.device_memory,
                           "--schedule", schedule, "--batch-size", str(args.batch_size), "--num-batches",
-                          str(num_batches), "--routing-replay", "mixtral-8x7b", "--json", *extra],
+                          str(num_batches), *(["--routing-replay", args.replay] if args.replay != "none" else []),
+                          "--json", *extra],
                          check=True, capture_output=True, text=True).stdout
     stats = json.loads(out)["stats"]
     stats.pop("placement", None)
     return stats | ({"label": label} if label else {})
 
 
-def _inputs(kind: str, count: int, path: Path) -> None:
-    """The prompts: fixed token ids for the ladder, short text requests for the prefetch sweep."""
+def _inputs(kind: str, count: int, path: Path, given: Path | None = None) -> None:
+    """The prompts: the first `count` lines of `given`, else fixed token ids for the ladder and short
+    text requests for the prefetch sweep."""
+    if given is not None:
+        path.write_text("".join(given.read_text().splitlines(keepends=True)[:count]))
+        return
     with path.open("w") as f:
         for i in range(1, count + 1):
             record = ({"prompt_token_ids": [1, i % 300 + 5, 17, 42, 99, 7, 250, 33]} if kind == "ladder"
@@ -52,11 +58,12 @@ def _inputs(kind: str, count: int, path: Path) -> None:
 def run(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "prompts.jsonl"
-        _inputs(args.sweep, args.prompts, inputs)
+        _inputs(args.sweep, args.prompts, inputs, args.input)
         if args.sweep == "ladder":
             return [_generate(args, inputs, s, 1 if s in ("sequential", "overlap") else args.num_batches, [], None)
                     for s in LADDER]
-        return [_generate(args, inputs, "klotski", args.num_batches, extra, label) for label, extra in PREFETCH]
+        hot = (("correlation", ["--prefetch-table", args.table]), ("frequency", []), ("none", ["--num-hot", "0"]))
+        return [_generate(args, inputs, "klotski", args.num_batches, extra, label) for label, extra in hot]
 
 
 def table(sweep: str, rows: list[dict]) -> str:
@@ -90,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-batches", type=int)
+    p.add_argument("--replay", default="mixtral-8x7b", help="--routing-replay SOURCE, or none (own routing)")
+    p.add_argument("--table", default="mixtral-8x7b", help="prefetch-effect: the correlation table of the first run")
+    p.add_argument("--input", type=Path, help="prompts (JSONL) instead of the built-in ones")
     p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<sweep>)")
     args = p.parse_args(argv)
     for name, value in DEFAULTS[args.sweep].items():

@@ -57,7 +57,7 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str]] = {
     "missing-config": (lambda p: (p / "config.json").unlink(), "has no config.json"),
     "corrupt-config": (lambda p: (p / "config.json").write_text('{"architectures": ["Mixtral'), "not valid JSON"),
     "config-not-object": (lambda p: (p / "config.json").write_text("[1, 2]"), "not a JSON object"),
-    "config-wrong-type": (lambda p: _edit_config(p, hidden_size="sixty-four"), "wrong type"),
+    "config-wrong-type": (lambda p: _edit_config(p, hidden_size="sixty-four"), "hidden_size must be an integer"),
     "unknown-architecture": (lambda p: _edit_config(p, architectures=["LlamaForCausalLM"]),
                              "supported: "),
     "shape-disagrees": (lambda p: _edit_config(p, intermediate_size=96), "config.json implies"),

@@ -1,6 +1,7 @@
 """Frozen configuration: what the user asked for (EngineConfig) and what the planner decided (Policy)."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
@@ -14,15 +15,38 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
 
 
 def parse_bytes(value: str | int | float | None, what: str = "memory") -> int | None:
-    """'20GiB', '1.5 GB', '512MiB' or a plain number of bytes -> bytes; None stays None."""
-    if value is None or isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise KlotskiError(f"cannot read {what} size {value!r}; write bytes or a size like 20GiB, 1.5GB, 512MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """'20GiB', '1.5 GB', '512MiB' or a plain number of bytes -> bytes; None stays None.
+
+    Anything else (a negative or non-finite number, a bool, an unknown unit, a size beyond
+    2**63 bytes) is a KlotskiError naming the value."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise KlotskiError(f"cannot read {what} size {value!r:.60}; write bytes or a size like 20GiB, 1.5GB, 512MiB")
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise KlotskiError(
+                f"cannot read {what} size {value!r:.60}; write bytes or a size like 20GiB, 1.5GB, 512MiB"
+            )
+        number, scale = float(m.group(1)), _UNITS[m.group(2).lower()]
+    else:
+        number, scale = value, 1
+    if not math.isfinite(number) or number < 0 or number * scale >= 2**63:
+        raise KlotskiError(f"{what} size {value!r:.60} is out of range; give a size from 0 to 8 EiB, like 20GiB")
+    return int(number * scale) if scale != 1 or isinstance(number, float) else number
+
+
+def format_bytes(n: int | float) -> str:
+    """Bytes in the unit that shows them with three significant digits: '512 B', '4.00 KiB',
+    '1.50 GiB' (never '0.00 GiB' for a small size)."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            digits = 0 if unit == "B" or abs(n) >= 100 else 1 if abs(n) >= 10 else 2
+            return f"{n:.{digits}f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -43,6 +67,7 @@ class Flag:
     group: str
     type: Any = None  # argparse type; sizes stay strings, which EngineConfig.create reads
     metavar: str | None = None
+    action: str | None = None  # "store_true" for a switch
 
 
 def _knob(default: Any, help: str, group: str, **flag: Any) -> Any:
@@ -88,6 +113,9 @@ class EngineConfig:
         None, "benchmarks only: replace the router's choices with routing sampled from a real table "
         "(mixtral-8x7b | mixtral-8x22b | TABLE.json) or replayed from TRACE.npz", "replay", metavar="SOURCE")
     record_timeline: bool = True  # keep every op and transfer of a run (LLM.last_timeline, --trace)
+    check_weights: bool = _knob(  # weights repacked into the offload dir are checked whatever this says
+        False, "check every weight for NaN / inf as it is loaded (one more pass over the weights; weights "
+        "repacked into the offload dir are always checked)", "engine", action="store_true")
 
     @classmethod
     def create(cls, **kwargs: Any) -> EngineConfig:

@@ -14,7 +14,7 @@ import torch
 
 from klotski.checkpoint.reader import Checkpoint
 from klotski.config import EngineConfig, Policy
-from klotski.errors import KlotskiError
+from klotski.errors import KlotskiError, ParameterError
 from klotski.outputs import RequestOutput
 from klotski.prefetch.replay import make_replay
 from klotski.prefetch.runtime import RoutingRecording, make_predictor
@@ -39,7 +39,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, dtype: str | torch.dtype = "auto", seed: int = 0, **options: Any):
         """options: the other EngineConfig fields (config.py), e.g. device_memory="20GiB", schedule="klotski",
-        batch_size, num_batches, num_hot, offload_dir, prefetch_table, max_model_len, record_timeline."""
+        batch_size, num_batches, num_hot, offload_dir, prefetch_table, max_model_len, record_timeline, check_weights."""
         if model is None:
             from klotski.default_model import ensure_default_model
             model = str(ensure_default_model())
@@ -49,6 +49,9 @@ class LLM:
         # Under a budget, activations freed each layer go back to the OS instead of piling up in the heap.
         self.heap_returns_freed = self.config.budgeted and return_freed_memory()
         self.checkpoint = Checkpoint.open(self.config.model)
+        # Weights repacked into the offload dir are always checked for NaN / inf (they are read anyway);
+        # resident loads only when asked, since that is one more pass over every weight.
+        self.checkpoint.check_weights = bool(cfg.check_weights)
         self.spec = self.checkpoint.spec
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -154,12 +157,21 @@ class LLM:
         return self.prompts.chat(messages, add_generation_prompt)
 
     def _params_per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:
+        """One SamplingParams per prompt, each checked again against this model's vocabulary."""
         if sampling_params is None:
             return [SamplingParams()] * count
         if isinstance(sampling_params, SamplingParams):
+            sampling_params.validate(self.spec.vocab_size)
             return [sampling_params] * count
+        if isinstance(sampling_params, (str, bytes, dict)) or not hasattr(sampling_params, "__len__"):
+            raise ParameterError(f"sampling_params must be a SamplingParams or a list of them, "
+                                 f"got {type(sampling_params).__name__}")
         if len(sampling_params) != count:
             raise KlotskiError(f"got {len(sampling_params)} SamplingParams for {count} prompts; give one or one each")
+        for i, p in enumerate(sampling_params):
+            if not isinstance(p, SamplingParams):
+                raise ParameterError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
+            p.validate(self.spec.vocab_size)
         return list(sampling_params)
 
     def prompt_logits(self, prompts: list[Prompt]) -> list[torch.Tensor]:

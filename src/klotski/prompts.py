@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from klotski.errors import KlotskiError
+from klotski.errors import KlotskiError, ParameterError
+from klotski.sampling import is_utf8
 from klotski.tokenizer import Tokenizer
 
 Prompt = str | dict[str, Any]
@@ -43,11 +44,11 @@ class PromptParser:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-                    raise KlotskiError(f"{where}: prompt_token_ids must be a list of integers")
+                if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise ParameterError(f"{where}: prompt_token_ids must be a list of integers")
                 bad = [t for t in ids if not 0 <= t < self.vocab_size]
                 if bad:
-                    raise KlotskiError(
+                    raise ParameterError(
                         f"{where}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
                     )
                 return TokenizedPrompt(prompt.get("prompt"), list(ids))
@@ -56,6 +57,8 @@ class PromptParser:
             prompt = prompt["prompt"]
         if not isinstance(prompt, str):
             raise KlotskiError(f"{where}: a prompt must be a string or a dict, got {type(prompt).__name__}")
+        if not is_utf8(prompt):
+            raise ParameterError(f"{where}: the prompt is not valid UTF-8 text; re-encode it as UTF-8")
         if self.tokenizer is None:
             raise KlotskiError(f"{self.model} has no tokenizer.json: pass prompts as "
                                "{'prompt_token_ids': [...]} or add the model's tokenizer files")
@@ -75,6 +78,10 @@ class PromptParser:
             raise KlotskiError(f"{self.model} has no tokenizer.json, so chat templates are unavailable")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise KlotskiError("messages must be a list of {'role': ..., 'content': ...} objects")
+        for i, m in enumerate(messages):
+            content = m.get("content")
+            if isinstance(content, str) and not is_utf8(content):
+                raise ParameterError(f"message {i}: the content is not valid UTF-8 text; re-encode it as UTF-8")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         # The template writes BOS itself where it wants one, so no special tokens are added again.
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}

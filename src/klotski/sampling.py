@@ -8,12 +8,14 @@ before temperature or filtering, as vLLM reports them by default.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from klotski.errors import KlotskiError
+from klotski.errors import ParameterError
 
 # Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing by ~0 overflows.
 _GREEDY_EPS = 1e-5
@@ -39,10 +41,19 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Check every field's type and range (normalising stop and the numbers); the engine calls it
+        again with the model's vocabulary size, since fields can be changed after construction.
+
+        Raises ParameterError naming the field, the value and what to use instead."""
         self.stop = _normalize_stop(self.stop)
-        self.stop_token_ids = [int(t) for t in self.stop_token_ids or ()]
-        for problem in _problems(self):
-            raise KlotskiError(f"SamplingParams: {problem}")
+        for name, kind, default in _FIELDS:
+            setattr(self, name, _typed(name, getattr(self, name), kind, default))
+        self.stop_token_ids = _token_ids("stop_token_ids", self.stop_token_ids)
+        for name, problem in _problems(self, vocab_size):
+            raise ParameterError(f"SamplingParams: {problem}", name)
 
     @property
     def greedy(self) -> bool:
@@ -50,32 +61,103 @@ class SamplingParams:
         return self.temperature < _GREEDY_EPS
 
 
-def _normalize_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Turn None / one string / a list of strings into a tuple of non-empty strings."""
+# (field, kind, default): "int" / "float" / "bool", and whether None is allowed (default None).
+_FIELDS = (
+    ("n", "int", 1), ("temperature", "float", 1.0), ("top_p", "float", 1.0), ("top_k", "int", 0),
+    ("min_p", "float", 0.0), ("seed", "int", None), ("max_tokens", "int", 16), ("min_tokens", "int", 0),
+    ("ignore_eos", "bool", False), ("logprobs", "int", None), ("skip_special_tokens", "bool", True),
+    ("include_stop_str_in_output", "bool", False),
+)
+_KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _typed(name: str, value, kind: str, default):
+    """value as a plain int / float / bool, or ParameterError. A bool is never taken as a number
+    (True would silently mean 1), a float never as an integer (2.5 tokens), NaN / inf never at all."""
+    if value is None and default is None:
+        return None
+    want = _KIND_WORDS[kind] + (" or None" if default is None else "")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif isinstance(value, bool):
+        pass
+    elif kind == "int" and isinstance(value, numbers.Integral):
+        return int(value)
+    elif kind == "float" and isinstance(value, numbers.Real):
+        value = float(value)
+        if math.isfinite(value):
+            return value
+        raise ParameterError(f"SamplingParams: {name}={value} is not a finite number", name)
+    raise ParameterError(f"SamplingParams: {name} must be {want}, got {type(value).__name__} {value!r:.60}", name)
+
+
+def _token_ids(name: str, ids) -> list[int]:
+    """A list of non-negative integer token ids (bools and floats refused)."""
+    if ids is None:
+        return []
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise ParameterError(f"SamplingParams: {name} must be a list of token ids, got {type(ids).__name__}", name)
+    out = []
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
+            raise ParameterError(f"SamplingParams: {name} must hold non-negative integers, got {t!r:.60}", name)
+        out.append(int(t))
+    return out
+
+
+def _normalize_stop(stop) -> tuple[str, ...]:
+    """Turn None / one string / a list of strings into a tuple of non-empty, valid UTF-8 strings."""
     if stop is None:
         return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    if not all(isinstance(s, str) and s for s in stops):
-        raise KlotskiError(f"SamplingParams: stop must be non-empty strings, got {stop!r}")
-    return stops
+    single = isinstance(stop, (str, bytes)) or not isinstance(stop, Iterable)
+    stops: list[str] = []
+    for s in (stop,) if single else tuple(stop):
+        if not isinstance(s, str) or not s:
+            raise ParameterError(f"SamplingParams: stop must be non-empty strings, got {s!r:.60}", "stop")
+        if not is_utf8(s):
+            raise ParameterError(f"SamplingParams: stop string {s!r:.60} is not valid UTF-8 text", "stop")
+        stops.append(s)
+    return tuple(stops)
 
 
-def _problems(p: SamplingParams) -> list[str]:
-    """Every invalid field of p, each phrased as the problem and the fix."""
+def is_utf8(text: str) -> bool:
+    """False for text holding lone surrogates (bytes that were not UTF-8, kept by surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+
+
+def _problems(p: SamplingParams, vocab_size: int | None) -> list[tuple[str, str]]:
+    """(field, message) for every invalid field of p (types already checked): the problem and the fix."""
     checks = [
-        (p.n == 1, f"n={p.n} is not supported: use n=1 and submit the prompt several times"),
-        (p.temperature >= 0, f"temperature={p.temperature} is negative: use 0 (greedy) or more"),
-        (0 < p.top_p <= 1, f"top_p={p.top_p} is outside (0, 1]: use 1.0 to disable it"),
-        (p.top_k >= -1, f"top_k={p.top_k} is invalid: use a positive k, or 0 / -1 to disable it"),
-        (0 <= p.min_p <= 1, f"min_p={p.min_p} is outside [0, 1]: use 0.0 to disable it"),
-        (p.max_tokens >= 1, f"max_tokens={p.max_tokens} is below 1: ask for at least one token"),
-        (0 <= p.min_tokens <= p.max_tokens,
+        ("n", p.n == 1, f"n={p.n} is not supported: use n=1 and submit the prompt several times"),
+        ("temperature", p.temperature >= 0, f"temperature={p.temperature} is negative: use 0 (greedy) or more"),
+        ("top_p", 0 < p.top_p <= 1, f"top_p={p.top_p} is outside (0, 1]: use 1.0 to disable it"),
+        ("top_k", p.top_k >= -1, f"top_k={p.top_k} is invalid: use a positive k, or 0 / -1 to disable it"),
+        ("min_p", 0 <= p.min_p <= 1, f"min_p={p.min_p} is outside [0, 1]: use 0.0 to disable it"),
+        ("max_tokens", p.max_tokens >= 1, f"max_tokens={p.max_tokens} is below 1: ask for at least one token"),
+        ("min_tokens", 0 <= p.min_tokens <= p.max_tokens,
          f"min_tokens={p.min_tokens} must lie in [0, max_tokens={p.max_tokens}]"),
-        (p.logprobs is None or p.logprobs >= 0,
+        ("logprobs", p.logprobs is None or p.logprobs >= 0,
          f"logprobs={p.logprobs} is negative: use None, 0 (sampled token only) or N top tokens"),
-        (p.seed is None or isinstance(p.seed, int), f"seed={p.seed!r} must be an int or None"),
+        ("seed", p.seed is None or 0 <= p.seed <= SEED_MAX,
+         f"seed={p.seed} does not fit in 64 bits: use a seed from 0 to 2**64 - 1"),
     ]
-    return [message for ok, message in checks if not ok]
+    if vocab_size is not None:
+        checks += [
+            ("logprobs", p.logprobs is None or p.logprobs <= vocab_size,
+             f"logprobs={p.logprobs} is more than the model's vocabulary ({vocab_size} tokens): ask for fewer"),
+            ("stop_token_ids", all(t < vocab_size for t in p.stop_token_ids or ()),
+             f"stop_token_ids {[t for t in p.stop_token_ids or () if t >= vocab_size][:3]} are outside the vocabulary "
+             f"(0..{vocab_size - 1})"),
+        ]
+    return [(name, message) for name, ok, message in checks if not ok]
 
 
 def derive_seed(engine_seed: int, request_index: int) -> int:
@@ -162,7 +244,7 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
 def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Mask logits [R, V] outside each row's top-k, then outside its top-p nucleus."""
     vocab = logits.shape[1]
-    ks = logits.new_tensor([p.top_k if p.top_k > 0 else vocab for p in params]).long()  # [R]
+    ks = logits.new_tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]).long()  # [R]
     top_ps = logits.new_tensor([p.top_p for p in params]).unsqueeze(1)  # [R, 1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V] each
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, V]
@@ -196,6 +278,6 @@ def _with_logprobs(raw: torch.Tensor, token_ids: torch.Tensor,
         result.logprobs[row] = float(chosen[j])
         top = params[row].logprobs
         assert top is not None  # `wanted` holds the rows that asked
-        values, ids = logprobs[j].topk(top)
+        values, ids = logprobs[j].topk(min(top, logprobs.shape[1]))
         result.top_logprobs[row] = list(zip(ids.tolist(), values.tolist()))
     return result

@@ -110,7 +110,7 @@ def test_empty_prompt_is_skipped_and_the_rest_run(capsys, tiny_mixtral):
 
 def test_max_tokens_below_one(capsys, tiny_mixtral):
     code, _, err = run_cli(capsys, "generate", "--model", str(tiny_mixtral), "--prompt", "Hello", "--max-tokens", "0")
-    assert_clean_error(code, err, "max_tokens=0")
+    assert_clean_error(code, err, "--max-tokens: 0 is below 1")
 
 
 def test_prompt_longer_than_context(capsys, tiny_mixtral, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from klotski.errors import CheckpointError, KlotskiError
+from klotski.errors import CheckpointError, ConfigError, KlotskiError
 from klotski.models import ModelSpec, WeightKey, spec_from_config
 from klotski.models.spec import EMBED, EXPERT, HEAD
 
@@ -26,6 +26,11 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+# What the modeling code computes with; anything else (int8 / fp8 quantized, fp64) is refused by name.
+WEIGHT_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+WEIGHT_DTYPE_NAMES = "BF16, F16 or F32"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +74,8 @@ def _tensor_ref(path: Path, size: int, base: int, name: str, info) -> TensorRef:
             f"{path}: the header entry of tensor {name} is corrupt ({info!r}); re-download it"
         ) from None
     if dtype_name not in DTYPES:
-        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype_name}")
+        raise CheckpointError(f"{path}: tensor {name} has dtype {dtype_name}, which klotski does not run "
+                              f"(weights must be {WEIGHT_DTYPE_NAMES}); convert the checkpoint to bf16 first")
     dtype = DTYPES[dtype_name]
     if not 0 <= start <= end or end - start != math.prod(shape) * dtype.itemsize:
         raise CheckpointError(f"{path}: tensor {name} has byte range [{start}, {end}) that does not fit its "
@@ -92,6 +98,16 @@ def read_tensor(ref: TensorRef) -> torch.Tensor:
     if ref.nbytes == 0:
         return torch.empty(ref.shape, dtype=ref.dtype)
     return torch.frombuffer(buf, dtype=ref.dtype).reshape(ref.shape)
+
+
+def check_finite(tensor: torch.Tensor, name: str, path: str) -> None:
+    """A weight holding NaN or inf makes every token after it garbage: refuse it by name."""
+    if not tensor.is_floating_point():
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise CheckpointError(f"weight {name} (in {path}) holds {bad} non-finite values (NaN or inf); the checkpoint "
+                              "is corrupt or was saved after a diverged training step: re-download or re-export it")
 
 
 def _pread_into(f, buf: bytearray, offset: int) -> int:
@@ -128,9 +144,14 @@ class Checkpoint:
         path = Path(path)
         config = load_config(path)
         spec = spec_of(config, path)
-        tensors = {}
+        tensors: dict[str, TensorRef] = {}
         for file in safetensors_files(path):
-            tensors |= read_header(file)
+            for name, ref in read_header(file).items():
+                if name in tensors:
+                    raise CheckpointError(f"tensor {name} is in both {tensors[name].path} and {ref.path}; "
+                                          "the checkpoint's shards overlap, re-download it")
+                tensors[name] = ref
+        check_index(path, tensors)
         units = group_units(spec, tensors)
         check_units(spec, units, path)
         return cls(path, config, spec, units, dominant_dtype(units))
@@ -139,9 +160,15 @@ class Checkpoint:
         """Bytes of one unit as stored."""
         return sum(ref.nbytes for ref in self.units[key].values())
 
+    check_weights: bool = False  # check every weight read for NaN / inf (--check-weights)
+
     def load_unit(self, key: WeightKey) -> dict[str, torch.Tensor]:
-        """Read one unit's tensors from the checkpoint files."""
-        return {local: read_tensor(ref) for local, ref in self.units[key].items()}
+        """Read one unit's tensors from the checkpoint files (checked for NaN / inf when asked)."""
+        unit = {local: read_tensor(ref) for local, ref in self.units[key].items()}
+        if self.check_weights:
+            for local, tensor in unit.items():
+                check_finite(tensor, f"{key}.{local}", self.units[key][local].path)
+        return unit
 
     @property
     def nbytes(self) -> int:
@@ -170,6 +197,8 @@ def spec_of(config: dict, path: Path) -> ModelSpec:
     """spec_from_config, with a field of the wrong type reported as a config.json problem."""
     try:
         return spec_from_config(config)
+    except ConfigError as exc:  # name the file the user must fix
+        raise ConfigError(str(exc).replace("config.json", str(path / "config.json"), 1)) from None
     except KlotskiError:
         raise
     except (TypeError, ValueError, KeyError) as exc:
@@ -182,9 +211,16 @@ def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{index} is corrupt ({exc}); re-download it") from None
+        bad = [n for n in names if not isinstance(n, str) or not n or Path(n).name != n]
+        if bad or not all(isinstance(k, str) for k in weight_map):
+            raise CheckpointError(
+                f"{index} is corrupt: its weight_map must map tensor names to file names in "
+                f"the checkpoint directory (got {(bad or list(weight_map))[0]!r:.60}); re-download it"
+            )
         files = [path / n for n in names]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -250,8 +286,29 @@ def _split_fused(spec, units, fused: str, layer: int, ref: TensorRef, name: str)
             unit["up_proj"] = _slice_rows(ref, e, inter, 2 * inter)
 
 
+def check_index(path: Path, tensors: dict[str, TensorRef]) -> None:
+    """Every tensor model.safetensors.index.json names is in the file it names."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    weight_map = json.loads(index.read_text())["weight_map"]
+    for name, file in weight_map.items():
+        ref = tensors.get(name)
+        if ref is None:
+            raise CheckpointError(f"{index} lists tensor {name} in {file}, but no shard holds it; "
+                                  "the checkpoint is incomplete, re-download it")
+        if Path(ref.path).name != Path(file).name:
+            raise CheckpointError(f"{index} lists tensor {name} in {file}, but it is in {Path(ref.path).name}; "
+                                  "the index and the shards disagree, re-download it")
+
+
 def check_units(spec: ModelSpec, units: dict[WeightKey, dict[str, TensorRef]], path: Path) -> None:
-    """Every unit the spec expects is present with the shapes config.json implies."""
+    """Every unit the spec expects is present with the shapes config.json implies, in a dtype the
+    model computes with, and no unit belongs to a layer or expert config.json does not have."""
+    expected_keys = set(spec.weight_keys())
+    for key in sorted(set(units) - expected_keys, key=str):
+        raise CheckpointError(f"{path}: the checkpoint has weights for {_describe(key)}, which config.json does not "
+                              f"have ({_config_counts(spec)}); the config and the weights disagree")
     for key in spec.weight_keys():
         expected = spec.unit_shapes(key)
         got = units.get(key, {})
@@ -266,6 +323,24 @@ def check_units(spec: ModelSpec, units: dict[WeightKey, dict[str, TensorRef]], p
         extra = set(got) - set(expected)
         if extra:
             raise CheckpointError(f"{path}: unexpected tensors in {key}: {sorted(extra)}; does config.json match?")
+        for local, ref in got.items():
+            if ref.dtype not in WEIGHT_DTYPES:
+                name = next((n for n, t in DTYPES.items() if t == ref.dtype), str(ref.dtype))
+                raise CheckpointError(f"{path}: weight {key}.{local} is stored as {name}; klotski runs "
+                                      f"{WEIGHT_DTYPE_NAMES} weights (quantized checkpoints are not supported): "
+                                      "use the model's bf16 release or dequantize it")
+
+
+def _describe(key: WeightKey) -> str:
+    if key.expert is not None:
+        return f"expert {key.expert} of layer {key.layer}"
+    return f"layer {key.layer}" if key.layer is not None else key.part
+
+
+def _config_counts(spec: ModelSpec) -> str:
+    dense = [i for i, moe in enumerate(spec.moe_layers) if not moe]
+    return (f"{spec.num_layers} layers, {spec.num_experts} experts per MoE layer"
+            + (f", dense layers {dense}" if dense else ""))
 
 
 def dominant_dtype(units: dict[WeightKey, dict[str, TensorRef]]) -> torch.dtype:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from klotski.checkpoint.reader import DTYPES
+from klotski.config import format_bytes
 from klotski.errors import KlotskiError
 from klotski.models import ModelSpec, WeightKey, spec_from_config
 
@@ -86,7 +87,7 @@ def write_checkpoint(out: str | os.PathLike, config: dict, dtype: torch.dtype, s
     out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out).free
     if free < total:
-        raise KlotskiError(f"{out} has {free / 1e9:.1f} GB free but the checkpoint needs {total / 1e9:.1f} GB; "
+        raise KlotskiError(f"{out} has {format_bytes(free)} free but the checkpoint needs {format_bytes(total)}; "
                            "free space or choose another --out")
     shards = _shards(tensors, dtype)
     weight_map = {}

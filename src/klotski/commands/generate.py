@@ -1,12 +1,14 @@
 """`klotski generate`: prompts in (flags or a JSONL file), completions and throughput out."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
 from klotski.config import EngineConfig
-from klotski.errors import KlotskiError
+from klotski.errors import KlotskiError, ParameterError
 
 
 def register(sub) -> None:
@@ -36,8 +38,11 @@ def register(sub) -> None:
 def add_config_flags(p, *groups: str) -> None:
     """One flag per EngineConfig field of these groups: --field-name, the field's default and help."""
     for f, flag in EngineConfig.flags(*groups):
-        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, type=flag.type, metavar=flag.metavar,
-                       help=flag.help)
+        name = "--" + f.name.replace("_", "-")
+        if flag.action:
+            p.add_argument(name, action=flag.action, default=f.default, help=flag.help)
+        else:
+            p.add_argument(name, default=f.default, type=flag.type, metavar=flag.metavar, help=flag.help)
 
 
 def add_policy_flags(p) -> None:
@@ -84,9 +89,10 @@ def run(args) -> int:
     from klotski.engine import LLM
     from klotski.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
-                            ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+    with flag_names():
+        params = SamplingParams(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+                                ignore_eos=args.ignore_eos, logprobs=args.logprobs)
     items, errors = [], []
     for i, text in enumerate(args.prompt):
         items.append((f"prompt-{i}", {"prompt": text}))
@@ -97,8 +103,14 @@ def run(args) -> int:
         raise KlotskiError("no prompts: give --prompt TEXT (repeatable) or --input FILE.jsonl")
     if args.model is None:
         print(NOTICE, file=sys.stderr)
-    _check_writable(args.output)
+    for flag in ("output", "trace", "timeline", "record_routing"):
+        _check_writable(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if args.timeline:
+        from klotski.runtime.plot import require_matplotlib
+        require_matplotlib()
     llm = LLM(model=args.model, dtype=args.dtype, routing_replay=args.routing_replay, **engine_kwargs(args))
+    with flag_names():
+        params.validate(llm.spec.vocab_size)  # logprobs, stop ids against this model's vocabulary
     if llm.replay is not None:
         print(f"klotski: routing replay ON ({llm.replay.describe()}): the router's choices are replaced; "
               "text is not the model's", file=sys.stderr)
@@ -112,6 +124,19 @@ def run(args) -> int:
     for message in errors:
         print(f"klotski: error: {message}", file=sys.stderr)
     return 2 if errors else 0
+
+
+@contextlib.contextmanager
+def flag_names():
+    """SamplingParams errors in the CLI's words: `--max-tokens: ...` rather than `max_tokens=...`."""
+    try:
+        yield
+    except ParameterError as exc:
+        if exc.field is None:
+            raise
+        flag = "--" + exc.field.replace("_", "-")
+        text = str(exc).removeprefix("SamplingParams: ").removeprefix(f"{exc.field}=")
+        raise ParameterError(f"{flag}: {text}", exc.field) from None
 
 
 def _prompts(llm, items, errors) -> tuple[list, list[str]]:
@@ -128,20 +153,38 @@ def _prompts(llm, items, errors) -> tuple[list, list[str]]:
     return prompts, ids
 
 
-def _check_writable(path: str | None) -> None:
-    """Fail before generating, not after, when --output cannot be written."""
+def _check_writable(path: str | None, flag: str = "--output") -> None:
+    """Fail before generating, not after, when an output file cannot be written; an existing
+    file is left as it is (nothing is created or truncated here)."""
     if path is None:
         return
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as exc:
-        raise KlotskiError(f"--output {path} cannot be written ({exc.strerror}); choose another path") from None
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        problem = "is a directory"
+    elif target.exists():
+        problem = None if os.access(target, os.W_OK) else "is not writable"
+    elif not parent.is_dir():
+        problem = f"is in a directory that does not exist ({parent})"
+    else:
+        problem = None if os.access(parent, os.W_OK | os.X_OK) else f"is in a directory that is not writable ({parent})"
+    if problem:
+        raise KlotskiError(f"{flag} {path} cannot be written: it {problem}; choose another path")
+
+
+def output_row(rid: str, out) -> dict:
+    """One result line: id, text, token_ids, finish_reason, and the logprobs when asked for
+    (per generated token, {token id: logprob} of the top-N and the sampled token)."""
+    c = out.outputs[0]
+    row = {"id": rid, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+    if c.logprobs is not None:
+        row["logprobs"] = [{str(k): v for k, v in step.items()} for step in c.logprobs]
+        row["cumulative_logprob"] = c.cumulative_logprob
+    return row
 
 
 def _write_outputs(args, ids, outputs, stats) -> None:
-    rows = [{"id": rid, "text": o.outputs[0].text, "token_ids": o.outputs[0].token_ids,
-             "finish_reason": o.outputs[0].finish_reason} for rid, o in zip(ids, outputs)]
+    rows = [output_row(rid, o) for rid, o in zip(ids, outputs)]
     if args.output:
         with open(args.output, "w") as f:
             for row in rows:
@@ -151,6 +194,9 @@ def _write_outputs(args, ids, outputs, stats) -> None:
         return
     for rid, o in zip(ids, outputs):
         print(f"--- {rid}: {o.prompt!r}\n{o.outputs[0].text}  [{o.outputs[0].finish_reason}]")
+        c = o.outputs[0]
+        if c.logprobs is not None:  # the sampled token's logprob per step; --json has the top-N
+            print("logprobs: " + " ".join(f"{step[t]:.4f}" for t, step in zip(c.token_ids, c.logprobs)))
     if outputs:
         print(format_stats(stats))
 

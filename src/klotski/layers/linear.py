@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from klotski.models.spec import ACTIVATIONS as ACTIVATION_NAMES
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias), computed in x's dtype; a weight stored in another dtype is cast
@@ -19,7 +21,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+ACTIVATIONS = {name: getattr(F, name) for name in ACTIVATION_NAMES}  # hidden_act -> function
 
 
 def swiglu_ffn(x: torch.Tensor, w: dict[str, torch.Tensor], act: str, prefix: str = "") -> torch.Tensor:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from klotski.errors import UnsupportedModelError
-from klotski.models import deepseek, mixtral, olmoe, qwen_moe
+from klotski.models import deepseek, mixtral, olmoe, qwen_moe, validate
 from klotski.models.spec import ModelSpec, WeightKey
 
 # Each family module exports ARCHITECTURES, spec_from_config(config) and FAMILY_PRESETS.
@@ -19,15 +19,18 @@ def supported_architectures() -> list[str]:
 
 
 def spec_from_config(config: dict) -> ModelSpec:
-    """The ModelSpec for a parsed config.json, or a clear error listing what is supported."""
-    archs = config.get("architectures") or []
+    """The ModelSpec for a parsed config.json, checked against what the modeling code needs
+    (models/validate.py), or a clear error listing what is supported."""
+    archs = validate.check_architectures(config, supported_architectures())
     registry = _registry()
     for arch in archs:
         if arch in registry:
-            return registry[arch].spec_from_config(config)
+            validate.check_fields(config)
+            spec = registry[arch].spec_from_config(config)
+            validate.check_spec(spec, config)
+            return spec
     raise UnsupportedModelError(
-        f"unsupported architecture {archs or config.get('model_type')!r}; supported: "
-        + ", ".join(supported_architectures())
+        f"unsupported architecture {archs!r}; supported: " + ", ".join(supported_architectures())
     )
 
 

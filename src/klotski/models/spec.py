@@ -34,6 +34,10 @@ class WeightKey:
         return f"L{self.layer}.{self.part}{self.expert}"
 
 
+# hidden_act values the layers implement (layers/linear.py maps each to its torch function).
+ACTIVATIONS = ("silu", "gelu", "relu")
+
+
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN's attention magnitude correction."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from klotski.config import Policy
+from klotski.config import Policy, format_bytes
 from klotski.errors import KlotskiError
 from klotski.models.spec import EXPERT, WeightKey
 from klotski.planner.cost import (
@@ -224,7 +224,7 @@ class Solver:
         k = self.k
         m = memory_model(self.costs, {}, self.schedule, bs, n, work.prompt_len, work.gen_len, k, self.kv_tier)
         need = m.kv_cache * (self.kv_tier == DEVICE) + self._inflight(k) + m.activations
-        gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+        gb = format_bytes
         have = "unlimited" if self.budgets.device is None else gb(self.budgets.device)
         host_need = ""
         if self.budgets.host is not None and self.kv_tier == HOST and m.kv_cache > self.budgets.host:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from klotski.errors import NumericalError
 from klotski.layers.attention import StepInfo
 from klotski.outputs import CompletionOutput, FinishReason
 from klotski.runtime.pipeline import BatchStep, Pipeline
@@ -133,8 +134,10 @@ def sample_batch(sampler: Sampler, b: GroupBatch, logits: torch.Tensor, max_len:
     seqs = [b.seqs[i] for i in rows]
     suppress = [sorted(s.stopper.eos_token_ids | set(s.params.stop_token_ids or ()))
                 if len(s.stopper.token_ids) < s.params.min_tokens else [] for s in seqs]
+    rows_logits = logits[rows].cpu()
+    check_finite_logits(rows_logits, seqs)
     # Sampling runs on the CPU: each request's generator lives there, whatever the compute device.
-    result = sampler.sample(logits[rows].cpu(), [s.params for s in seqs], [s.generator for s in seqs], suppress)
+    result = sampler.sample(rows_logits, [s.params for s in seqs], [s.generator for s in seqs], suppress)
     for j, s in enumerate(seqs):
         token = int(result.token_ids[j])
         entry = result.logprob_dict(j)
@@ -147,3 +150,17 @@ def sample_batch(sampler: Sampler, b: GroupBatch, logits: torch.Tensor, max_len:
             s.finish_reason, s.stop_reason = state.finish_reason, state.stop_reason
         elif s.length >= max_len:
             s.finish_reason = "length"
+
+
+def check_finite_logits(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Stop the run when a row's logits hold NaN or inf: a token drawn from them is garbage, and
+    greedy argmax over NaN silently returns token 0. One pass over [B, V] per step."""
+    finite = torch.isfinite(logits).all(dim=-1)  # [B]
+    if bool(finite.all()):
+        return
+    row = int((~finite).nonzero()[0])
+    s = seqs[row]
+    raise NumericalError(
+        f"the model produced non-finite logits (NaN or inf) for request {s.index} after "
+        f"{len(s.stopper.token_ids)} generated tokens; the weights may hold NaN/inf (run with --check-weights "
+        "to find them) or a low-precision dtype overflowed (try --dtype float32)")

@@ -8,6 +8,14 @@ COLORS = {"attention": "#4c72b0", "gate": "#dd8452", "expert": "#55a868", "dense
           "embed": "#937860", "head": "#937860", "sample": "#937860", "wait": "#c44e52", "read": "#64b5cd"}
 
 
+def require_matplotlib() -> None:
+    """Fail before a run whose --timeline could not be drawn after it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise KlotskiError("--timeline needs matplotlib: pip install 'klotski-moe[bench]'") from None
+
+
 def plot_timeline(timeline: Timeline, path: str, start: float | None = None, end: float | None = None,
                   title: str = "") -> None:
     """One row per lane; compute ops coloured by kind, waits (bubbles) in red, transfers in blue."""

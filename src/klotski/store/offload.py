@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from klotski.checkpoint.reader import Checkpoint, read_tensor
-from klotski.errors import KlotskiError
+from klotski.checkpoint.reader import Checkpoint, check_finite, read_tensor
+from klotski.errors import KlotskiError, OffloadError
 from klotski.models.spec import WeightKey
 from klotski.paths import home
 
@@ -45,10 +45,6 @@ def _row_pool() -> ThreadPoolExecutor:
         if _ROW_POOL is None:
             _ROW_POOL = ThreadPoolExecutor(ROW_READERS, thread_name_prefix="klotski-rows")
         return _ROW_POOL
-
-
-class OffloadError(KlotskiError):
-    """The offload directory is unusable (vanished, truncated, corrupt): the run stops."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +174,7 @@ class OffloadDir:
         tensors = []
         for (name, off), ref in zip(offsets, refs.values()):
             data = read_tensor(ref)
+            check_finite(data, f"{key}.{name}", ref.path)  # the bytes pass through here once anyway
             buf[off: off + ref.nbytes] = data.contiguous().view(torch.uint8).numpy().tobytes()
             tensors.append(BlobTensor(name, off, ref.dtype, tuple(ref.shape)))
         fname = f"{key_name(key)}.bin"

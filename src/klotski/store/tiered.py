@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from klotski.checkpoint.reader import Checkpoint
+from klotski.config import format_bytes
 from klotski.errors import KlotskiError
 from klotski.models.spec import WeightKey
 from klotski.store.base import Handle, Weights
@@ -192,8 +193,8 @@ class TieredStore:
             pool = self.device_pool if tier == DEVICE else self.host_pool
             nbytes = self.checkpoint.unit_nbytes(key)
             if not pool.charge(nbytes, str(key)):
-                raise KlotskiError(f"{key} ({nbytes / 1e6:.1f} MB) does not fit the {tier} budget "
-                                   f"({(pool.budget or 0) / 1e9:.2f} GB); raise --{tier}-memory or place less there")
+                raise KlotskiError(f"{key} ({format_bytes(nbytes)}) does not fit the {tier} budget "
+                                   f"({format_bytes(pool.budget or 0)}); raise --{tier}-memory or place less there")
             if self._cuda and tier == HOST:
                 blob = torch.empty(self._offload().blobs[key].padded, dtype=torch.uint8, pin_memory=True)
                 self._offload().read_raw(key, blob)
@@ -415,9 +416,9 @@ class TieredStore:
 
     def _too_small(self, entry: Entry) -> str:
         pool = self.device_pool
-        return (f"the device budget ({(pool.budget or 0) / 1e6:.2f} MB) cannot hold {entry.key} "
-                f"({self._offload().blobs[entry.key].padded / 1e6:.2f} MB) next to what the pipeline holds "
-                f"({pool.used / 1e6:.2f} MB in use, KV cache included); raise --device-memory")
+        return (f"the device budget ({format_bytes(pool.budget or 0)}) cannot hold {entry.key} "
+                f"({format_bytes(self._offload().blobs[entry.key].padded)}) next to what the pipeline holds "
+                f"({format_bytes(pool.used)} in use, KV cache included); raise --device-memory")
 
     def release(self, key: WeightKey) -> None:
         """The pipeline is done with a unit: its buffer returns to the pool, waiting fetches start."""
@@ -450,8 +451,8 @@ class TieredStore:
                 while pool.held() + nbytes + self.reserve > pool.budget and self._demote_one():
                     pass
             if not pool.charge(nbytes, "kv"):
-                raise KlotskiError(f"the KV cache ({nbytes / 1e6:.2f} MB) does not fit the device budget "
-                                   f"({(pool.budget or 0) / 1e6:.2f} MB, {pool.used / 1e6:.2f} MB in use); lower "
+                raise KlotskiError(f"the KV cache ({format_bytes(nbytes)}) does not fit the device budget "
+                                   f"({format_bytes(pool.budget or 0)}, {format_bytes(pool.used)} in use); lower "
                                    "--batch-size or --num-batches, shorten max_tokens, or raise --device-memory")
 
     def _demote_one(self) -> bool:
