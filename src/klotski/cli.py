@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "klotski.commands.create_model",
     "klotski.commands.prefetch",
     "klotski.commands.plan",
+    "klotski.commands.perplexity",
 )
 
 
