@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "klotski.commands.prefetch",
     "klotski.commands.plan",
     "klotski.commands.perplexity",
+    "klotski.commands.serve",
 )
 
 

@@ -207,6 +207,14 @@ class LLM:
         return Sequence(index, ids, params, make_generator(params.seed, seed), stopper,
                         logprobs=[] if params.logprobs is not None else None)
 
+    def make_sequence(self, ids: list[int], params: SamplingParams) -> Sequence:
+        """One request's generation state, numbered after every request this engine has seen: its
+        unseeded sampling seed follows from that number exactly as in generate() (the server's step loop)."""
+        seq = self._sequence(0, ids, params)
+        seq.index = self._requests_seen
+        self._requests_seen += 1
+        return seq
+
     def _run(self, requests: list[tuple[str | None, list[int], SamplingParams]]) -> list[RequestOutput]:
         policy = self.policy(len(requests), max((len(ids) for _, ids, _ in requests), default=1),
                              max((p.max_tokens for _, _, p in requests), default=1))

@@ -549,3 +549,76 @@ def batch_error_line(custom_id: str | None, error: ProtocolError, *, id: str, re
             "response": {"status_code": error.status_code, "request_id": request_id,
                          "body": {"error": error.to_dict()}},
             "error": summary}
+
+
+# -- streaming (the server's server-sent events) -------------------------------------------------------
+class StreamChunks:
+    """The chunks of one streamed response: `text_completion` chunks (completions) or
+    `chat.completion.chunk`s (chat), one choice per (prompt, sample), numbered as the whole body numbers
+    them; the text of a choice's chunks joined is the whole body's text."""
+
+    def __init__(self, request: Request, settings: RequestSettings, *, model: str, id: str, created: int,
+                 token_text: TokenText) -> None:
+        self.chat = isinstance(request, ChatCompletionRequest)
+        self.settings, self.model, self.id, self.created, self.token_text = settings, model, id, created, token_text
+        self._offsets: dict[int, int] = {}  # completions: text_offset reached per choice (echo included)
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def start(self, choice: int) -> dict[str, Any] | None:
+        """Chat's first chunk of a choice announces the assistant role; completions have none."""
+        if not self.chat:
+            return None
+        return self._chunk([{"index": choice, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}])
+
+    def update(self, choice: int, text: str, token_ids: list[int], logprobs: list[dict[int, float]] | None,
+               finish_reason: str | None, *, prompt_text: str | None = None, prompt_ids: list[int] | None = None,
+               prompt_logprobs: list[dict[int, float] | None] | None = None) -> dict[str, Any] | None:
+        """The chunk for what one choice produced since its last chunk (None when there is nothing to say).
+        A completions choice's first chunk starts with the prompt under echo (and its logprobs)."""
+        pairs: list[tuple[int, dict[int, float] | None]] = []
+        first = choice not in self._offsets
+        if first:
+            self._offsets[choice] = 0
+        if first and self.settings.echo and not self.chat:
+            text = (prompt_text or "") + text
+            ids = prompt_ids or []
+            pairs += list(zip(ids, prompt_logprobs or [None] * len(ids)))
+        pairs += list(zip(token_ids, logprobs or [None] * len(token_ids)))
+        if not text and finish_reason is None and (not pairs or self.settings.logprobs is None):
+            return None  # a token whose text is still held back (a partial character, a possible stop string)
+        out_logprobs = None
+        if self.settings.logprobs is not None:
+            if self.chat:
+                out_logprobs = {"content": [_chat_token(t, e, self.settings.logprobs, self.token_text)
+                                            for t, e in pairs], "refusal": None}
+            else:
+                out_logprobs = self._completion_logprobs(choice, pairs)
+        if self.chat:
+            body: dict[str, Any] = {"index": choice, "delta": {"content": text} if text else {},
+                                    "logprobs": out_logprobs, "finish_reason": finish_reason}
+        else:
+            body = {"index": choice, "text": text, "logprobs": out_logprobs, "finish_reason": finish_reason}
+        return self._chunk([body])
+
+    def _completion_logprobs(self, choice: int, pairs: list[tuple[int, dict[int, float] | None]]) -> dict[str, Any]:
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for token, entry in pairs:
+            text = self.token_text(token)
+            value, entries = _entry_logprob(entry, token)
+            tokens.append(text)
+            token_logprobs.append(value)
+            top.append({self.token_text(t): v for t, v in entries.items()})
+            offsets.append(self._offsets[choice])
+            self._offsets[choice] += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        """stream_options.include_usage: the last chunk, with no choices and the request's usage."""
+        chunk = self._chunk([])
+        chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}
+        return chunk
