@@ -60,7 +60,8 @@ class Flag:
 
     group: "budget" (memory budgets: every command that runs or plans the engine), "policy" (what
     the planner chooses unless fixed: likewise), "engine" (offload dir, prefetch table: the commands
-    that run the engine), "dtype", "replay" (the benchmarks' routing replay: `generate` only).
+    that run the engine), "dtype", "context" (max_model_len: `serve`), "replay" (the benchmarks' routing
+    replay: `generate` only).
     """
 
     help: str
@@ -108,7 +109,8 @@ class EngineConfig:
         "the group uses with p >= 0.9; 0: none)", "policy", type=int)
     prefetch_table: str | None = _knob(  # None: a table beside the model or in its offload dir, else frequencies
         None, "correlation table (ours, or the authors' JSON) driving hot-expert prefetch", "engine")
-    max_model_len: int | None = None  # cap on prompt + generated tokens (None: the model's)
+    max_model_len: int | None = _knob(  # cap on prompt + generated tokens (None: the model's)
+        None, "context length: prompt + generated tokens (default: the model's)", "context", type=int)
     routing_replay: str | None = _knob(  # benchmarks only; never on by default
         None, "benchmarks only: replace the router's choices with routing sampled from a real table "
         "(mixtral-8x7b | mixtral-8x22b | TABLE.json) or replayed from TRACE.npz", "replay", metavar="SOURCE")
