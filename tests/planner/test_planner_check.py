@@ -1,4 +1,4 @@
-"""benchmarks/planner_check.py on a tiny model (the real table comes from the lead's run on the 8x7B checkpoint)."""
+"""benchmarks/planner_check.py on a tiny model (docs/planner.md has its table on the 8x7B-shaped checkpoint)."""
 from __future__ import annotations
 
 import importlib.util
