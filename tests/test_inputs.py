@@ -281,3 +281,8 @@ def test_non_utf8_argv_in_a_real_process(tiny_mixtral):
     err = proc.stderr.decode()
     assert proc.returncode == 2 and err.startswith("klotski: error: --stop:") and "Traceback" not in err
     assert len(err.splitlines()) == 1
+
+
+def test_model_given_as_a_file(capsys, tiny_mixtral):
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_mixtral / "config.json"), "--prompt", "Hi")
+    assert_one_error(code, err, "is a file; pass --model the checkpoint's directory")

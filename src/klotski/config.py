@@ -10,7 +10,8 @@ import torch
 
 from klotski.errors import KlotskiError
 
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
@@ -29,12 +30,13 @@ def parse_bytes(value: str | int | float | None, what: str = "memory") -> int | 
             raise KlotskiError(
                 f"cannot read {what} size {value!r:.60}; write bytes or a size like 20GiB, 1.5GB, 512MiB"
             )
-        number, scale = float(m.group(1)), _UNITS[m.group(2).lower()]
+        digits = m.group(1)
+        number, scale = (int(digits) if digits.isdigit() else float(digits)), _UNITS[m.group(2).lower()]
     else:
         number, scale = value, 1
-    if not math.isfinite(number) or number < 0 or number * scale >= 2**63:
+    if (isinstance(number, float) and not math.isfinite(number)) or number < 0 or number * scale >= 2**63:
         raise KlotskiError(f"{what} size {value!r:.60} is out of range; give a size from 0 to 8 EiB, like 20GiB")
-    return int(number * scale) if scale != 1 or isinstance(number, float) else number
+    return int(number * scale)  # exact for integers: no float rounding of a byte count
 
 
 def format_bytes(n: int | float) -> str:

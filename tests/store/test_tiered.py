@@ -111,7 +111,7 @@ def test_budget_too_small_is_a_clear_error(model, tmp_path):
 
 def _corrupt(model, tmp_path, how: str):
     llm = LLM(str(model), offload_dir=str(tmp_path / "offload"), device_memory="500KB")
-    blob = next(p for p in sorted((tmp_path / "offload").glob("L1.expert*.bin")))
+    blob = next(p for p in sorted(llm.store.offload.path.glob("L1.expert*.bin")))
     if how == "truncate":
         os.truncate(blob, 100)
     elif how == "flip":
@@ -119,7 +119,7 @@ def _corrupt(model, tmp_path, how: str):
         data[10] ^= 0xFF
         blob.write_bytes(data)
     else:
-        for p in (tmp_path / "offload").glob("*.bin"):
+        for p in llm.store.offload.path.glob("*.bin"):
             p.unlink()
     return llm
 
@@ -146,9 +146,9 @@ def test_offload_dir_is_reused_until_the_checkpoint_changes(model, tmp_path):
 
     ckpt = Checkpoint.open(model)
     first = OffloadDir.prepare(ckpt, tmp_path / "off")
-    stamp = (tmp_path / "off" / "manifest.json").stat().st_mtime_ns
+    stamp = (first.path / "manifest.json").stat().st_mtime_ns
     OffloadDir.prepare(ckpt, tmp_path / "off")
-    assert (tmp_path / "off" / "manifest.json").stat().st_mtime_ns == stamp
+    assert (first.path / "manifest.json").stat().st_mtime_ns == stamp
     assert len(first.blobs) == len(ckpt.spec.weight_keys())
 
 
@@ -390,7 +390,7 @@ def test_a_corrupt_embedding_table_is_caught_though_read_by_rows(model, tmp_path
     from klotski.models.spec import WeightKey
 
     llm = LLM(str(model), offload_dir=str(tmp_path / "offload"), device_memory="420KB")
-    blob = tmp_path / "offload" / "embed.bin"
+    blob = llm.store.offload.path / "embed.bin"
     data = bytearray(blob.read_bytes())
     data[llm.store.offload.blobs[WeightKey(None, "embed")].nbytes - 10] ^= 0xFF  # a row no prompt looks up
     blob.write_bytes(data)

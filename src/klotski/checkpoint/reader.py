@@ -179,6 +179,8 @@ class Checkpoint:
 
 def load_config(path: Path) -> dict:
     """config.json as a dict, with clear errors for a missing directory or file."""
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; pass --model the checkpoint's directory ({path.parent})")
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist; pass --model a local checkpoint directory")
     cfg = path / "config.json"

@@ -108,7 +108,7 @@ def check_fields(config: dict) -> None:
         if value is not None and not isinstance(value, dict):
             _fail(f"{name} must be an object or null, got {value!r:.60}")
     act = config.get("hidden_act", "silu")
-    if act not in ACTIVATIONS:
+    if not isinstance(act, str) or act not in ACTIVATIONS:
         _fail(f"hidden_act {act!r:.40} is not supported (supported: {', '.join(ACTIVATIONS)})")
 
 

@@ -1,16 +1,32 @@
 """The offload directory: the checkpoint repacked once into one aligned blob per weight unit.
 
 Fetching an expert is then one sequential read of one file (O_DIRECT where the filesystem
-allows it, buffered otherwise). A manifest records each blob's tensors, size and CRC32, and a
-fingerprint of the source checkpoint, so an unchanged checkpoint is never repacked twice.
+allows it, buffered otherwise). Safe to share and to lose, in SQLite's spirit:
+
+- Each model gets its own subdirectory, named by a fingerprint of the source checkpoint (path,
+  file names, sizes, mtimes), so two models given one `--offload-dir` never read each other's blobs.
+- An fcntl lock per subdirectory: readers hold it shared for as long as they use the blobs; a
+  repack needs it exclusive, so nothing is ever repacked under a reader. A second process waits
+  while another repacks, then reads what it wrote.
+- Every blob read is verified: the manifest holds a checksum per chunk of each blob (4 MiB at
+  most, 64 KiB for the row-read embedding table), checked on the reader thread as each piece
+  lands. The checksum is xxh3-64 (cheaper than zlib's CRC32: benchmarks/offload_checksum.py
+  measures both), CRC32 where the xxhash package is missing.
+  A blob that changed under a run stops the run and is set aside, so the next run repacks it.
+- A repack writes each blob to a temporary file, fsyncs and renames it, and writes the manifest
+  (the completion marker) last the same way: a full disk, exhausted inodes or a crash leave
+  nothing the next run trusts, and missing or wrong-sized blobs are repacked on the next run.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
-import shutil
 import sys
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,23 +36,43 @@ import torch
 from tqdm import tqdm
 
 from klotski.checkpoint.reader import Checkpoint, check_finite, read_tensor
+from klotski.config import format_bytes
 from klotski.errors import KlotskiError, OffloadError
-from klotski.models.spec import WeightKey
+from klotski.models.spec import EMBED, WeightKey
 from klotski.paths import home
 
-FORMAT_VERSION = 1
+try:
+    from xxhash import xxh3_64_intdigest as _xxh3
+except ImportError:  # an install without the xxhash wheel: CRC32, slower but always there
+    _xxh3 = None
+
+HASH = "xxh3_64" if _xxh3 is not None else "crc32"
+_HASHES = {"crc32": zlib.crc32, "xxh3_64": _xxh3}
+
+FORMAT_VERSION = 2
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the logical block size
 TENSOR_ALIGN = 64
 
-
 # One pread per 16 MiB of a blob: a whole-blob pread queues hundreds of MB in the device queue,
-# and a small read issued behind it (an embedding row) waits for all of them; in 16 MiB pieces it
-# waits for at most a piece per stream.
+# and a small read issued behind it (an embedding row) waits for all of them; in 16 MiB
+# pieces it waits for at most a piece per stream.
 READ_CHUNK = 16 * 2**20
+# Checksum granularity: at most 64 chunks per blob below 256 MiB, 4 MiB chunks above (a
+# divisor of READ_CHUNK, so each piece read is checked while it is in cache); the embedding
+# table is read by rows, so its chunks are small enough (64 KiB at most) to check per row read.
+CHECK_CHUNK = 4 * 2**20
+ROW_CHECK_CHUNK = 64 * 1024
 ROW_READERS = 16  # concurrent row reads (embedding lookups off the device)
 ROW_READ_COST = 64 * 1024  # bytes of sequential reading one random row read is worth
+LOCK_WAIT_S = float(os.environ.get("KLOTSKI_OFFLOAD_WAIT_S", 1800))  # waiting for another process's repack
+STALE_WAIT_S = 5.0  # a dir that needs repacking while another process reads it: give up after this
 _ROW_POOL: ThreadPoolExecutor | None = None
 _ROW_POOL_LOCK = threading.Lock()
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+# The repack's file writes and creates, as seams: tests make them fail with ENOSPC (a full disk,
+# no inodes) at a chosen point without filling a real disk.
+_os_write = os.write
+_os_open = os.open
 
 
 def _row_pool() -> ThreadPoolExecutor:
@@ -66,19 +102,34 @@ class BlobTensor:
 
 @dataclass(frozen=True, slots=True)
 class Blob:
-    """One weight unit on disk: its file, padded size, payload size and checksum."""
+    """One weight unit on disk: its file, padded size, payload size and per-chunk checksums."""
 
     key: WeightKey
     file: str
     nbytes: int  # payload bytes
     padded: int  # file size (multiple of ALIGN)
-    crc32: int
+    chunk: int  # checksum granularity (a power of two, >= ALIGN)
+    crcs: tuple[int, ...]  # HASH of payload bytes [i * chunk, min((i + 1) * chunk, nbytes))
     tensors: tuple[BlobTensor, ...]
 
 
 def round_up(n: int, align: int = ALIGN) -> int:
     """n rounded up to a multiple of align."""
     return (n + align - 1) // align * align
+
+
+def check_chunk(key: WeightKey, nbytes: int) -> int:
+    """The checksum chunk of a blob: a power of two from ALIGN up (see CHECK_CHUNK)."""
+    cap, pieces = (ROW_CHECK_CHUNK, 4096) if key.part == EMBED else (CHECK_CHUNK, 64)
+    chunk = ALIGN
+    while chunk < cap and chunk * pieces < nbytes:
+        chunk *= 2
+    return chunk
+
+
+def chunk_crcs(data, nbytes: int, chunk: int) -> tuple[int, ...]:
+    view, digest = memoryview(data), _HASHES[HASH]
+    return tuple(digest(view[i: min(i + chunk, nbytes)]) for i in range(0, max(nbytes, 1), chunk))
 
 
 def blob_layout(units: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], int]:
@@ -106,65 +157,224 @@ def source_fingerprint(checkpoint: Checkpoint) -> list:
     return out
 
 
+def model_dir_name(checkpoint: Checkpoint, fingerprint: list) -> str:
+    """<checkpoint name>-<hash of its resolved path and fingerprint>: one subdirectory per model."""
+    ident = json.dumps([FORMAT_VERSION, str(checkpoint.path.resolve()), fingerprint])
+    return f"{checkpoint.path.name}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
 def default_offload_dir(checkpoint: Checkpoint) -> Path:
     """$KLOTSKI_HOME/offload/<name>-<hash of the checkpoint's path>."""
     digest = zlib.crc32(str(checkpoint.path.resolve()).encode())
     return home() / "offload" / f"{checkpoint.path.name}-{digest:08x}"
 
 
-class OffloadDir:
-    """A repacked checkpoint: manifest + blobs; reads blobs into caller-provided aligned buffers."""
+class DirLock:
+    """An fcntl (flock) lock on `<model dir>.lock` beside the model's subdirectory.
 
-    def __init__(self, path: Path, blobs: dict[WeightKey, Blob], verify: str = "first"):
+    Shared while a process reads the blobs, exclusive while one repacks them. Where the lock file
+    cannot be created (a read-only offload dir), there is no writer to exclude and it is a no-op."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+        self.held: str | None = None
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            try:
+                self.fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                self.fd = None
+
+    def _try(self, mode: int, name: str) -> bool:
+        if self.fd is None:
+            self.held = name
+            return True
+        try:
+            fcntl.flock(self.fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self.held = name
+        return True
+
+    def try_shared(self) -> bool:
+        return self._try(fcntl.LOCK_SH, "shared")
+
+    def try_exclusive(self) -> bool:
+        return self._try(fcntl.LOCK_EX, "exclusive")
+
+    def downgrade(self) -> None:
+        """Exclusive -> shared once a repack is done (readers of the new blobs may join)."""
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_SH)
+        self.held = "shared"
+
+    def release(self) -> None:
+        if self.fd is not None and self.held:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self.held = None
+
+    def close(self) -> None:
+        self.release()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class OffloadDir:
+    """A repacked checkpoint: manifest + blobs; reads blobs into caller-provided aligned buffers,
+    verifying every byte read against the manifest's checksums."""
+
+    # Called after every verified blob read with its key (tests pause or damage the dir between reads).
+    after_read = None
+
+    def __init__(self, path: Path, blobs: dict[WeightKey, Blob], verify: str = "always",
+                 lock: DirLock | None = None):
         self.path = path
         self.blobs = blobs
-        self.verify = verify  # "first": check each blob's CRC on its first read; "always"; "never"
-        self._verified: set[WeightKey] = set()
+        self.verify = verify  # "always": every read is checked; "never" (benchmarks only)
+        self.lock = lock
+        self._verified: set[WeightKey] = set()  # blobs read by rows whose whole checksum was streamed once
         self._lock = threading.Lock()
         self._direct = hasattr(os, "O_DIRECT")
 
-    # -- creating -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the directory's lock (the blobs may be repacked by others from now on)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # -- opening and repacking --------------------------------------------------------------
     @classmethod
     def prepare(cls, checkpoint: Checkpoint, path: str | os.PathLike, keys: list[WeightKey] | None = None,
-                progress: bool = False) -> OffloadDir:
-        """Open the offload dir for this checkpoint, repacking it first when missing or stale."""
-        path = Path(path)
+                progress: bool = False, wait_s: float | None = None) -> OffloadDir:
+        """Open this checkpoint's blobs under `path`, repacking what is missing or stale first.
+
+        Returns holding the model's lock shared; see the module docstring for the protocol."""
+        root = Path(path)
         keys = keys if keys is not None else checkpoint.spec.weight_keys()
         fingerprint = source_fingerprint(checkpoint)
-        existing = cls._load_manifest(path, fingerprint)
-        if existing is not None and all(k in existing.blobs for k in keys):
-            return existing
-        cls._check_room(checkpoint, path, keys)
-        blobs = {}
-        total = sum(checkpoint.unit_nbytes(k) for k in keys)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"repacking into {path}", file=sys.stderr,
-                  disable=not progress) as bar:
-            for key in keys:
-                blobs[key] = cls._write_blob(checkpoint, path, key)
-                bar.update(blobs[key].nbytes)
-        manifest = {"version": FORMAT_VERSION, "source": str(checkpoint.path), "fingerprint": fingerprint,
-                    "blobs": [cls._blob_json(b) for b in blobs.values()]}
-        tmp = path / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest))
-        os.replace(tmp, path / "manifest.json")
-        return cls(path, blobs)
+        sub = root / model_dir_name(checkpoint, fingerprint)
+        cls._make_root(root)
+        lock = DirLock(root / f"{sub.name}.lock")
+        wait_s = LOCK_WAIT_S if wait_s is None else wait_s
+        start, stale_since, told = time.monotonic(), None, False
+        try:
+            while True:
+                if lock.try_shared():
+                    existing = cls._load_manifest(sub, fingerprint)
+                    missing = cls._missing(sub, existing, keys)
+                    if not missing:
+                        existing.lock = lock  # held shared for as long as this OffloadDir is used
+                        return existing
+                    lock.release()
+                    if lock.try_exclusive():
+                        return cls._repack(checkpoint, sub, keys, fingerprint, lock, progress)
+                    # Others read this model's dir though it needs repacking (a blob vanished under them).
+                    stale_since = stale_since or time.monotonic()
+                    if time.monotonic() - stale_since > STALE_WAIT_S:
+                        raise OffloadError(
+                            f"offload dir {sub} needs repacking ({missing[0]} is missing or damaged) but another "
+                            "klotski process is reading it; let that process finish, or give another --offload-dir")
+                else:
+                    stale_since = None  # another process holds it exclusive: it is repacking
+                    if time.monotonic() - start > wait_s:
+                        raise OffloadError(f"offload dir {sub} has been locked by another klotski process for "
+                                           f"{wait_s:.0f} s; wait for it to finish, or give another --offload-dir")
+                    if not told:
+                        print(f"klotski: waiting for another klotski process repacking {sub}", file=sys.stderr)
+                        told = True
+                time.sleep(0.05)
+        except BaseException:
+            lock.close()
+            raise
+
+    @staticmethod
+    def _make_root(root: Path) -> None:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OffloadError(f"offload dir {root} is not writable: it cannot be created ({exc.strerror}); "
+                               "choose another --offload-dir") from None
+
+    @staticmethod
+    def _missing(sub: Path, existing: OffloadDir | None, keys: list[WeightKey]) -> list[WeightKey]:
+        """Keys whose blob is not in the manifest or whose file vanished or changed size."""
+        if existing is None:
+            return list(keys)
+        missing = []
+        for key in keys:
+            blob = existing.blobs.get(key)
+            try:
+                ok = blob is not None and os.stat(sub / blob.file).st_size == blob.padded
+            except OSError:
+                ok = False
+            if not ok:
+                missing.append(key)
+        return missing
+
+    @classmethod
+    def _repack(cls, checkpoint: Checkpoint, sub: Path, keys: list[WeightKey], fingerprint: list,
+                lock: DirLock, progress: bool) -> OffloadDir:
+        """With the lock exclusive: write the missing blobs, then the manifest; downgrade to shared."""
+        existing = cls._load_manifest(sub, fingerprint)  # re-read: another process may have just repacked
+        missing = cls._missing(sub, existing, keys)
+        blobs = dict(existing.blobs) if existing is not None else {}
+        if missing:
+            cls._check_room(checkpoint, sub, missing)
+            cls._clean(sub)
+            total, done = sum(checkpoint.unit_nbytes(k) for k in missing), 0
+            try:
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"repacking into {sub}", file=sys.stderr,
+                          disable=not progress) as bar:
+                    for key in missing:
+                        blobs[key] = cls._write_blob(checkpoint, sub, key)
+                        done += blobs[key].nbytes
+                        bar.update(blobs[key].nbytes)
+                manifest = {"version": FORMAT_VERSION, "hash": HASH, "source": str(checkpoint.path),
+                            "fingerprint": fingerprint,
+                            "blobs": [cls._blob_json(b) for b in blobs.values()]}
+                _write_durably(sub / "manifest.json", json.dumps(manifest).encode())
+            except OSError as exc:
+                cls._clean(sub)
+                raise _write_error(exc, sub, done, total) from None
+        lock.downgrade()
+        return cls(sub, blobs, lock=lock)
+
+    @staticmethod
+    def _clean(sub: Path) -> None:
+        """Remove leftovers of interrupted repacks and blobs set aside as corrupt (lock exclusive)."""
+        for pattern in ("*.tmp", "*.corrupt"):
+            for p in sub.glob(pattern):
+                p.unlink(missing_ok=True)
 
     @staticmethod
     def _check_room(checkpoint: Checkpoint, path: Path, keys: list[WeightKey]) -> None:
         try:
             path.mkdir(parents=True, exist_ok=True)
-            probe = path / ".write-test"
+            probe = path / ".write-test.tmp"
             probe.write_bytes(b"x")
             probe.unlink()
         except OSError as exc:
-            raise KlotskiError(
+            raise OffloadError(
                 f"offload dir {path} is not writable ({exc.strerror}); choose another --offload-dir"
             ) from None
         need = sum(round_up(checkpoint.unit_nbytes(k) + TENSOR_ALIGN * 16, ALIGN) for k in keys)
-        free = shutil.disk_usage(path).free
+        stat = os.statvfs(path)
+        free = stat.f_bavail * stat.f_frsize
         if free < need:
-            raise KlotskiError(f"offload dir {path} has {free / 1e9:.2f} GB free but repacking needs "
-                               f"{need / 1e9:.2f} GB; free space or choose another --offload-dir")
+            raise OffloadError(f"offload dir {path} has {format_bytes(free)} free but repacking needs "
+                               f"{format_bytes(need)}; free space or choose another --offload-dir")
+        if stat.f_files and stat.f_favail < len(keys) + 2:  # f_files 0: the filesystem has no inode limit
+            raise OffloadError(f"offload dir {path} has {stat.f_favail} free inodes but repacking writes "
+                               f"{len(keys) + 1} files; free some or choose another --offload-dir")
 
     @staticmethod
     def _write_blob(checkpoint: Checkpoint, path: Path, key: WeightKey) -> Blob:
@@ -178,33 +388,31 @@ class OffloadDir:
             buf[off: off + ref.nbytes] = data.contiguous().view(torch.uint8).numpy().tobytes()
             tensors.append(BlobTensor(name, off, ref.dtype, tuple(ref.shape)))
         fname = f"{key_name(key)}.bin"
-        tmp = path / (fname + ".tmp")
-        tmp.write_bytes(buf)
-        os.replace(tmp, path / fname)
-        return Blob(key, fname, payload, len(buf), zlib.crc32(memoryview(buf)[:payload]), tuple(tensors))
+        _write_durably(path / fname, buf, sync_dir=False)  # the manifest's write syncs the directory
+        chunk = check_chunk(key, payload)
+        return Blob(key, fname, payload, len(buf), chunk, chunk_crcs(buf, payload, chunk), tuple(tensors))
 
     @staticmethod
     def _blob_json(b: Blob) -> dict:
         return {"layer": b.key.layer, "part": b.key.part, "expert": b.key.expert, "file": b.file, "nbytes": b.nbytes,
-                "padded": b.padded, "crc32": b.crc32,
+                "padded": b.padded, "chunk": b.chunk, "crcs": list(b.crcs),
                 "tensors": [[t.name, t.offset, str(t.dtype).removeprefix("torch."), list(t.shape)] for t in b.tensors]}
 
     @classmethod
     def _load_manifest(cls, path: Path, fingerprint: list) -> OffloadDir | None:
-        manifest = path / "manifest.json"
-        if not manifest.is_file():
-            return None
+        """The manifest's blobs, or None when it is missing, torn, of another version or another source."""
         try:
-            data = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
-            return None  # a torn manifest: repack
-        if data.get("version") != FORMAT_VERSION or data.get("fingerprint") != fingerprint:
-            return None
-        blobs = {}
-        for b in data["blobs"]:
-            key = WeightKey(b["layer"], b["part"], b["expert"])
-            tensors = tuple(BlobTensor(n, o, getattr(torch, d), tuple(s)) for n, o, d, s in b["tensors"])
-            blobs[key] = Blob(key, b["file"], b["nbytes"], b["padded"], b["crc32"], tensors)
+            data = json.loads((path / "manifest.json").read_bytes())
+            if data.get("version") != FORMAT_VERSION or data.get("fingerprint") != fingerprint \
+                    or data.get("hash") != HASH:
+                return None
+            blobs = {}
+            for b in data["blobs"]:
+                key = WeightKey(b["layer"], b["part"], b["expert"])
+                tensors = tuple(BlobTensor(n, o, getattr(torch, d), tuple(s)) for n, o, d, s in b["tensors"])
+                blobs[key] = Blob(key, b["file"], b["nbytes"], b["padded"], b["chunk"], tuple(b["crcs"]), tensors)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # anything the next repack replaces
         return cls(path, blobs)
 
     # -- reading --------------------------------------------------------------------------
@@ -216,29 +424,59 @@ class OffloadDir:
     def read_raw(self, key: WeightKey, buf) -> None:
         """Read and check one blob's bytes into an aligned host buffer (mmap or pinned tensor)."""
         blob = self.blobs[key]
-        self.check_read(key, buf, self._read(self.path / blob.file, buf, blob.padded))
+        self.check_read(key, buf, self._read(blob, buf, blob.padded))
 
     def read_part(self, key: WeightKey, buf, start: int, end: int) -> int:
-        """Read bytes [start, end) of a blob (start aligned) into the same range of buf; bytes got.
-        Parts of one blob read on several threads at once; `check_read` once all have landed."""
-        return self._read(self.path / self.blobs[key].file, buf, end, start)
+        """Read bytes [start, end) of a blob (start on its checksum chunk grid) into the same range
+        of buf, checking the chunks inside; bytes got. Parts of one blob read on several threads at
+        once; `check_read` once all have landed."""
+        return self._read(self.blobs[key], buf, end, start)
 
     def check_read(self, key: WeightKey, buf, got: int) -> None:
-        """A blob's bytes are all in buf (`got` of them read) and match its checksum."""
+        """A blob's bytes are all in buf (`got` of them read; each part checked as it landed)."""
         blob = self.blobs[key]
-        file = self.path / blob.file
         if got < blob.nbytes:
-            raise OffloadError(f"offload blob {file} is truncated ({got} of {blob.nbytes} bytes); "
-                               f"delete {self.path} to repack it")
-        self._check(blob, buf, file)
+            raise OffloadError(f"offload blob {self.path / blob.file} is truncated ({got} of {blob.nbytes} bytes); "
+                               "it was set aside and the next run repacks it" + self._set_aside(blob))
+        if self.after_read is not None:
+            self.after_read(key)
+
+    def _check_chunks(self, blob: Blob, view, base: int, lo: int, hi: int) -> int:
+        """Check every chunk that starts at or after `lo` (on the chunk grid) and ends by `hi`, in
+        a view holding the blob's bytes from offset `base`; returns where checking must resume
+        (a chunk cut short by a short read waits for the rest, or for the length check)."""
+        c, digest = blob.chunk, _HASHES[HASH]
+        i = lo // c
+        while i < len(blob.crcs):
+            a, b = i * c, min((i + 1) * c, blob.nbytes)
+            if b > hi:
+                break
+            if self.verify != "never" and digest(view[a - base: b - base]) != blob.crcs[i]:
+                self._corrupt(blob, a)
+            i += 1
+        return i * c
+
+    def _corrupt(self, blob: Blob, at: int):
+        file = self.path / blob.file
+        raise OffloadError(f"offload blob {file} fails its checksum at byte {at} (it changed on disk or is corrupt); "
+                           "the run stopped" + self._set_aside(blob))
+
+    def _set_aside(self, blob: Blob) -> str:
+        """Move a damaged blob out of the way so the next run repacks it (the message's tail)."""
+        try:
+            os.replace(self.path / blob.file, self.path / (blob.file + ".corrupt"))
+        except OSError:
+            return f"; delete {self.path} to repack it"
+        return "; the blob was set aside and the next run repacks it"
 
     def read_rows(self, key: WeightKey, name: str, rows: list[int]) -> torch.Tensor:
         """Rows of one tensor of a blob ([len(rows), ...]): the embedding lookup of a step reads a
         few KB per token, not the whole table.
 
-        One small pread per row, ROW_READERS at a time (a lone small read waits out the disk's
-        latency, so one by one they would add up every step). When the rows would cost more than
-        reading the tensor, it is scanned once in 2 MiB chunks instead (a long prefill).
+        Each row is read with the checksum chunks it lies in (64 KiB at most, about what one random
+        read costs anyway), and checked; the whole blob's checksum is also streamed once per
+        process, so damage to rows no prompt looks up is found too. One pread per chunk run,
+        ROW_READERS at a time (a lone small read waits out the disk's latency).
         """
         blob = self.blobs[key]
         tensor = next((t for t in blob.tensors if t.name == name), None)
@@ -253,67 +491,88 @@ class OffloadDir:
             )
         row = tensor.nbytes // count
         out = torch.empty((len(rows), *tensor.shape[1:]), dtype=tensor.dtype)
-        view = out.view(-1).view(torch.uint8).numpy().data
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
         file = self.path / blob.file
         try:
             fd = os.open(file, os.O_RDONLY)
         except FileNotFoundError:
-            raise OffloadError(f"offload blob {file} has vanished; the offload dir was removed during the run. "
-                               f"Re-run to repack it") from None
-
-        def read(i: int, r: int) -> None:
-            if os.preadv(fd, [view[i * row:(i + 1) * row]], tensor.offset + r * row) != row:
-                raise OffloadError(f"offload blob {file} is truncated; delete {self.path} to repack it")
-
+            raise OffloadError(f"offload blob {file} has vanished (the offload dir was removed during the run); "
+                               "the next run repacks it") from None
         try:
             self._verify_whole(blob, fd, file)
-            if len(rows) * ROW_READ_COST >= tensor.nbytes:
-                self._scan_rows(fd, tensor, row, rows, view, file)
-            elif len(rows) == 1:
-                read(0, rows[0])
-            else:
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead around each row
-                for f in [_row_pool().submit(read, i, r) for i, r in enumerate(rows)]:
-                    f.result()
+            if hasattr(os, "posix_fadvise") and len(rows) * ROW_READ_COST < tensor.nbytes:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead around each row
+            self._copy_rows(fd, blob, tensor, row, rows, view)
         except OSError as exc:
             raise OffloadError(f"reading offload blob {file} failed: {exc.strerror}") from None
         finally:
             os.close(fd)
+        if self.after_read is not None:
+            self.after_read(key)
         return out
 
-    def _scan_rows(self, fd: int, tensor: BlobTensor, row: int, rows: list[int], view, file: Path,
-                   chunk: int = 2 * 2**20) -> None:
-        """Copy `rows` (sorted) out of one sequential pass over the tensor."""
-        per = max(chunk // row, 1)
-        want = {r: i for i, r in enumerate(rows)}
-        for first in range(0, tensor.shape[0], per):
-            inside = [r for r in range(first, min(first + per, tensor.shape[0])) if r in want]
-            if not inside:
-                continue
-            data = os.pread(fd, (inside[-1] - first + 1) * row, tensor.offset + first * row)
-            for r in inside:
-                i, at = want[r], (r - first) * row
-                if len(data) < at + row:
-                    raise OffloadError(f"offload blob {file} is truncated; delete {self.path} to repack it")
-                view[i * row:(i + 1) * row] = data[at:at + row]
+    def _copy_rows(self, fd: int, blob: Blob, tensor: BlobTensor, row: int, rows: list[int], view) -> None:
+        """Read the checksum chunks holding `rows` (runs of adjacent chunks, 2 MiB at most per read),
+        check them, and copy the rows out; a window of runs at a time, so memory stays bounded."""
+        c = blob.chunk
+        spans = [((tensor.offset + r * row) // c, (tensor.offset + (r + 1) * row - 1) // c) for r in rows]
+        needed = sorted({i for a, b in spans for i in range(a, b + 1)})
+        runs: list[list[int]] = []
+        for i in needed:
+            if runs and runs[-1][-1] == i - 1 and len(runs[-1]) * c < 2 * 2**20:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        order = sorted(range(len(rows)), key=lambda j: spans[j][0])
+        chunks: dict[int, bytes] = {}
+        next_row = 0
 
-    def _verify_whole(self, blob: Blob, fd: int, file: Path, chunk: int = 2 * 2**20) -> None:
+        def load(run: list[int]) -> None:
+            lo, hi = run[0] * c, min((run[-1] + 1) * c, blob.nbytes)
+            data = os.pread(fd, hi - lo, lo)
+            if len(data) < hi - lo:
+                raise OffloadError(f"offload blob {self.path / blob.file} is truncated; the next run repacks it"
+                                   + self._set_aside(blob))
+            self._check_chunks(blob, memoryview(data), lo, lo, hi)
+            for i in run:
+                chunks[i] = data[i * c - lo: min((i + 1) * c, blob.nbytes) - lo]
+
+        window = 16
+        for w in range(0, len(runs), window):
+            group = runs[w: w + window]
+            if len(group) == 1:
+                load(group[0])
+            else:
+                for f in [_row_pool().submit(load, run) for run in group]:
+                    f.result()
+            loaded_to = group[-1][-1]
+            while next_row < len(order) and spans[order[next_row]][1] <= loaded_to:
+                j = order[next_row]
+                a, b = spans[j]
+                span = b"".join(chunks[i] for i in range(a, b + 1))
+                at = tensor.offset + rows[j] * row - a * c
+                view[j * row:(j + 1) * row] = span[at: at + row]
+                next_row += 1
+            low = spans[order[next_row]][0] if next_row < len(order) else loaded_to + 1
+            for i in [i for i in chunks if i < low]:
+                del chunks[i]
+
+    def _verify_whole(self, blob: Blob, fd: int, file: Path, piece: int = 2 * 2**20) -> None:
         """The checksum of a blob read only in parts: streamed 2 MiB at a time (never the whole blob
-        in memory), once under verify="first"."""
+        in memory), once per process."""
         with self._lock:
-            if self.verify == "never" or (self.verify == "first" and blob.key in self._verified):
+            if self.verify == "never" or blob.key in self._verified:
                 return
-        crc, done = 0, 0
-        while done < blob.nbytes and (data := os.pread(fd, min(chunk, blob.nbytes - done), done)):
-            crc, done = zlib.crc32(data, crc), done + len(data)
+        piece = max(piece // blob.chunk, 1) * blob.chunk
+        done = 0
+        while done < blob.nbytes and (data := os.pread(fd, min(piece, blob.nbytes - done), done)):
+            self._check_chunks(blob, memoryview(data), done, done, done + len(data))
+            done += len(data)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # leave the page cache as it was
         if done < blob.nbytes:
-            raise OffloadError(f"offload blob {file} is truncated ({done} of {blob.nbytes} bytes); "
-                               f"delete {self.path} to repack it")
-        if crc != blob.crc32:
-            raise OffloadError(f"offload blob {file} fails its checksum (corrupt); delete {self.path} to repack it")
+            raise OffloadError(f"offload blob {file} is truncated ({done} of {blob.nbytes} bytes)"
+                               + self._set_aside(blob))
         with self._lock:
             self._verified.add(blob.key)
 
@@ -322,40 +581,69 @@ class OffloadDir:
         raw = buf if isinstance(buf, torch.Tensor) else torch.frombuffer(buf, dtype=torch.uint8, count=blob.padded)
         return {t.name: raw[t.offset: t.offset + t.nbytes].view(t.dtype).view(t.shape) for t in blob.tensors}
 
-    def _check(self, blob: Blob, buf, file: Path) -> None:
-        with self._lock:
-            if self.verify == "never" or (self.verify == "first" and blob.key in self._verified):
-                return
-        data = buf.numpy().data if isinstance(buf, torch.Tensor) else memoryview(buf)
-        if zlib.crc32(data[: blob.nbytes]) != blob.crc32:
-            raise OffloadError(f"offload blob {file} fails its checksum (corrupt); delete {self.path} to repack it")
-        with self._lock:
-            self._verified.add(blob.key)
-
-    def _read(self, file: Path, buf, length: int, start: int = 0) -> int:
-        """pread bytes [start, length) of a blob: O_DIRECT when possible (no page-cache copy), else
-        buffered; returns the bytes read."""
-        view = (buf.numpy().data if isinstance(buf, torch.Tensor) else memoryview(buf))[:length]
+    def _read(self, blob: Blob, buf, length: int, start: int = 0) -> int:
+        """pread bytes [start, length) of a blob, checking each piece's chunks as it lands: O_DIRECT
+        when possible (no page-cache copy), else buffered; returns the bytes read."""
+        file = self.path / blob.file
+        view = memoryview(buf.numpy() if isinstance(buf, torch.Tensor) else buf)[:length]
         try:
             fd = os.open(file, os.O_RDONLY | (os.O_DIRECT if self._direct else 0))
         except FileNotFoundError:
-            raise OffloadError(f"offload blob {file} has vanished; the offload dir was removed during the run. "
-                               f"Re-run to repack it") from None
+            raise OffloadError(f"offload blob {file} has vanished (the offload dir was removed during the run); "
+                               "the run stopped and the next run repacks it") from None
         except OSError:
             self._direct = False  # the filesystem refuses O_DIRECT (tmpfs, some overlays)
-            return self._read(file, buf, length, start)
+            return self._read(blob, buf, length, start)
         try:
-            done = start
+            done = checked = start
             while done < length:
                 n = os.preadv(fd, [view[done:min(done + READ_CHUNK, length)]], done)
                 if n == 0:
                     break
                 done += n
+                checked = self._check_chunks(blob, view, 0, checked, done)  # while the piece is in cache
             return done - start
         except OSError as exc:
-            if self._direct and exc.errno == 22:  # EINVAL: O_DIRECT not supported for this file
+            if self._direct and exc.errno == errno.EINVAL:  # O_DIRECT not supported for this file
                 self._direct = False
-                return self._read(file, buf, length, start)
+                return self._read(blob, buf, length, start)
             raise OffloadError(f"reading offload blob {file} failed: {exc.strerror}") from None
         finally:
             os.close(fd)
+
+
+def _write_durably(path: Path, data, sync_dir: bool = True) -> None:
+    """Write to a temporary file, fsync, rename over `path` (and fsync the directory): a reader sees
+    the old file or the whole new one, never a part, and a crash leaves only a *.tmp to clean."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = _os_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view, done = memoryview(data), 0
+            while done < len(view):
+                done += _os_write(fd, view[done:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync_dir:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _write_error(exc: OSError, sub: Path, done: int, total: int) -> OffloadError:
+    """A repack's OSError as one line: what ran out, how far it got, and what to do."""
+    if exc.errno in _FULL:
+        what = "disk space or inodes" if exc.errno == errno.ENOSPC else "disk quota"
+        return OffloadError(f"offload dir {sub} ran out of {what} while repacking ({format_bytes(done)} of "
+                            f"{format_bytes(total)} written; nothing half-written is kept); free space or "
+                            "choose another --offload-dir")
+    return OffloadError(f"repacking into {sub} failed ({exc.strerror}) after {format_bytes(done)} of "
+                        f"{format_bytes(total)}; nothing half-written is kept; check the disk or choose another "
+                        "--offload-dir")

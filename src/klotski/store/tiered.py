@@ -26,7 +26,7 @@ from klotski.config import format_bytes
 from klotski.errors import KlotskiError
 from klotski.models.spec import WeightKey
 from klotski.store.base import Handle, Weights
-from klotski.store.offload import ALIGN, OffloadDir
+from klotski.store.offload import OffloadDir
 from klotski.store.placement import placement_order
 from klotski.store.pool import TierPool
 from klotski.store.tiers import DEVICE, DISK, HOST
@@ -246,7 +246,9 @@ class TieredStore:
             return
         # A large blob is read in one part per reader thread: with two buffers in flight one is
         # being computed on while the other arrives, and one stream alone leaves the disk idle.
-        cuts = sorted({blob.padded * i // self.readers // ALIGN * ALIGN for i in range(self.readers)} | {blob.padded})
+        # Cuts on the blob's checksum grid: each part checks its own chunks on its own thread.
+        cuts = sorted({blob.padded * i // self.readers // blob.chunk * blob.chunk for i in range(self.readers)}
+                      | {blob.padded})
         entry.parts = Parts(len(cuts) - 1)
         for lo, hi in zip(cuts, cuts[1:]):
             self.lanes[entry.lane].submit(partial(self._read_part, entry, lo, hi))
@@ -489,3 +491,5 @@ class TieredStore:
         if self._readers is not None:
             self._readers.close()
         self._resident.clear()
+        if self.offload is not None:
+            self.offload.close()  # release the offload dir's lock
