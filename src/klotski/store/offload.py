@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +42,14 @@ from klotski.errors import KlotskiError, OffloadError
 from klotski.models.spec import EMBED, WeightKey
 from klotski.paths import home
 
+_xxh3: Callable[..., int] | None
 try:
     from xxhash import xxh3_64_intdigest as _xxh3
 except ImportError:  # an install without the xxhash wheel: CRC32, slower but always there
     _xxh3 = None
 
 HASH = "xxh3_64" if _xxh3 is not None else "crc32"
-_HASHES = {"crc32": zlib.crc32, "xxh3_64": _xxh3}
+_HASHES: dict[str, Callable[..., int]] = {"crc32": zlib.crc32} | ({"xxh3_64": _xxh3} if _xxh3 is not None else {})
 
 FORMAT_VERSION = 2
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the logical block size
@@ -272,6 +274,7 @@ class OffloadDir:
                     existing = cls._load_manifest(sub, fingerprint)
                     missing = cls._missing(sub, existing, keys)
                     if not missing:
+                        assert existing is not None  # nothing is missing from a manifest that was read
                         existing.lock = lock  # held shared for as long as this OffloadDir is used
                         return existing
                     lock.release()
@@ -491,7 +494,7 @@ class OffloadDir:
             )
         row = tensor.nbytes // count
         out = torch.empty((len(rows), *tensor.shape[1:]), dtype=tensor.dtype)
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        view = out.view(-1).view(torch.uint8).numpy().data
         file = self.path / blob.file
         try:
             fd = os.open(file, os.O_RDONLY)
@@ -585,7 +588,7 @@ class OffloadDir:
         """pread bytes [start, length) of a blob, checking each piece's chunks as it lands: O_DIRECT
         when possible (no page-cache copy), else buffered; returns the bytes read."""
         file = self.path / blob.file
-        view = memoryview(buf.numpy() if isinstance(buf, torch.Tensor) else buf)[:length]
+        view = (buf.numpy().data if isinstance(buf, torch.Tensor) else memoryview(buf))[:length]
         try:
             fd = os.open(file, os.O_RDONLY | (os.O_DIRECT if self._direct else 0))
         except FileNotFoundError:
