@@ -18,6 +18,7 @@ from klotski.sampling import is_utf8
 # Modules that define `register(subparsers)`; each adds one or more subcommands.
 COMMAND_MODULES = (
     "klotski.commands.generate",
+    "klotski.commands.run_batch",
     "klotski.commands.create_model",
     "klotski.commands.prefetch",
     "klotski.commands.plan",

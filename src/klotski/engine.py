@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,6 +20,7 @@ from klotski.outputs import RequestOutput
 from klotski.prefetch.replay import make_replay
 from klotski.prefetch.runtime import RoutingRecording, make_predictor
 from klotski.prefetch.table import CorrelationTable, find_model_table
+from klotski.progress import Progress
 from klotski.prompts import Prompt, PromptParser
 from klotski.runtime.compute_dtype import resolve_dtype
 from klotski.runtime.generate import GroupBatch, Sequence, run_group
@@ -139,18 +141,19 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             text, ids = self.prompts.parse(prompt, f"prompt {i}")
             requests.append((text, ids, p))
-        return self._run(requests)
+        return self._run(requests, use_tqdm)
 
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
+        use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generate replies to conversations, rendered with the checkpoint's chat template."""
         conversations = cast(list[list[dict]], [messages] if messages and isinstance(messages[0], dict) else messages)
         prompts: list[Prompt] = [self.chat_prompt(conv, add_generation_prompt) for conv in conversations]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> dict[str, Any]:
         """A conversation rendered with the chat template, as a prompt dict for generate()."""
@@ -215,9 +218,27 @@ class LLM:
         self._requests_seen += 1
         return seq
 
-    def _run(self, requests: list[tuple[str | None, list[int], SamplingParams]]) -> list[RequestOutput]:
-        policy = self.policy(len(requests), max((len(ids) for _, ids, _ in requests), default=1),
-                             max((p.max_tokens for _, _, p in requests), default=1))
+    def _run(self, requests: list[tuple[str | None, list[int], SamplingParams]],
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        progress = Progress(len(requests), enabled=use_tqdm) if use_tqdm else None
+        for group in self.run_groups(requests):
+            outputs += group
+            if progress is not None:
+                progress.advance(len(group), tokens=sum(len(c.token_ids) for o in group for c in o.outputs))
+        if progress is not None:
+            progress.close()
+        return outputs
+
+    def run_groups(self, requests: list[tuple[str | None, list[int], SamplingParams]],
+                   policy: Policy | None = None) -> Iterator[list[RequestOutput]]:
+        """Run (text, ids, params) requests group by group (bs x n sequences each, in the order given),
+        yielding each group's outputs as soon as the group finishes: what a durable job writes before
+        the next group starts. policy fixes bs / n / K; else it is chosen for this many requests.
+        last_stats covers the whole call once the iterator is exhausted."""
+        if policy is None:
+            policy = self.policy(len(requests), max((len(ids) for _, ids, _ in requests), default=1),
+                                 max((p.max_tokens for _, _, p in requests), default=1))
         seqs = [self._sequence(i, ids, p) for i, (_, ids, p) in enumerate(requests)]
         for s in seqs:  # routing traces number sequences across calls
             s.index += self._requests_seen
@@ -234,11 +255,11 @@ class LLM:
                        for i, j in enumerate(range(0, len(group), policy.batch_size))]
             group_steps, group_prefill = run_group(pipeline, self.sampler, batches, self.max_model_len)
             steps, prefill_s = steps + group_steps, prefill_s + group_prefill
+            yield [RequestOutput(request_id=str(s.index), prompt=text, prompt_token_ids=ids, outputs=[s.output()],
+                                 finished=True) for (text, ids, _), s in zip(requests[g: g + group_size], group)]
         wall = time.perf_counter() - start
         self.last_timeline = timeline
         self.last_stats = self._stats(seqs, wall, timeline, policy, prefill_s) | {"forward_steps": steps}
-        return [RequestOutput(request_id=str(s.index), prompt=text, prompt_token_ids=ids, outputs=[s.output()],
-                              finished=True) for (text, ids, _), s in zip(requests, seqs)]
 
     def _stats(self, seqs: list[Sequence], wall: float, timeline: Timeline, policy: Policy, prefill: float) -> dict:
         generated = sum(len(s.stopper.token_ids) for s in seqs)

@@ -64,23 +64,40 @@ def engine_kwargs(args) -> dict:
 
 
 def read_jsonl(path: str) -> tuple[list[tuple[int, dict]], list[str]]:
-    """(line number, record) for each good line, and an error message for each bad one."""
+    """(line number, record) for each good line, and an error message for each bad one.
+
+    Lines are read and decoded one at a time, so a stray byte or a bad line costs that line only."""
     file = Path(path)
     if not file.is_file():
         raise KlotskiError(f"--input {path} does not exist or is not a file")
     records, errors = [], []
-    for n, line in enumerate(file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            errors.append(f"{path}:{n}: not valid JSON ({exc.msg}); this line was skipped")
-            continue
-        if not isinstance(record, dict) or not ({"prompt", "messages", "prompt_token_ids"} & set(record)):
-            errors.append(f'{path}:{n}: expected an object with "prompt", "messages" or "prompt_token_ids"; skipped')
-            continue
-        records.append((n, record))
+    with open(file, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+                record = json.loads(line)
+                # json reads "\ud800" escapes into strings that are not text (they cannot be tokenized).
+                json.dumps(record, ensure_ascii=False).encode("utf-8")
+            except UnicodeDecodeError as exc:
+                errors.append(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); this line was skipped")
+                continue
+            except UnicodeEncodeError:
+                errors.append(f"{path}:{n}: a string holds an unpaired surrogate escape; this line was skipped")
+                continue
+            except json.JSONDecodeError as exc:
+                errors.append(f"{path}:{n}: not valid JSON ({exc.msg}); this line was skipped")
+                continue
+            except RecursionError:
+                errors.append(f"{path}:{n}: nested too deeply to read; this line was skipped")
+                continue
+            if not isinstance(record, dict) or not ({"prompt", "messages", "prompt_token_ids"} & set(record)):
+                errors.append(
+                    f'{path}:{n}: expected an object with "prompt", "messages" or "prompt_token_ids"; skipped'
+                )
+                continue
+            records.append((n, record))
     return records, errors
 
 
@@ -116,7 +133,7 @@ def run(args) -> int:
               "text is not the model's", file=sys.stderr)
     recording = llm.record_routing() if args.record_routing else None
     prompts, ids = _prompts(llm, items, errors)
-    outputs = llm.generate(prompts, params) if prompts else []
+    outputs = _generate_durably(llm, prompts, ids, params, args.output)
     if recording is not None:
         recording.recorder.to_trace().save(args.record_routing)
     _write_outputs(args, ids, outputs, llm.last_stats)
@@ -183,12 +200,32 @@ def output_row(rid: str, out) -> dict:
     return row
 
 
+def _generate_durably(llm, prompts: list[dict], ids: list[str], params, output: str | None) -> list:
+    """Generate group by group; with --output each group's rows are written, flushed and fsynced as it
+    finishes (in input order), so a crash keeps every finished group. OUT is replaced only once the
+    first group is done: a run that fails before that leaves an earlier OUT as it was. Resuming is
+    run-batch's job."""
+    if not prompts:
+        if output:
+            open(output, "w").close()
+        return []
+    requests = [(p["prompt"], p["prompt_token_ids"], params) for p in prompts]
+    outputs: list = []
+    with contextlib.ExitStack() as stack:
+        f = None
+        for group in llm.run_groups(requests):
+            if output:
+                if f is None:
+                    f = stack.enter_context(open(output, "w"))
+                f.write("".join(json.dumps(output_row(rid, o)) + "\n" for rid, o in zip(ids[len(outputs):], group)))
+                f.flush()
+                os.fsync(f.fileno())
+            outputs += group
+    return outputs
+
+
 def _write_outputs(args, ids, outputs, stats) -> None:
     rows = [output_row(rid, o) for rid, o in zip(ids, outputs)]
-    if args.output:
-        with open(args.output, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
     if args.json:
         print(json.dumps({"outputs": rows, "stats": stats}, indent=2, default=str))
         return

@@ -17,6 +17,8 @@ otherwise, with a message that says so, rather than silently ignored.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,8 +59,8 @@ def as_protocol_error(exc: KlotskiError, code: str = "invalid_value", param: str
         return exc
     message = str(exc).removeprefix("SamplingParams: ")
     # SamplingParams says "temperature=-1 is negative: ..."; the field name is the param.
-    if param is None:
-        param = getattr(exc, "param", None)
+    if param is None:  # ParameterError names its field
+        param = getattr(exc, "field", None) or getattr(exc, "param", None)
     if param is None and "=" in message.split(" ", 1)[0]:
         param = message.split("=", 1)[0]
     return ProtocolError(message, code=code, param=param)
@@ -320,9 +322,17 @@ class RequestSettings:
         base = self.params.seed if self.params.seed is not None else default_seed
         if base is None or self.params.greedy:
             return [self.params] * self.n
-        from dataclasses import replace
+        return [_with_seed(self.params, base if j == 0 else sample_seed(base, j)) for j in range(self.n)]
 
-        return [replace(self.params, seed=base if j == 0 else sample_seed(base, j)) for j in range(self.n)]
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    """params with another seed. A copy, not dataclasses.replace: the fields were validated already and
+    a 63-bit seed is valid, and validating again per sample costs more than a small model's step."""
+    if params.seed == seed:
+        return params
+    out = copy.copy(params)
+    out.seed = seed
+    return out
 
 
 def sample_seed(seed: int, sample: int) -> int:
@@ -332,11 +342,12 @@ def sample_seed(seed: int, sample: int) -> int:
 
 
 def sampling_settings(request: Request, prompt_lens: list[int], max_model_len: int, *,
-                      allow_stream: bool = False) -> RequestSettings:
+                      allow_stream: bool = False, vocab_size: int | None = None) -> RequestSettings:
     """THE mapping from a body to SamplingParams + n / echo / logprobs; raises ProtocolError.
 
     prompt_lens are the token counts of request_prompts(request) (the context check needs them).
     allow_stream: the caller can stream (the server); a batch job cannot, and refuses stream=true.
+    vocab_size: check stop_token_ids and logprobs against the model's vocabulary too.
     """
     chat = isinstance(request, ChatCompletionRequest)
     if request.stream and not allow_stream:
@@ -378,22 +389,38 @@ def sampling_settings(request: Request, prompt_lens: list[int], max_model_len: i
                             "or shorten the prompt", code="context_length_exceeded", param=tokens_param)
     params = None
     if max_tokens > 0:
+        stop = request.stop if request.stop is None or isinstance(request.stop, str) else tuple(request.stop)
         try:
-            params = SamplingParams(
-                temperature=1.0 if request.temperature is None else request.temperature,
-                top_p=1.0 if request.top_p is None else request.top_p,
-                top_k=0 if request.top_k is None else request.top_k,
-                min_p=0.0 if request.min_p is None else request.min_p,
-                seed=request.seed, max_tokens=max_tokens, min_tokens=request.min_tokens, stop=request.stop,
-                stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos, logprobs=logprobs,
-                skip_special_tokens=request.skip_special_tokens,
-                include_stop_str_in_output=request.include_stop_str_in_output)
+            params = _sampling_params(
+                1.0 if request.temperature is None else request.temperature,
+                1.0 if request.top_p is None else request.top_p,
+                0 if request.top_k is None else request.top_k,
+                0.0 if request.min_p is None else request.min_p,
+                request.seed, max_tokens, request.min_tokens, stop,
+                None if request.stop_token_ids is None else tuple(request.stop_token_ids), request.ignore_eos,
+                logprobs, request.skip_special_tokens, request.include_stop_str_in_output, vocab_size)
         except KlotskiError as exc:
             raise as_protocol_error(exc) from None
     elif request.min_tokens:
         raise ProtocolError(f"min_tokens={request.min_tokens} must lie in [0, max_tokens=0]", param="min_tokens")
     prompt_logprobs = logprobs if echo and logprobs is not None else None
     return RequestSettings(params, request.n, max_tokens, echo, logprobs, prompt_logprobs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sampling_params(temperature, top_p, top_k, min_p, seed, max_tokens, min_tokens, stop, stop_token_ids, ignore_eos,
+                     logprobs, skip_special_tokens, include_stop_str_in_output, vocab_size) -> SamplingParams:
+    """One validated SamplingParams per distinct setting: a batch file's requests mostly share theirs, and
+    validating costs more per request than the rest of the mapping. Shared instances are never mutated."""
+    params = SamplingParams(
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens,
+        min_tokens=min_tokens, stop=list(stop) if isinstance(stop, tuple) else stop,
+        stop_token_ids=None if stop_token_ids is None else list(stop_token_ids), ignore_eos=ignore_eos,
+        logprobs=logprobs, skip_special_tokens=skip_special_tokens,
+        include_stop_str_in_output=include_stop_str_in_output)
+    if vocab_size is not None:
+        params.validate(vocab_size)
+    return params
 
 
 def score_only_outputs(settings: RequestSettings) -> list[CompletionOutput]:
