@@ -19,9 +19,9 @@ def _subparser(name: str):
     return sub.choices[name]
 
 
-def test_every_flagged_field_is_a_generate_flag_with_the_fields_default():
+def test_generate_has_a_flag_per_field_of_its_groups_with_the_fields_default():
     actions = {a.dest: a for a in _subparser("generate")._actions}
-    flagged = [f for f in fields(EngineConfig) if "flag" in f.metadata]
+    flagged = [f for f, _ in EngineConfig.flags("budget", "engine", "policy", "dtype", "replay")]
     assert {f.name for f in flagged} >= {"device_memory", "host_memory", "offload_dir", "schedule", "batch_size",
                                          "num_batches", "num_hot", "prefetch_table", "dtype", "routing_replay"}
     for f in flagged:
@@ -39,6 +39,11 @@ def test_engine_flags_become_llm_options_of_the_same_names():
     config = EngineConfig.create(model="m", **kwargs)
     assert config.device_memory == 2 * 2**30 and config.schedule == "hot" and config.budgeted
     assert set(kwargs) <= {f.name for f in fields(EngineConfig)}
+
+
+def test_every_flagged_field_is_some_commands_flag():
+    dests = {a.dest for name in ("generate", "serve", "plan") for a in _subparser(name)._actions}
+    assert {f.name for f in fields(EngineConfig) if "flag" in f.metadata} <= dests
 
 
 def test_plan_shares_the_policy_and_budget_flags():
