@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/klotski generate --prompt "The capital of France is" --prompt "Mixture-of-Experts models" --max-tokens 16
+	$(BIN)/klotski generate --prompt "My lord, the king" --prompt "To be, or not to be," --max-tokens 48 --temperature 0.8
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

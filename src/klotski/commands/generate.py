@@ -13,7 +13,7 @@ from klotski.errors import KlotskiError, ParameterError
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate completions for many prompts")
-    p.add_argument("--model", help="checkpoint directory (default: the built-in random-weight model)")
+    p.add_argument("--model", help="checkpoint directory (default: the built-in Shakespeare-trained Mixtral)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument(
         "--input", help='JSONL: {"prompt": ...} | {"messages": [...]} | {"prompt_token_ids": [...]}, optional "id"'
@@ -102,7 +102,7 @@ def read_jsonl(path: str) -> tuple[list[tuple[int, dict]], list[str]]:
 
 
 def run(args) -> int:
-    from klotski.default_model import NOTICE
+    from klotski.default_model import notice
     from klotski.engine import LLM
     from klotski.sampling import SamplingParams
 
@@ -119,7 +119,7 @@ def run(args) -> int:
     if not items and not errors:
         raise KlotskiError("no prompts: give --prompt TEXT (repeatable) or --input FILE.jsonl")
     if args.model is None:
-        print(NOTICE, file=sys.stderr)
+        print(notice(), file=sys.stderr)
     for flag in ("output", "trace", "timeline", "record_routing"):
         _check_writable(getattr(args, flag), "--" + flag.replace("_", "-"))
     if args.timeline:

@@ -10,7 +10,7 @@ from klotski.errors import KlotskiError
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI API (/v1/completions, /v1/chat/completions) over HTTP")
-    p.add_argument("--model", help="checkpoint directory (default: the built-in random-weight model)")
+    p.add_argument("--model", help="checkpoint directory (default: the built-in Shakespeare-trained Mixtral)")
     add_config_flags(p, "dtype", "context")
     add_engine_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
