@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -61,16 +62,25 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-async def _client(http: httpx.AsyncClient, queue: asyncio.Queue, work: Workload, rows: list[dict]) -> None:
+async def _client(http: httpx.AsyncClient, queue: asyncio.Queue, work: Workload, rows: list[dict],
+                  stream: bool) -> None:
     while True:
         try:
             i, ids = queue.get_nowait()
         except asyncio.QueueEmpty:
             return
-        body = {"model": "bench", "prompt": ids, "max_tokens": work.max_tokens, "temperature": 0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        body = {"model": "bench", "prompt": ids, "max_tokens": work.max_tokens, "temperature": 0, "ignore_eos": True}
         sent = time.perf_counter()
         first, tokens, text = None, 0, ""
+        if not stream:
+            r = await http.post("/v1/completions", json=body)
+            if r.status_code != 200:
+                raise RuntimeError(f"request {i}: HTTP {r.status_code}: {r.text}")
+            answer = r.json()
+            rows.append({"prompt": i, "sent": sent, "first": None, "done": time.perf_counter(),
+                         "tokens": answer["usage"]["completion_tokens"], "text": answer["choices"][0]["text"]})
+            continue
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
         async with http.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"request {i}: HTTP {r.status_code}: {await r.aread()}")
@@ -88,15 +98,21 @@ async def _client(http: httpx.AsyncClient, queue: asyncio.Queue, work: Workload,
                      "text": text})
 
 
-async def _load(url: str, work: Workload, vocab: int, clients: int) -> list[dict]:
+async def _load(url: str, work: Workload, vocab: int, clients: int, stream: bool) -> list[dict]:
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(work.num_prompts):
         queue.put_nowait((i, prompt_token_ids(i, work.prompt_len, vocab)))
     rows: list[dict] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(3600.0), limits=limits) as http:
-        await asyncio.gather(*(_client(http, queue, work, rows) for _ in range(clients)))
+        await asyncio.gather(*(_client(http, queue, work, rows, stream) for _ in range(clients)))
     return rows
+
+
+def _figures(metrics: str) -> dict[str, float]:
+    """/metrics samples by name (labels kept in the name)."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+            if line.startswith("klotski_")}
 
 
 def run_server(args, work: Workload, vocab: int, env: dict) -> dict:
@@ -122,9 +138,10 @@ def run_server(args, work: Workload, vocab: int, env: dict) -> dict:
         # One short request first: the first reads of each blob verify its checksum, as a batch job's would.
         httpx.post(url + "/v1/completions", json={"model": "bench", "prompt": [5, 6, 7], "max_tokens": 1},
                    timeout=args.timeout)
+        before = _figures(httpx.get(url + "/metrics", timeout=30).text)
         load = os.getloadavg()
-        rows = asyncio.run(_load(url, work, vocab, args.clients))
-        metrics = httpx.get(url + "/metrics", timeout=30).text
+        rows = asyncio.run(_load(url, work, vocab, args.clients, not args.no_stream))
+        after = _figures(httpx.get(url + "/metrics", timeout=30).text)
         peak = int((group / "memory.max_usage_in_bytes").read_text()) if group is not None else None
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -137,16 +154,16 @@ def run_server(args, work: Workload, vocab: int, env: dict) -> dict:
             cgroup._remove(group)
     start, end = min(r["sent"] for r in rows), max(r["done"] for r in rows)
     tokens = sum(r["tokens"] for r in rows)
-    ttft = [r["first"] - r["sent"] for r in rows]
+    ttft = [r["first"] - r["sent"] for r in rows if r["first"] is not None] or [float("nan")]
     e2e = [r["done"] - r["sent"] for r in rows]
-    figures = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
-               if line.startswith("klotski_") and "{" not in line}
-    return {"engine": "serve", "clients": args.clients, "requests": len(rows), "generated_tokens": tokens,
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}  # the warm-up request left out
+    return {"engine": "serve", "clients": args.clients, "stream": not args.no_stream, "requests": len(rows), "generated_tokens": tokens,
             "wall_s": end - start, "tokens_per_s": tokens / (end - start),
             "ttft_median_s": statistics.median(ttft), "ttft_p99_s": _percentile(ttft, 0.99),
             "e2e_median_s": statistics.median(e2e), "e2e_p99_s": _percentile(e2e, 0.99),
-            "bubble_ratio": figures.get("klotski_bubble_ratio"), "steps": figures.get("klotski_engine_steps_total"),
-            "engine_step_s": figures.get("klotski_engine_step_seconds_total"),
+            "bubble_ratio": delta["klotski_bubble_seconds_total"] / delta["klotski_engine_step_seconds_total"],
+            "steps": delta["klotski_engine_steps_total"], "engine_step_s": delta["klotski_engine_step_seconds_total"],
+            "bytes_read": sum(v for k, v in delta.items() if k.startswith("klotski_bytes_read_total")),
             "load_avg": load, "peak_cgroup_bytes": peak, "exit_code_after_sigterm": rc,
             "texts": {r["prompt"]: r["text"] for r in rows}}
 
@@ -163,14 +180,14 @@ def run_generate(args, work: Workload, vocab: int, env: dict, tmp: Path) -> dict
     stats = out["stats"]
     return {"engine": "generate", "requests": stats["requests"], "generated_tokens": stats["generated_tokens"],
             "wall_s": stats["wall_s"], "tokens_per_s": stats["tokens_per_s"], "bubble_ratio": stats["bubble_ratio"],
+            "steps": stats.get("forward_steps"), "bytes_read": sum(stats["bytes_read"].values()),
             "policy": stats["policy"], "load_avg": load, "peak_cgroup_bytes": res.peak_bytes,
             "texts": {int(o["id"]): o["text"] for o in out["outputs"]}}
 
 
 def run_batch(args, work: Workload, vocab: int, env: dict, tmp: Path) -> dict | None:
-    """`klotski run-batch` on the same prompts, when this checkout has it: throughput over its process wall
-    minus the time to load (taken from `generate`'s figures is not possible, so the whole wall is reported
-    beside its own summary line)."""
+    """`klotski run-batch` on the same prompts, when this checkout has it: throughput over the wall its
+    summary reports (from after the model loaded, as for the other two)."""
     probe = subprocess.run([*_klotski(), "run-batch", "--help"], capture_output=True, text=True, env=env,
                            check=False)
     if probe.returncode != 0:
@@ -194,9 +211,13 @@ def run_batch(args, work: Workload, vocab: int, env: dict, tmp: Path) -> dict | 
         body = row["response"]["body"]
         texts[int(row["custom_id"])] = body["choices"][0]["text"]
         tokens += body["usage"]["completion_tokens"]
-    summary = res.stderr.strip().splitlines()[-3:] if res.stderr.strip() else []
-    return {"engine": "run-batch", "requests": len(texts), "generated_tokens": tokens, "process_wall_s": res.seconds,
-            "summary": summary, "load_avg": load, "peak_cgroup_bytes": res.peak_bytes, "texts": texts}
+    # Its summary line: "... N tokens generated in W s = R tok/s; ..." (the wall after the model loaded).
+    rate = re.search(r"tokens generated in ([\d.]+) s = ([\d.]+) tok/s", res.stdout + res.stderr)
+    row = {"engine": "run-batch", "requests": len(texts), "generated_tokens": tokens, "process_wall_s": res.seconds,
+           "load_avg": load, "peak_cgroup_bytes": res.peak_bytes, "texts": texts}
+    if rate is not None:
+        row |= {"wall_s": float(rate[1]), "tokens_per_s": tokens / float(rate[1])}
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=50.0)
     p.add_argument("--max-num-seqs", type=int, help="the server plans its group for this many sequences "
                    "(default: --clients, the most that can be in flight; the batch path plans for --prompts)")
+    p.add_argument("--no-stream", action="store_true", help="whole responses (no time to first token)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every engine process")
     p.add_argument("--port", type=int, default=8731)
     p.add_argument("--timeout", type=float, default=3600)

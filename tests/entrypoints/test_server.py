@@ -161,6 +161,7 @@ def test_200_concurrent_requests_get_their_alone_answers(server, reference):
     assert m["klotski_running_sequences"] == 0 and m["klotski_queue_depth"] == 0
     assert m["klotski_generated_tokens_total"] >= sum(len(o.token_ids) for s, _, _ in jobs for o in reference[s][0])
     assert m["klotski_engine_steps_total"] > 0
+    assert (m["klotski_group_batch_size"], m["klotski_group_num_batches"]) == (8, 4)
 
 
 def test_echo_with_logprobs_scores_the_prompt(server, tiny_mixtral):

@@ -35,6 +35,9 @@ class _EngineCollector:
             "klotski_bubble_ratio": ("share of step time compute waited on a transfer, since start",
                                      s["bubble_ratio"]),
         }
+        policy = s["policy"] or {}
+        gauges["klotski_group_batch_size"] = ("bs of the running (or last) group's plan", policy.get("batch_size", 0))
+        gauges["klotski_group_num_batches"] = ("n of the running (or last) group's plan", policy.get("num_batches", 0))
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
         counters = {

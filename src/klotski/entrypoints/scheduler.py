@@ -39,6 +39,7 @@ from klotski.timeline import Timeline
 
 KV_CHUNK = 256  # KV positions allocated ahead of need: a long max_tokens does not reserve its whole cache up front
 RATE_WINDOW_S = 10.0  # tokens/s over this many recent seconds (metrics)
+YIELD_S = 0.001  # the engine thread's pause between steps (at most a tenth of the step)
 
 
 class QueueFull(Exception):
@@ -123,7 +124,7 @@ class Scheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._policies: dict[tuple, object] = {}
-        self.policy = None  # the running group's Policy
+        self.policy = None  # the running (or the last) group's Policy
         self._capacity = max_num_seqs
         self.pipeline = Pipeline(llm.runner, llm.store, llm.schedule, Timeline(enabled=False), llm.spec.top_k,
                                  llm.predictor, llm._routing_hooks(), adaptive_hot=llm.config.num_hot is None)
@@ -227,7 +228,11 @@ class Scheduler:
                 if not self._batches:
                     self._gather_company()
             try:
-                self._step()
+                wall = self._step()
+                if wall:
+                    # Let go of the GIL for a moment, so the HTTP thread can hand over what arrived during the
+                    # step before the next boundary (steps back to back leave it only the switch interval).
+                    time.sleep(min(YIELD_S, wall / 10))
             except Exception as exc:  # noqa: BLE001  (one failed step must not take the server down)
                 self._fail_group(exc)
 
@@ -252,16 +257,15 @@ class Scheduler:
             self._policies[key] = self.llm.policy(self.max_num_seqs, key[0], key[1])
         return self._policies[key]
 
-    def _step(self) -> None:
-        """One step boundary and one forward step of the running group."""
+    def _step(self) -> float | None:
+        """One step boundary and one forward step of the running group; the step's seconds (None: no step)."""
         with self._cond:
             self._leave()
             key = None
             if not self._batches:
                 self.pipeline.drain()
                 if not self._waiting:
-                    self.policy = None
-                    return
+                    return None
                 key = self._plan_key()
         if key is not None:  # a new group: plan it
             try:
@@ -270,7 +274,7 @@ class Scheduler:
                 with self._cond:
                     while self._waiting:
                         self._finish(self._waiting.popleft(), error=str(exc))
-                return
+                return None
             with self._cond:
                 self.policy, self._capacity = policy, policy.batch_size * policy.num_batches
                 self.pipeline.num_hot = policy.num_hot
@@ -280,7 +284,7 @@ class Scheduler:
             batches = list(self._batches)
             final = not self._waiting
             if not batches:
-                return
+                return None
         start = self.clock()
         timeline = Timeline(enabled=True)
         self.pipeline.timeline = timeline
@@ -320,6 +324,7 @@ class Scheduler:
                 for h in b.handles:
                     self._emit(h, now)
             self._cond.notify_all()
+        return wall
 
     # -- boundary -------------------------------------------------------------------------------
     def _leave(self) -> None:
