@@ -256,9 +256,11 @@ def test_mismatched_resume_is_refused(capsys, tiny_mixtral, tmp_path):
     args[args.index("--model") + 1] = str(other)
     code, _, err = run_cli(capsys, *args)
     assert_job_error(code, err, "different model")
-    # The same flags again: nothing left to do, exit 0; --overwrite starts over.
+    # The same flags again: nothing left to do, exit 0; the grouping stays the job's; --overwrite starts over.
     code, out, _ = run_cli(capsys, *batch_args(tiny_mixtral, src, dst))
     assert code == 0 and "3 already in the output" in out and "0 run now" in out
+    code, _, err = run_cli(capsys, *batch_args(tiny_mixtral, src, dst, "--batch-size", "3"))
+    assert code == 0 and "resuming with the job's bs 2 x n 2" in err
     code, out, _ = run_cli(capsys, *batch_args(tiny_mixtral, src, dst, "--seed", "5", "--overwrite"))
     assert code == 0 and "3 ok" in out and len(results(dst)) == 3
 

@@ -574,6 +574,11 @@ class BatchJob:
         policy = self.llm.policy(len(seqs), max(n for n, _ in seqs), max(t for _, t in seqs))
         grouping = self.meta.get("grouping")
         if grouping:
+            asked = (self.o.engine.get("batch_size"), self.o.engine.get("num_batches"))
+            if any(a is not None and a != grouping[k] for a, k in zip(asked, ("batch_size", "num_batches"))):
+                print(f"klotski: resuming with the job's bs {grouping['batch_size']} x n {grouping['num_batches']} "
+                      "(they fix how requests were grouped); --batch-size / --num-batches apply to a new output",
+                      file=self.err_stream)
             policy = replace(policy, batch_size=grouping["batch_size"], num_batches=grouping["num_batches"])
         else:
             self.meta["grouping"] = {"batch_size": policy.batch_size, "num_batches": policy.num_batches}
