@@ -21,8 +21,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The layering contract and no import circles (pyproject.toml [tool.importlinter]; CONTRIBUTING.md).
+# ruff, mypy, and the layering contract with no import circles (pyproject.toml; CONTRIBUTING.md).
 lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
 # The benchmark rig (benchmarks/README.md): every engine under one memory-cgroup cap. Needs root for the cgroup.

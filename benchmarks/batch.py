@@ -42,9 +42,15 @@ def measured(cmd: list[str], env: dict, cap: int | None = None, name: str = "bat
         proc = subprocess.run(wrapper, check=False, capture_output=True, text=True, env=env)
         rc, out, err, peak = proc.returncode, proc.stdout, proc.stderr, None
     report = json.loads(err.strip().splitlines()[-1])
-    return {"returncode": report["returncode"], "wall_s": report["wall_s"], "peak_rss_bytes": report["maxrss_kib"] * 1024,
-            "cgroup_peak_bytes": peak, "stdout": out, "stderr": "\n".join(err.strip().splitlines()[:-1]),
-            "wrapper_rc": rc}
+    return {
+        "returncode": report["returncode"],
+        "wall_s": report["wall_s"],
+        "peak_rss_bytes": report["maxrss_kib"] * 1024,
+        "cgroup_peak_bytes": peak,
+        "stdout": out,
+        "stderr": "\n".join(err.strip().splitlines()[:-1]),
+        "wrapper_rc": rc,
+    }
 
 
 def _measure_child(cmd: list[str]) -> int:
@@ -58,7 +64,9 @@ def _measure_child(cmd: list[str]) -> int:
     return 0
 
 
-def write_inputs(directory: Path, lines: int, prompt_len: tuple[int, int], max_tokens: int, vocab: int) -> tuple[Path, Path]:
+def write_inputs(
+    directory: Path, lines: int, prompt_len: tuple[int, int], max_tokens: int, vocab: int
+) -> tuple[Path, Path]:
     """The same prompts as a generate --input file and as an OpenAI batch file. Lengths vary over
     prompt_len so sorting by length has something to do (a rig workload uses one length: pass (L, L))."""
     lo, hi = prompt_len
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             vocab = json.loads((ensure_default_model() / "config.json").read_text())["vocab_size"]
             for dtype in args.tiny_dtypes.split(","):
                 rows = []
-                for repeat in range(args.repeats):
+                for _repeat in range(args.repeats):
                     for lines in [int(x) for x in args.lines.split(",")]:
                         rows += run_pair(None, lines, Path(tmp), args, ["--dtype", dtype], env, None, vocab, (4, 24))
                 result["parts"][f"tiny-{dtype}"] = {"model": "the built-in default model", "dtype": dtype,
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks import cgroup
 
             rows = []
-            for repeat in range(args.repeats):
+            for _repeat in range(args.repeats):
                 for lines in [int(x) for x in args.rig_lines.split(",")]:
                     cgroup.drop_page_cache([ckpt])
                     rows += run_pair(str(ckpt), lines, Path(tmp), args, extra, env, cap, vocab, (8, 8),

@@ -72,8 +72,10 @@ def table(rows: list[dict], note: str) -> str:
     lines = [note, "", f"{'rung':<18} {'bs':>4} {'n':>3} {'tok/s':>8} {'bubble':>7} {'GB read':>8}  paper (RTX 3090)"]
     for r in rows:
         paper = PAPER.get(r["schedule"]) if r["label"] == r["schedule"] else None
-        lines.append(f"{r['label']:<18} {r['batch_size']:>4} {r['num_batches']:>3} {r['tokens_per_s']:>8.2f} "
-                     f"{r['bubble_ratio']:>7.3f} {r['bytes_read'] / 1e9:>8.1f}  {'' if paper is None else f'{paper:.2f}'}")
+        lines.append(
+            f"{r['label']:<18} {r['batch_size']:>4} {r['num_batches']:>3} {r['tokens_per_s']:>8.2f} "
+            f"{r['bubble_ratio']:>7.3f} {r['bytes_read'] / 1e9:>8.1f}  {'' if paper is None else f'{paper:.2f}'}"
+        )
     return "\n".join(lines)
 
 

@@ -42,8 +42,13 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=torch.bfloat16, device_map="auto", max_memory={"cpu": int(args.max_memory) if args.max_memory.isdigit() else args.max_memory},
-        offload_folder=args.offload_folder, experts_implementation="eager")
+        args.model,
+        dtype=torch.bfloat16,
+        device_map="auto",
+        max_memory={"cpu": int(args.max_memory) if args.max_memory.isdigit() else args.max_memory},
+        offload_folder=args.offload_folder,
+        experts_implementation="eager",
+    )
     load_s = time.perf_counter() - t0
     prompts = _prompt_ids(args.num_prompts, args.prompt_len, model.config.vocab_size)
     prefill = decode = 0.0

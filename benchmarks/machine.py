@@ -68,7 +68,7 @@ def matmul_rate(hidden: int, intermediate: int, rows: tuple[int, ...] = (64, 256
         for r in rows:
             x = torch.randn(r, hidden).to(dtype)
             F.linear(x, w)  # warm-up
-            best = min(_timed(lambda: F.linear(x, w)) for _ in range(3))
+            best = min(_timed(lambda x=x, w=w: F.linear(x, w)) for _ in range(3))
             rates[str(r)] = 2 * r * hidden * intermediate / best / 1e9
         out[f"matmul_gflops_{str(dtype).removeprefix('torch.')}"] = rates
     return out | {"matmul_threads": threads}

@@ -89,10 +89,12 @@ def format_rows(rows: list[dict]) -> str:
     lines = ["| device memory | bs | planner n | predicted tok/s | measured tok/s | error | bubble pred / meas "
              "| best n (tok/s) | planner n / best |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['device_memory']} | {r['batch_size']} | {r['planner_n']} | {r['predicted_tokens_per_s']:.3f} "
-                     f"| {r['measured_tokens_per_s']:.3f} | {r['error']:+.1%} | {r['predicted_bubble_ratio']:.2f} / "
-                     f"{r['measured_bubble_ratio']:.2f} | {r['best_n']} ({r['sweep'][r['best_n']]:.3f}) "
-                     f"| {r['planner_vs_best']:.1%} |")
+        lines.append(
+            f"| {r['device_memory']} | {r['batch_size']} | {r['planner_n']} | {r['predicted_tokens_per_s']:.3f} "
+            f"| {r['measured_tokens_per_s']:.3f} | {r['error']:+.1%} | {r['predicted_bubble_ratio']:.2f} / "
+            f"{r['measured_bubble_ratio']:.2f} | {r['best_n']} ({r['sweep'][r['best_n']]:.3f}) "
+            f"| {r['planner_vs_best']:.1%} |"
+        )
     return "\n".join(lines)
 
 

@@ -24,7 +24,10 @@ def throughput(rows: list[dict], path: Path) -> None:
                                LADDER.index(r["schedule"]) if r["schedule"] in LADDER else -1, r["batch_size"]))
         labels = [_label(r) for r in rs]
         mids = [r["tokens_per_s"][1] for r in rs]
-        errs = [[m - r["tokens_per_s"][0] for m, r in zip(mids, rs)], [r["tokens_per_s"][2] - m for m, r in zip(mids, rs)]]
+        errs = [
+            [m - r["tokens_per_s"][0] for m, r in zip(mids, rs)],
+            [r["tokens_per_s"][2] - m for m, r in zip(mids, rs)],
+        ]
         colors = ["#c44e52" if r["engine"] != "klotski" else ("#55a868" if r["replay"] else "#8ccf9a") for r in rs]
         ax.bar(range(len(rs)), mids, yerr=errs, color=colors, capsize=3)
         ax.set_xticks(range(len(rs)), labels, rotation=40, ha="right", fontsize=7)
@@ -102,8 +105,15 @@ def block_timelines(traces: Path, path: Path) -> None:
         shown = [e for e in events if e["end"] >= start and e["start"] <= end]
         lanes = sorted({e["lane"] for e in shown}, key=lambda l: (l != "compute", l))
         for row, lane in enumerate(lanes):
-            spans = [(max(e["start"], start) - start, min(e["end"], end) - max(e["start"], start), COLORS.get(e["kind"], "#999"))
-                     for e in shown if e["lane"] == lane]
+            spans = [
+                (
+                    max(e["start"], start) - start,
+                    min(e["end"], end) - max(e["start"], start),
+                    COLORS.get(e["kind"], "#999"),
+                )
+                for e in shown
+                if e["lane"] == lane
+            ]
             ax.broken_barh([(s, w) for s, w, _ in spans], (row - 0.4, 0.8), facecolors=[c for *_, c in spans])
         ax.set_yticks(range(len(lanes)), lanes, fontsize=7)
         ax.set_title(f"{schedule}: layer {layer}, one decode step ({end - start:.2f} s)", fontsize=9)

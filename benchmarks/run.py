@@ -2,7 +2,8 @@
 
 Every engine runs in its own process inside a memory cgroup with the same cap, below the
 checkpoint's size, after the checkpoint's pages are dropped from the page cache. Results go to
-benchmarks/results/: latest.json, latest.md (the table) and plots.
+benchmarks/results/bench/ (bench-quick/ for --quick): latest.json, latest.md (the table) and plots;
+the previous result moves to that folder's archive/ (benchmarks/results/README.md).
 """
 from __future__ import annotations
 
@@ -16,11 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import cgroup, machine, report
+from benchmarks import cgroup, machine, report, results
 from benchmarks.workload import Workload, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
 LADDER = ("sequential", "overlap", "multibatch", "hot", "klotski")
 REPLAY = "mixtral-8x7b"
@@ -174,9 +174,24 @@ def run_klotski(ctx: Context, work: Workload, schedule: str, bs: int | None, n: 
                 trace: Path | None = None) -> dict:
     """One `klotski generate` run in its own capped process; bs = n = None: the planner picks them."""
     inputs = write_jsonl(work, ctx.spec["vocab_size"], ctx.cache / f"{work.name}-{work.num_prompts}.jsonl")
-    cmd = [str(BIN / "klotski"), "generate", "--model", str(ctx.checkpoint), "--input", str(inputs),
-           "--max-tokens", str(work.max_tokens), "--ignore-eos", "--json", "--dtype", DTYPE, "--device-memory", str(ctx.device_budget),
-           "--schedule", schedule]
+    cmd = [
+        str(BIN / "klotski"),
+        "generate",
+        "--model",
+        str(ctx.checkpoint),
+        "--input",
+        str(inputs),
+        "--max-tokens",
+        str(work.max_tokens),
+        "--ignore-eos",
+        "--json",
+        "--dtype",
+        DTYPE,
+        "--device-memory",
+        str(ctx.device_budget),
+        "--schedule",
+        schedule,
+    ]
     cmd += ["--batch-size", str(bs), "--num-batches", str(n)] if bs is not None else []
     cmd += ["--routing-replay", REPLAY] if replay else []
     cmd += ["--trace", str(trace)] if trace else []
@@ -253,7 +268,11 @@ def execute(ctx: Context, plan: Plan, traces: Path) -> list[dict]:
             bs = plan.batch_size if work is plan.workloads[0] else max(1, work.num_prompts // plan.num_batches)
             for schedule in LADDER:
                 n = plan.num_batches if schedule in ("multibatch", "hot", "klotski") else 1
-                add(run_klotski(ctx, work, schedule, bs, n, True, repeat, traces / f"{schedule}.json" if first else None))
+                add(
+                    run_klotski(
+                        ctx, work, schedule, bs, n, True, repeat, traces / f"{schedule}.json" if first else None
+                    )
+                )
             add(run_klotski(ctx, work, "klotski", None, None, True, repeat))  # the planner's bs and n
             add(run_klotski(ctx, work, "klotski", bs, plan.num_batches, False, repeat))
             for n in plan.n_sweep if work is plan.workloads[0] else []:
@@ -312,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device-budget", default="2.25GiB",
                    help="klotski's --device-memory and Accelerate's max_memory inside the cap (the rest: runtime, "
                         "activations, transient fp32 copies)")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", help="results folder (default: benchmarks/results/bench, or bench-quick with --quick)")
     p.add_argument("--rescore", action="store_true",
                    help="re-measure the machine now and recompute every bound of <out>/latest.json with the faster "
                         "of the old and new rates (no engine runs)")
@@ -334,21 +353,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: disk {ctx.machine['disk_gbps']:.2f} GB/s (O_DIRECT), matmul fp32 "
           f"{ctx.machine['matmul_gflops_float32']} bf16 {ctx.machine['matmul_gflops_bfloat16']} GFLOP/s, "
           f"load {ctx.machine['load_avg']}", file=sys.stderr)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else results.folder("bench-quick" if args.quick else "bench")
     traces = cache / "traces"
     if args.rescore:
         return rescore(ctx, out, traces)
+    if not args.out:  # a folder given is the caller's to manage
+        results.archive_previous(out)
     traces.mkdir(exist_ok=True)
     t0 = time.time()
     runs = execute(ctx, plan, traces)
     rebound_on_achieved(ctx, runs, {w.name: w for w in plan.workloads})
-    config = {"mode": "quick" if args.quick else "full", "checkpoint": str(ckpt), "layers": ctx.spec["num_hidden_layers"],
-              "weights_bytes": ctx.weights_bytes, "cap_bytes": ctx.cap, "device_budget_bytes": ctx.device_budget,
-              "workloads": [w.to_dict() for w in plan.workloads], "ladder_bs": plan.batch_size,
-              "ladder_n": plan.num_batches, "n_sweep": plan.n_sweep, "hf_batch_sizes": plan.hf_batch_sizes,
-              "repeats": plan.repeats, "routing_replay": REPLAY, "elapsed_s": time.time() - t0,
-              "command": "make bench-quick" if args.quick else "make bench",
-              "load_avg_end": os.getloadavg()}
+    config = {
+        "mode": "quick" if args.quick else "full",
+        "checkpoint": str(ckpt),
+        "layers": ctx.spec["num_hidden_layers"],
+        "weights_bytes": ctx.weights_bytes,
+        "cap_bytes": ctx.cap,
+        "device_budget_bytes": ctx.device_budget,
+        "workloads": [w.to_dict() for w in plan.workloads],
+        "ladder_bs": plan.batch_size,
+        "ladder_n": plan.num_batches,
+        "n_sweep": plan.n_sweep,
+        "hf_batch_sizes": plan.hf_batch_sizes,
+        "repeats": plan.repeats,
+        "routing_replay": REPLAY,
+        "elapsed_s": time.time() - t0,
+        "command": "make bench-quick" if args.quick else "make bench",
+        "load_avg_end": os.getloadavg(),
+    }
     result = {"machine": ctx.machine, "config": config, "runs": runs}
     report.write(result, out, traces)
     print(f"bench: wrote {out / 'latest.json'}, {out / 'latest.md'} and plots", file=sys.stderr)

@@ -157,15 +157,27 @@ def run_server(args, work: Workload, vocab: int, env: dict) -> dict:
     ttft = [r["first"] - r["sent"] for r in rows if r["first"] is not None] or [float("nan")]
     e2e = [r["done"] - r["sent"] for r in rows]
     delta = {k: after[k] - before.get(k, 0.0) for k in after}  # the warm-up request left out
-    return {"engine": "serve", "clients": args.clients, "stream": not args.no_stream, "requests": len(rows), "generated_tokens": tokens,
-            "wall_s": end - start, "tokens_per_s": tokens / (end - start),
-            "ttft_median_s": statistics.median(ttft), "ttft_p99_s": _percentile(ttft, 0.99),
-            "e2e_median_s": statistics.median(e2e), "e2e_p99_s": _percentile(e2e, 0.99),
-            "bubble_ratio": delta["klotski_bubble_seconds_total"] / delta["klotski_engine_step_seconds_total"],
-            "steps": delta["klotski_engine_steps_total"], "engine_step_s": delta["klotski_engine_step_seconds_total"],
-            "bytes_read": sum(v for k, v in delta.items() if k.startswith("klotski_bytes_read_total")),
-            "load_avg": load, "peak_cgroup_bytes": peak, "exit_code_after_sigterm": rc,
-            "texts": {r["prompt"]: r["text"] for r in rows}}
+    return {
+        "engine": "serve",
+        "clients": args.clients,
+        "stream": not args.no_stream,
+        "requests": len(rows),
+        "generated_tokens": tokens,
+        "wall_s": end - start,
+        "tokens_per_s": tokens / (end - start),
+        "ttft_median_s": statistics.median(ttft),
+        "ttft_p99_s": _percentile(ttft, 0.99),
+        "e2e_median_s": statistics.median(e2e),
+        "e2e_p99_s": _percentile(e2e, 0.99),
+        "bubble_ratio": delta["klotski_bubble_seconds_total"] / delta["klotski_engine_step_seconds_total"],
+        "steps": delta["klotski_engine_steps_total"],
+        "engine_step_s": delta["klotski_engine_step_seconds_total"],
+        "bytes_read": sum(v for k, v in delta.items() if k.startswith("klotski_bytes_read_total")),
+        "load_avg": load,
+        "peak_cgroup_bytes": peak,
+        "exit_code_after_sigterm": rc,
+        "texts": {r["prompt"]: r["text"] for r in rows},
+    }
 
 
 def run_generate(args, work: Workload, vocab: int, env: dict, tmp: Path) -> dict:

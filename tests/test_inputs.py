@@ -213,8 +213,22 @@ def test_sizes_are_printed_in_a_unit_that_shows_them():
 
 
 def test_small_budget_message_shows_real_sizes(capsys, tiny_mixtral, tmp_path):
-    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_mixtral), "--prompt", "Hello", "--device-memory", "20KB",
-                           "--batch-size", "1", "--num-batches", "1", "--offload-dir", str(tmp_path / "off"))
+    code, _, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_mixtral),
+        "--prompt",
+        "Hello",
+        "--device-memory",
+        "20KB",
+        "--batch-size",
+        "1",
+        "--num-batches",
+        "1",
+        "--offload-dir",
+        str(tmp_path / "off"),
+    )
     line = assert_one_error(code, err, "--device-memory")
     assert "0.00" not in line and "KiB" in line
 
@@ -224,15 +238,46 @@ def test_a_closed_stdout_is_not_a_traceback(tiny_mixtral):
     """`klotski generate ... | head -c1`: the reader is gone before the output is written."""
     read_end, write_end = os.pipe()
     os.close(read_end)
-    proc = subprocess.run([sys.executable, "-m", "klotski", "generate", "--model", str(tiny_mixtral), "--prompt", "Hi",
-                           "--max-tokens", "1", "--json"], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "klotski",
+            "generate",
+            "--model",
+            str(tiny_mixtral),
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "1",
+            "--json",
+        ],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
     os.close(write_end)
     assert "Traceback" not in proc.stderr and proc.returncode == 141
 
 
 def test_non_utf8_argv_in_a_real_process(tiny_mixtral):
-    proc = subprocess.run([sys.executable.encode(), b"-m", b"klotski", b"generate", b"--model", os.fsencode(tiny_mixtral),
-                           b"--prompt", b"Hello", b"--stop", b"\xff\xfe"], capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable.encode(),
+            b"-m",
+            b"klotski",
+            b"generate",
+            b"--model",
+            os.fsencode(tiny_mixtral),
+            b"--prompt",
+            b"Hello",
+            b"--stop",
+            b"\xff\xfe",
+        ],
+        capture_output=True,
+        timeout=120,
+    )
     err = proc.stderr.decode()
     assert proc.returncode == 2 and err.startswith("klotski: error: --stop:") and "Traceback" not in err
     assert len(err.splitlines()) == 1

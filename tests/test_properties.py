@@ -3,8 +3,8 @@ checkpoint loaders give a valid object or their documented error, never another 
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import struct
 import tempfile
 from pathlib import Path
@@ -21,7 +21,11 @@ from klotski.models import spec_from_config
 from klotski.models.presets import preset_config
 from klotski.sampling import Sampler, SamplingParams, make_generator
 
-FAST = settings(max_examples=int(os.environ.get("KLOTSKI_HYPOTHESIS_EXAMPLES", 300)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=int(os.environ.get("KLOTSKI_HYPOTHESIS_EXAMPLES", 300)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 FILES = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Anything a JSON body or a Python caller could hand over.

@@ -76,4 +76,7 @@ def test_create_model_ships_the_sentencepiece_model(tmp_path):
     assert (out / "tokenizer.model").read_bytes() == _model()
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
-    assert Tokenizer.from_dir(out).encode("hello")[:2] == [1, 263]  # <s>, "▁hello" (3 specials + 256 bytes + 4 merges before it)
+    assert Tokenizer.from_dir(out).encode("hello")[:2] == [
+        1,
+        263,
+    ]  # <s>, "▁hello" (3 specials + 256 bytes + 4 merges before it)

@@ -10,8 +10,7 @@ import pytest
 
 from klotski.errors import KlotskiError
 from klotski.sampling import SamplingParams
-from klotski.tokenizer import (IncrementalDecoder, StopChecker, Tokenizer, find_stop_string,
-                               write_tokenizer)
+from klotski.tokenizer import IncrementalDecoder, StopChecker, Tokenizer, find_stop_string, write_tokenizer
 
 TEXTS = [
     "Hello world! The river ran low that summer.",

@@ -3,8 +3,9 @@
 Builds llama.cpp once and converts the checkpoint to GGUF once (both cached outside the repository),
 then runs, each in its own capped process: llama-batched-bench in f16 and bf16 at every batch size,
 and `klotski generate` at the same prompt/output lengths (32-token prompts as prompt_token_ids,
-EOS ignored) at every batch size. Writes benchmarks/results/peers.json (latest.json's run schema)
-and prints the table. The load average is recorded with every run: the machine is shared.
+EOS ignored) at every batch size. Writes benchmarks/results/peers/latest.json (latest.json's run
+schema) with klotski's traces beside it, archiving the previous result, and prints the table. The
+load average is recorded with every run: the machine is shared.
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import cgroup, machine
+from benchmarks import cgroup, machine, results
 from benchmarks import run as rig
 from benchmarks.peers import convert
 from benchmarks.peers.llama_cpp import batched_bench_cmd, parse_batched_bench
 from benchmarks.workload import Workload, write_jsonl
+
+DEFAULT_OUT = results.folder("peers") / "latest.json"
 
 GiB = 1 << 30
 _TIME_FMT = "peers-time: maxrss_kb=%M inblock=%I"
@@ -202,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--keep", type=Path, help="an earlier peers.json whose runs this one adds to (a second pass)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/peers.json"))
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--rescore", action="store_true", help="recompute every bound of --out at the fastest disk "
                    "rate its runs showed (no engine runs)")
     return p
@@ -246,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.rescore:
         return rescore(args)
+    if args.out == DEFAULT_OUT and args.out.exists():
+        results.archive_previous(args.out.parent)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     binary, models = _prepare(args)
     config = json.loads((args.checkpoint / "config.json").read_text())
@@ -289,28 +294,34 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (engine, schedule, bs, n), rs in groups.items():
         loads = ", ".join(f"{r['load_avg'][0]:.1f}" for r in rs)
-        def span(key, fmt="{:.2f}", scale=1.0):
+        def span(key, fmt="{:.2f}", scale=1.0, rs=rs):
             values = [r[key] * scale for r in rs if r.get(key) is not None]
             if not values:
                 return "-"
             lo, hi = min(values), max(values)
             return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}-{fmt.format(hi)}"
-        lines.append(f"| {engine} | {schedule} | {bs} x {n} | {span('tokens_per_s')} | {span('decode_tokens_per_s')} | "
-                     f"{span('prefill_s', '{:.0f}')} | {span('decode_s', '{:.0f}')} | {span('bytes_read', '{:.0f}', 1e-9)} | "
-                     f"{span('peak_rss_bytes', '{:.2f}', 1e-9)} | {span('efficiency')} | "
-                     f"{loads} |")
+        lines.append(
+            f"| {engine} | {schedule} | {bs} x {n} | {span('tokens_per_s')} | {span('decode_tokens_per_s')} | "
+            f"{span('prefill_s', '{:.0f}')} | {span('decode_s', '{:.0f}')} | {span('bytes_read', '{:.0f}', 1e-9)} | "
+            f"{span('peak_rss_bytes', '{:.2f}', 1e-9)} | {span('efficiency')} | "
+            f"{loads} |"
+        )
     return "\n".join(lines)
 
 
 def _echo(run: dict) -> None:
     if "error" in run:
-        print(f"{run['engine']:<9} {run['schedule']:<8} bs={run['batch_size']:<4} ERROR {run['error'][:200]}", flush=True)
+        print(
+            f"{run['engine']:<9} {run['schedule']:<8} bs={run['batch_size']:<4} ERROR {run['error'][:200]}", flush=True
+        )
         return
-    print(f"{run['engine']:<9} {run['schedule']:<8} bs={run['batch_size']:<4} n={run['num_batches']:<2} "
-          f"{run['tokens_per_s']:7.2f} tok/s  decode {run['decode_tokens_per_s']:7.2f}  prefill {run['prefill_s']:6.1f}s "
-          f"decode {run['decode_s']:6.1f}s  rss {(run['peak_rss_bytes'] or 0) / 1e9:5.2f} GB  "
-          f"read {(run['bytes_read'] or 0) / 1e9:6.1f} GB  load {run['load_avg'][0]:.1f}",
-          flush=True)
+    print(
+        f"{run['engine']:<9} {run['schedule']:<8} bs={run['batch_size']:<4} n={run['num_batches']:<2} "
+        f"{run['tokens_per_s']:7.2f} tok/s  decode {run['decode_tokens_per_s']:7.2f}  prefill {run['prefill_s']:6.1f}s "
+        f"decode {run['decode_s']:6.1f}s  rss {(run['peak_rss_bytes'] or 0) / 1e9:5.2f} GB  "
+        f"read {(run['bytes_read'] or 0) / 1e9:6.1f} GB  load {run['load_avg'][0]:.1f}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -26,7 +27,9 @@ def parse_bytes(value: str | int | float | None, what: str = "memory") -> int | 
     if isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
         if not m or m.group(2).lower() not in _UNITS:
-            raise KlotskiError(f"cannot read {what} size {value!r:.60}; write bytes or a size like 20GiB, 1.5GB, 512MiB")
+            raise KlotskiError(
+                f"cannot read {what} size {value!r:.60}; write bytes or a size like 20GiB, 1.5GB, 512MiB"
+            )
         digits = m.group(1)
         number, scale = (int(digits) if digits.isdigit() else float(digits)), _UNITS[m.group(2).lower()]
     else:
@@ -54,21 +57,81 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float3
 
 
 @dataclass(frozen=True)
+class Flag:
+    """How an EngineConfig field appears on the command line (commands/generate.py adds the flags).
+
+    group: "budget" (memory budgets: every command that runs or plans the engine), "policy" (what
+    the planner chooses unless fixed: likewise), "engine" (offload dir, prefetch table: the commands
+    that run the engine), "dtype", "context" (max_model_len: `serve`), "replay" (the benchmarks' routing
+    replay: `generate` only).
+    """
+
+    help: str
+    group: str
+    type: Any = None  # argparse type; sizes stay strings, which EngineConfig.create reads
+    metavar: str | None = None
+    action: str | None = None  # "store_true" for a switch
+
+
+def _knob(default: Any, help: str, group: str, **flag: Any) -> Any:
+    return field(default=default, metadata={"flag": Flag(help, group, **flag)})
+
+
+SIZE_FIELDS = {"device_memory": "device memory", "host_memory": "host memory"}  # bytes, or '20GiB'
+
+
+@dataclass(frozen=True)
 class EngineConfig:
-    """What the user asked for: the model, budgets, and the schedule knobs."""
+    """What the user asked for: the model, budgets, and the schedule knobs.
+
+    The one declaration of the engine's options: `LLM(**kwargs)` takes these fields, and the
+    command-line flags of the fields with a Flag are made from them (name, default, help).
+    """
 
     model: str  # checkpoint directory
-    dtype: str = "auto"  # compute dtype; weights stay in the checkpoint's dtype until used
+    dtype: str | torch.dtype = _knob(  # compute dtype; weights stay in the checkpoint's dtype until used
+        "auto", "compute dtype: auto (the checkpoint's on CUDA; on CPU whichever of it and float32 measured "
+        "faster here) | float32 | bfloat16 | float16", "dtype")
     device: str = "auto"  # "cuda" when present, else "cpu"
     seed: int = 0  # fallback seed for requests without their own
-    device_memory: int | None = None  # bytes of device memory weights + KV may use (None: unlimited)
-    host_memory: int | None = None  # bytes of host memory for weights (None: 0 on CPU-only, else unlimited)
-    offload_dir: str | None = None  # where repacked expert blobs live (disk tier)
-    schedule: str = "klotski"  # the ablation ladder's rung
-    batch_size: int | None = None  # bs: sequences per batch (None: the planner's choice)
-    num_batches: int | None = None  # n: batches per group sharing each loaded layer
-    num_hot: int | None = None  # K: hot experts prefetched per layer (None: top_k)
-    max_model_len: int | None = None  # cap on prompt + generated tokens (None: the model's)
+    device_memory: int | None = _knob(  # bytes of device memory weights + KV may use (None: unlimited)
+        None, "device memory budget, e.g. 20GiB (CPU-only: RAM used as the device)", "budget")
+    host_memory: int | None = _knob(  # bytes of host memory for weights (None: 0 on CPU-only, else unlimited)
+        None, "host memory budget, e.g. 64GiB (CPU-only default: 0, the device tier is RAM)", "budget")
+    offload_dir: str | None = _knob(  # where repacked expert blobs live (disk tier)
+        None, "directory for the repacked expert blobs (disk tier)", "engine")
+    schedule: str = _knob(  # the ablation ladder's rung
+        "klotski", "sequential | overlap | multibatch | hot | klotski", "policy")
+    batch_size: int | None = _knob(  # bs: sequences per batch (None: the planner's choice)
+        None, "bs: sequences per batch (default: the planner's)", "policy", type=int)
+    num_batches: int | None = _knob(  # n: batches per group sharing each loaded layer
+        None, "n: batches sharing each loaded layer (default: the planner's)", "policy", type=int)
+    num_hot: int | None = _knob(  # K: hot experts prefetched per layer (None: adaptive)
+        None, "K: hot experts prefetched per layer, the paper's fixed top-K (default: adaptive, the experts "
+        "the group uses with p >= 0.9; 0: none)", "policy", type=int)
+    prefetch_table: str | None = _knob(  # None: a table beside the model or in its offload dir, else frequencies
+        None, "correlation table (ours, or the authors' JSON) driving hot-expert prefetch", "engine")
+    max_model_len: int | None = _knob(  # cap on prompt + generated tokens (None: the model's)
+        None, "context length: prompt + generated tokens (default: the model's)", "context", type=int)
+    routing_replay: str | None = _knob(  # benchmarks only; never on by default
+        None, "benchmarks only: replace the router's choices with routing sampled from a real table "
+        "(mixtral-8x7b | mixtral-8x22b | TABLE.json) or replayed from TRACE.npz", "replay", metavar="SOURCE")
+    record_timeline: bool = True  # keep every op and transfer of a run (LLM.last_timeline, --trace)
+    check_weights: bool = _knob(  # weights repacked into the offload dir are checked whatever this says
+        False, "check every weight for NaN / inf as it is loaded (one more pass over the weights; weights "
+        "repacked into the offload dir are always checked)", "engine", action="store_true")
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> EngineConfig:
+        """A config from LLM's keyword arguments: sizes may be strings ('20GiB'); an unknown name is a TypeError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option {unknown[0]!r}; the options are: {', '.join(sorted(known))}")
+        for name, what in SIZE_FIELDS.items():
+            if name in kwargs:
+                kwargs[name] = parse_bytes(kwargs[name], what)
+        return cls(**kwargs)
 
     def __post_init__(self):
         for name in ("batch_size", "num_batches"):
@@ -81,6 +144,12 @@ class EngineConfig:
             raise KlotskiError(f"device_memory must be positive, got {self.device_memory}")
         if self.host_memory is not None and self.host_memory < 0:
             raise KlotskiError(f"host_memory cannot be negative, got {self.host_memory}")
+
+    @staticmethod
+    def flags(*groups: str) -> list[tuple[Field, Flag]]:
+        """(field, flag) of every field with a command-line flag in these groups, in declaration order."""
+        return [(f, f.metadata["flag"]) for f in fields(EngineConfig)
+                if "flag" in f.metadata and f.metadata["flag"].group in groups]
 
     @property
     def budgeted(self) -> bool:

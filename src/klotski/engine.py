@@ -9,18 +9,18 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from klotski.checkpoint.reader import Checkpoint
-from klotski.config import EngineConfig, Policy, parse_bytes
+from klotski.config import EngineConfig, Policy
 from klotski.errors import KlotskiError, NumericalError, ParameterError
 from klotski.outputs import RequestOutput
-from klotski.progress import Progress
 from klotski.prefetch.replay import make_replay
 from klotski.prefetch.runtime import RoutingRecording, make_predictor
 from klotski.prefetch.table import CorrelationTable, find_model_table
+from klotski.progress import Progress
 from klotski.prompts import Prompt, PromptParser
 from klotski.runtime.compute_dtype import resolve_dtype
 from klotski.runtime.generate import GroupBatch, Sequence, run_group
@@ -39,43 +39,41 @@ from klotski.tokenizer import StopChecker, Tokenizer, collect_eos_ids
 class LLM:
     """Generate for many prompts with a MoE checkpoint that may not fit in device memory."""
 
-    def __init__(self, model: str | None = None, dtype: str = "auto", seed: int = 0, *,
-                 device: str = "auto", device_memory: str | int | None = None, host_memory: str | int | None = None,
-                 offload_dir: str | None = None, schedule: str = "klotski", batch_size: int | None = None,
-                 num_batches: int | None = None, num_hot: int | None = None, max_model_len: int | None = None,
-                 prefetch_table: str | None = None, record_timeline: bool = True, routing_replay: str | None = None,
-                 check_weights: bool = False):
+    def __init__(self, model: str | None = None, dtype: str | torch.dtype = "auto", seed: int = 0, **options: Any):
+        """options: the other EngineConfig fields (config.py), e.g. device_memory="20GiB", schedule="klotski",
+        batch_size, num_batches, num_hot, offload_dir, prefetch_table, max_model_len, record_timeline, check_weights."""
         if model is None:
             from klotski.default_model import ensure_default_model
             model = str(ensure_default_model())
-        self.config = EngineConfig(
-            model=str(model), dtype=dtype, device=device, seed=seed,
-            device_memory=parse_bytes(device_memory, "device memory"), host_memory=parse_bytes(host_memory, "host memory"),
-            offload_dir=offload_dir, schedule=schedule, batch_size=batch_size, num_batches=num_batches,
-            num_hot=num_hot, max_model_len=max_model_len)
-        self.schedule = get_schedule(schedule)
+        self.config = EngineConfig.create(model=str(model), dtype=dtype, seed=seed, **options)
+        cfg = self.config
+        self.schedule = get_schedule(cfg.schedule)
         # Under a budget, activations freed each layer go back to the OS instead of piling up in the heap.
         self.heap_returns_freed = self.config.budgeted and return_freed_memory()
         self.checkpoint = Checkpoint.open(self.config.model)
         # Weights repacked into the offload dir are always checked for NaN / inf (they are read anyway);
         # resident loads only when asked, since that is one more pass over every weight.
-        self.checkpoint.check_weights = bool(check_weights)
+        self.checkpoint.check_weights = bool(cfg.check_weights)
         self.spec = self.checkpoint.spec
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        self.dtype = resolve_dtype(dtype, self.checkpoint.dtype, self.device)
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        )
+        self.dtype = resolve_dtype(cfg.dtype, self.checkpoint.dtype, self.device)
         path = Path(self.config.model)
         self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         self.eos_token_ids = collect_eos_ids(path, self.spec.eos_token_ids, self.tokenizer)
-        self.max_model_len = min(max_model_len or self.spec.max_position_embeddings, self.spec.max_position_embeddings)
+        self.max_model_len = min(
+            cfg.max_model_len or self.spec.max_position_embeddings, self.spec.max_position_embeddings
+        )
         self.prompts = PromptParser(self.tokenizer, self.spec.vocab_size, self.max_model_len, self.config.model)
         self.runner = ModelRunner(self.spec, self.dtype, self.device)
         self.store = self._make_store()
-        self.prefetch_table = self._find_table(prefetch_table)
+        self.prefetch_table = self._find_table(cfg.prefetch_table)
         self.predictor = make_predictor(self.spec, self.prefetch_table)
         self.routing: RoutingRecording | None = None  # set by record_routing()
         # Benchmarks only: a real model's routing replaces the router's choices (never on by default).
-        self.replay = make_replay(self.spec, routing_replay, seed)
-        self.record_timeline = record_timeline
+        self.replay = make_replay(self.spec, cfg.routing_replay, seed)
+        self.record_timeline = cfg.record_timeline
         self.sampler = Sampler()
         self.last_stats: dict[str, Any] = {}
         self.plan_stats: dict[str, Any] = {}  # the planner's prediction for the last run
@@ -130,8 +128,12 @@ class LLM:
         return Policy(batch_size=bs, num_batches=n, num_hot=k, schedule=self.schedule.name, placement=placement)
 
     # -- requests ------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Generate a completion for every prompt; outputs come back in the prompts' order."""
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
@@ -141,11 +143,16 @@ class LLM:
             requests.append((text, ids, p))
         return self._run(requests, use_tqdm)
 
-    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Generate replies to conversations, rendered with the checkpoint's chat template."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.chat_prompt(conv, add_generation_prompt) for conv in conversations]
+        conversations = cast(list[list[dict]], [messages] if messages and isinstance(messages[0], dict) else messages)
+        prompts: list[Prompt] = [self.chat_prompt(conv, add_generation_prompt) for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> dict[str, Any]:

@@ -39,7 +39,8 @@ class PromptParser:
         return TokenizedPrompt(text, ids)
 
     def tokenize(self, prompt: Prompt, where: str = "prompt") -> TokenizedPrompt:
-        """(text, ids) of a string, {"prompt": ...} or {"prompt_token_ids": [...]}; ids checked against the vocabulary."""
+        """(text, ids) of a string, {"prompt": ...} or {"prompt_token_ids": [...]}; ids checked against the
+        vocabulary."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
@@ -47,7 +48,9 @@ class PromptParser:
                     raise ParameterError(f"{where}: prompt_token_ids must be a list of integers")
                 bad = [t for t in ids if not 0 <= t < self.vocab_size]
                 if bad:
-                    raise ParameterError(f"{where}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+                    raise ParameterError(
+                        f"{where}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
+                    )
                 return TokenizedPrompt(prompt.get("prompt"), list(ids))
             if "prompt" not in prompt:
                 raise KlotskiError(f"{where}: a prompt dict needs 'prompt' or 'prompt_token_ids'")

@@ -110,16 +110,15 @@ def _normalize_stop(stop) -> tuple[str, ...]:
     """Turn None / one string / a list of strings into a tuple of non-empty, valid UTF-8 strings."""
     if stop is None:
         return ()
-    if isinstance(stop, (str, bytes)) or not isinstance(stop, Iterable):
-        stops = (stop,)
-    else:
-        stops = tuple(stop)
-    for s in stops:
+    single = isinstance(stop, (str, bytes)) or not isinstance(stop, Iterable)
+    stops: list[str] = []
+    for s in (stop,) if single else tuple(stop):
         if not isinstance(s, str) or not s:
             raise ParameterError(f"SamplingParams: stop must be non-empty strings, got {s!r:.60}", "stop")
         if not is_utf8(s):
             raise ParameterError(f"SamplingParams: stop string {s!r:.60} is not valid UTF-8 text", "stop")
-    return stops
+        stops.append(s)
+    return tuple(stops)
 
 
 def is_utf8(text: str) -> bool:
@@ -154,8 +153,8 @@ def _problems(p: SamplingParams, vocab_size: int | None) -> list[tuple[str, str]
         checks += [
             ("logprobs", p.logprobs is None or p.logprobs <= vocab_size,
              f"logprobs={p.logprobs} is more than the model's vocabulary ({vocab_size} tokens): ask for fewer"),
-            ("stop_token_ids", all(t < vocab_size for t in p.stop_token_ids),
-             f"stop_token_ids {[t for t in p.stop_token_ids if t >= vocab_size][:3]} are outside the vocabulary "
+            ("stop_token_ids", all(t < vocab_size for t in p.stop_token_ids or ()),
+             f"stop_token_ids {[t for t in p.stop_token_ids or () if t >= vocab_size][:3]} are outside the vocabulary "
              f"(0..{vocab_size - 1})"),
         ]
     return [(name, message) for name, ok, message in checks if not ok]
@@ -185,10 +184,11 @@ class SampleResult:
 
     def logprob_dict(self, row: int) -> dict[int, float] | None:
         """vLLM's per-token logprobs entry: the top-N tokens plus the sampled one."""
-        if self.logprobs[row] is None:
+        logprob = self.logprobs[row]
+        if logprob is None:
             return None
         entry = dict(self.top_logprobs[row] or ())
-        entry[int(self.token_ids[row])] = self.logprobs[row]
+        entry[int(self.token_ids[row])] = logprob
         return entry
 
 
@@ -197,7 +197,7 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None],
-               suppress_ids: list[Sequence[int]] | None = None) -> SampleResult:
+               suppress_ids: Sequence[Sequence[int]] | None = None) -> SampleResult:
         """Token ids [B] from logits [B, V]; each row's suppress_ids are never picked (min_tokens)."""
         if not (logits.dim() == 2 and len(params) == len(generators) == logits.shape[0]):
             raise ValueError("logits must be [B, V] with one SamplingParams and generator per row")
@@ -212,7 +212,7 @@ class Sampler:
         return _with_logprobs(raw, token_ids, params)
 
 
-def _suppress(logits: torch.Tensor, suppress_ids: list[Sequence[int]] | None) -> torch.Tensor:
+def _suppress(logits: torch.Tensor, suppress_ids: Sequence[Sequence[int]] | None) -> torch.Tensor:
     """Set the listed ids of each row to -inf (a copy): used to hold back EOS before min_tokens."""
     if not suppress_ids or not any(suppress_ids):
         return logits
@@ -276,6 +276,8 @@ def _with_logprobs(raw: torch.Tensor, token_ids: torch.Tensor,
     chosen = logprobs.gather(1, token_ids[wanted].unsqueeze(1)).squeeze(1)  # [W]
     for j, row in enumerate(wanted):
         result.logprobs[row] = float(chosen[j])
-        values, ids = logprobs[j].topk(min(params[row].logprobs, logprobs.shape[1]))
+        top = params[row].logprobs
+        assert top is not None  # `wanted` holds the rows that asked
+        values, ids = logprobs[j].topk(min(top, logprobs.shape[1]))
         result.top_logprobs[row] = list(zip(ids.tolist(), values.tolist()))
     return result

@@ -16,7 +16,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, processors
+from tokenizers import AddedToken, decoders, models, normalizers, processors
+from tokenizers import Tokenizer as HFTokenizer
 
 from klotski.errors import KlotskiError
 

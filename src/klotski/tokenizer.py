@@ -2,7 +2,7 @@
 
 Text goes through the `tokenizers` library's tokenizer.json directly. That is the object
 transformers' fast tokenizers wrap, so ids and decoded text are identical to
-`AutoTokenizer.from_pretrained(dir)`, without importing transformers at run time (~6 s here).
+`AutoTokenizer.from_pretrained(dir)`, without importing transformers at run time (seconds).
 The few behaviours transformers layers on top (named special tokens missing from tokenizer.json,
 chat templates) are mirrored here. Whether BOS/EOS are added is the tokenizer.json post-processor's
 call alone: transformers 5 ignores tokenizer_config's add_bos_token / add_eos_token when a
@@ -24,6 +24,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from klotski.errors import KlotskiError
 
 if TYPE_CHECKING:  # only for annotations: importing sampling pulls in torch (~2 s)
+    from klotski.outputs import FinishReason
     from klotski.sampling import SamplingParams
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -101,6 +102,11 @@ class Tokenizer:
         return cls(backend, config,
                    _read_json(directory / "generation_config.json"),
                    _pick_chat_template(directory, config))
+
+    @property
+    def backend(self) -> HFTokenizer:
+        """The `tokenizers` library's tokenizer (tokenizer.json as loaded, special tokens added)."""
+        return self._tok
 
     @property
     def vocab_size(self) -> int:
@@ -223,7 +229,8 @@ def collect_eos_ids(directory: str | Path, config_ids: Sequence[int] = (),
 
 
 class IncrementalDecoder:
-    """Detokenizes one sequence a token at a time, holding back incomplete UTF-8 pieces."""
+    """Detokenizes one sequence a token at a time (the `tokenizers` library's DecodeStream), holding
+    back byte pieces of an incomplete UTF-8 character until it completes."""
 
     # Prompt tokens decoded as left context, so the first generated token keeps its leading space.
     CONTEXT_TOKENS = 5
@@ -232,32 +239,34 @@ class IncrementalDecoder:
                  skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        self._ids = list(prompt_token_ids)
-        # Text of ids[prefix:read] is already emitted; ids[read:] are not yet.
-        self._prefix = max(len(self._ids) - self.CONTEXT_TOKENS, 0)
-        self._read = len(self._ids)
+        self._context = list(prompt_token_ids)[-self.CONTEXT_TOKENS:]  # ids before the held-back ones
+        self._stream = decoders.DecodeStream(ids=self._context, skip_special_tokens=skip_special_tokens)
+        self._held: list[int] = []  # ids fed whose text is not complete yet
         self.text = ""
 
     def add(self, token_id: int) -> str:
         """Feed one token; return the newly complete text (may be "")."""
-        self._ids.append(token_id)
-        return self._emit(final=False)
+        delta = self._stream.step(self._tokenizer.backend, token_id)
+        if delta is None:
+            self._held.append(token_id)
+            return ""
+        self._advance(token_id)
+        self.text += delta
+        return delta
 
     def flush(self) -> str:
         """Emit whatever is held back (incomplete UTF-8 shows as U+FFFD), at sequence end."""
-        return self._emit(final=True)
-
-    def _emit(self, final: bool) -> str:
-        """Decode the window, emit text past the already-emitted prefix, and advance offsets."""
-        prefix_text = self._tokenizer.decode(self._ids[self._prefix:self._read], self._skip)
-        full_text = self._tokenizer.decode(self._ids[self._prefix:], self._skip)
-        # A trailing U+FFFD means the last byte-level piece is an incomplete character: wait.
-        if len(full_text) <= len(prefix_text) or (full_text.endswith("\ufffd") and not final):
+        if not self._held:
             return ""
-        delta = full_text[len(prefix_text):]
-        self._prefix, self._read = self._read, len(self._ids)
+        prefix = self._tokenizer.decode(self._context, self._skip)
+        delta = self._tokenizer.decode(self._context + self._held, self._skip)[len(prefix):]
+        self._advance()
         self.text += delta
         return delta
+
+    def _advance(self, *emitted: int) -> None:
+        self._context = (self._context + self._held + list(emitted))[-self.CONTEXT_TOKENS:]
+        self._held = []
 
 
 def find_stop_string(text: str, new_chars: int, stop: Sequence[str],
@@ -283,7 +292,7 @@ class StopState:
     """Where a sequence stands after its latest token."""
 
     finished: bool
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     stop_reason: str | int | None
     text: str
 
@@ -318,7 +327,7 @@ class StopChecker:
                 reason, self.text = "stop", self.text if cut == -1 else self.text[:cut]
         return StopState(reason is not None, reason, stop_reason, self.text)
 
-    def _token_stop(self, token_id: int) -> tuple[str | None, int | None]:
+    def _token_stop(self, token_id: int) -> tuple[FinishReason | None, int | None]:
         """vLLM's token-level check: length first, then min_tokens, EOS, stop_token_ids."""
         count, p = len(self.token_ids), self.params
         if count >= p.max_tokens:

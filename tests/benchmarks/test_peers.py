@@ -44,7 +44,11 @@ def test_bounds_use_the_fastest_disk_rate_a_klotski_run_showed():
     config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_local_experts": 4,
               "num_experts_per_tok": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}
     args = Namespace(prompt_len=4, gen_len=2, weights_bytes=10e9, cap=4e9)
-    figures = {"disk_gbps_samples": [1.0, 1.5], "matmul_gflops_bfloat16": {"64": 1e3}, "matmul_gflops_float32": {"64": 1e2}}
+    figures = {
+        "disk_gbps_samples": [1.0, 1.5],
+        "matmul_gflops_bfloat16": {"64": 1e3},
+        "matmul_gflops_float32": {"64": 1e2},
+    }
     runs = [{"engine": "llama.cpp", "sequences": 1, "bytes_read": 90e9, "wall_s": 10.0},  # load + warmup reads
             {"engine": "klotski", "sequences": 1, "bytes_read": 20e9, "wall_s": 10.0},
             {"engine": "klotski", "error": "rc=137"}]

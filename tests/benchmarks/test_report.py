@@ -14,8 +14,16 @@ def test_prompts_are_deterministic_and_avoid_special_ids():
 
 
 def test_the_bound_never_assumes_a_disk_slower_than_a_run_read():
-    ctx = run.Context(None, None, None, cap=3 << 30, device_budget=2 << 30, spec=SPEC, weights_bytes=6_000_000_000,
-                      machine={"disk_gbps": 1.0, "matmul_gflops_float32": {"64": 10.0}, "matmul_gflops_bfloat16": {"64": 1e6}})
+    ctx = run.Context(
+        None,
+        None,
+        None,
+        cap=3 << 30,
+        device_budget=2 << 30,
+        spec=SPEC,
+        weights_bytes=6_000_000_000,
+        machine={"disk_gbps": 1.0, "matmul_gflops_float32": {"64": 10.0}, "matmul_gflops_bfloat16": {"64": 1e6}},
+    )
     work = Workload("w", 4, 8, 2, "")
     rows = [run._score(ctx, {"workload": "w", "tokens_per_s": 1.0, "wall_s": 10.0, "forward_steps": 2,
                              "bytes_read": 30e9}, work)]
@@ -31,8 +39,16 @@ def test_the_bound_never_assumes_a_disk_slower_than_a_run_read():
 
 
 def test_lower_bound_is_the_larger_of_io_and_compute():
-    ctx = run.Context(None, None, None, cap=3 << 30, device_budget=1 << 30, spec=SPEC, weights_bytes=6_000_000_000,
-                      machine={"disk_gbps": 1.0, "matmul_gflops_float32": {"64": 10.0}, "matmul_gflops_bfloat16": {"64": 100.0}})
+    ctx = run.Context(
+        None,
+        None,
+        None,
+        cap=3 << 30,
+        device_budget=1 << 30,
+        spec=SPEC,
+        weights_bytes=6_000_000_000,
+        machine={"disk_gbps": 1.0, "matmul_gflops_float32": {"64": 10.0}, "matmul_gflops_bfloat16": {"64": 100.0}},
+    )
     work = Workload("w", 4, 8, 2, "")
     b = run.lower_bound(ctx, work, steps=2)
     assert b["bytes_must_read"] == 2 * (6_000_000_000 - (3 << 30))

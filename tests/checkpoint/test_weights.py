@@ -51,34 +51,62 @@ def _write_index(path: Path, weight_map: dict) -> None:
 
 # name -> (damage, words)
 DAMAGE = {
-    "int8-weight": (lambda p: _rewrite(p, lambda t: t.__setitem__(EXPERT, t[EXPERT].to(torch.int8))),
-                    "is stored as I8; klotski runs BF16, F16 or F32 weights"),
+    "int8-weight": (
+        lambda p: _rewrite(p, lambda t: t.__setitem__(EXPERT, t[EXPERT].to(torch.int8))),
+        "is stored as I8; klotski runs BF16, F16 or F32 weights",
+    ),
     "fp64-weight": (lambda p: _rewrite(p, lambda t: t.__setitem__(EXPERT, t[EXPERT].double())), "is stored as F64"),
-    "fp8-weight": (lambda p: _rewrite(p, lambda t: t.__setitem__(EXPERT, t[EXPERT].to(torch.float8_e4m3fn))),
-                       "has dtype F8_E4M3, which klotski does not run"),
-    "layer-config-lacks": (lambda p: _edit_config(p, num_hidden_layers=1),
-                           "has weights for layer 1, which config.json does not have (1 layers"),
-    "expert-config-lacks": (lambda p: _rewrite(p, lambda t: t.__setitem__(
-        "model.layers.1.block_sparse_moe.experts.8.w1.weight", t[EXPERT].clone())),
-                            "has weights for expert 8 of layer 1"),
-    "index-names-absent-tensor": (lambda p: _write_index(p, _shard(p, {"lm_head.weight"})
-                                                         | {"model.layers.0.extra.weight": "model-00002-of-00002.safetensors"}),
-                                  "lists tensor model.layers.0.extra.weight in model-00002-of-00002.safetensors, but no shard holds it"),
-    "index-names-wrong-shard": (lambda p: _write_index(p, _shard(p, {"lm_head.weight", "model.norm.weight"})
-                                                       | {"lm_head.weight": "model-00001-of-00002.safetensors"}),
-                                "lists tensor lm_head.weight in model-00001-of-00002.safetensors, but it is in"),
-    "index-non-string-file": (lambda p: _write_index(p, _shard(p, {"lm_head.weight"}) | {"lm_head.weight": 7}),
-                              "is corrupt"),
-    "index-path-outside": (lambda p: _write_index(p, _shard(p, {"lm_head.weight"})
-                                                  | {"lm_head.weight": "../model-00002-of-00002.safetensors"}),
-                           "file names in the checkpoint directory"),
-    "index-not-json": (lambda p: (_shard(p, set()), (p / "model.safetensors.index.json").write_bytes(b"\xff\xfe{")),
-                       "is corrupt"),
-    "overlapping-shards": (lambda p: (_write_index(p, _shard(p, {"lm_head.weight"})),
-                                      save_file(load_file(p / "model-00001-of-00002.safetensors")
-                                                | {"lm_head.weight": torch.zeros(512, 64)},
-                                                p / "model-00001-of-00002.safetensors")),
-                           "is in both"),
+    "fp8-weight": (
+        lambda p: _rewrite(p, lambda t: t.__setitem__(EXPERT, t[EXPERT].to(torch.float8_e4m3fn))),
+        "has dtype F8_E4M3, which klotski does not run",
+    ),
+    "layer-config-lacks": (
+        lambda p: _edit_config(p, num_hidden_layers=1),
+        "has weights for layer 1, which config.json does not have (1 layers",
+    ),
+    "expert-config-lacks": (
+        lambda p: _rewrite(
+            p, lambda t: t.__setitem__("model.layers.1.block_sparse_moe.experts.8.w1.weight", t[EXPERT].clone())
+        ),
+        "has weights for expert 8 of layer 1",
+    ),
+    "index-names-absent-tensor": (
+        lambda p: _write_index(
+            p, _shard(p, {"lm_head.weight"}) | {"model.layers.0.extra.weight": "model-00002-of-00002.safetensors"}
+        ),
+        "lists tensor model.layers.0.extra.weight in model-00002-of-00002.safetensors, but no shard holds it",
+    ),
+    "index-names-wrong-shard": (
+        lambda p: _write_index(
+            p,
+            _shard(p, {"lm_head.weight", "model.norm.weight"}) | {"lm_head.weight": "model-00001-of-00002.safetensors"},
+        ),
+        "lists tensor lm_head.weight in model-00001-of-00002.safetensors, but it is in",
+    ),
+    "index-non-string-file": (
+        lambda p: _write_index(p, _shard(p, {"lm_head.weight"}) | {"lm_head.weight": 7}),
+        "is corrupt",
+    ),
+    "index-path-outside": (
+        lambda p: _write_index(
+            p, _shard(p, {"lm_head.weight"}) | {"lm_head.weight": "../model-00002-of-00002.safetensors"}
+        ),
+        "file names in the checkpoint directory",
+    ),
+    "index-not-json": (
+        lambda p: (_shard(p, set()), (p / "model.safetensors.index.json").write_bytes(b"\xff\xfe{")),
+        "is corrupt",
+    ),
+    "overlapping-shards": (
+        lambda p: (
+            _write_index(p, _shard(p, {"lm_head.weight"})),
+            save_file(
+                load_file(p / "model-00001-of-00002.safetensors") | {"lm_head.weight": torch.zeros(512, 64)},
+                p / "model-00001-of-00002.safetensors",
+            ),
+        ),
+        "is in both",
+    ),
 }
 
 

@@ -33,8 +33,20 @@ def write_jsonl(path, lines: list[str]) -> str:
 
 # -- outputs ------------------------------------------------------------------------------------
 def test_json_has_outputs_and_stats(capsys, tiny_mixtral):
-    code, out, _ = run_cli(capsys, "generate", "--model", str(tiny_mixtral), "--prompt", "Hello", "--prompt", "The river",
-                           "--max-tokens", "4", "--ignore-eos", "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_mixtral),
+        "--prompt",
+        "Hello",
+        "--prompt",
+        "The river",
+        "--max-tokens",
+        "4",
+        "--ignore-eos",
+        "--json",
+    )
     assert code == 0
     result = json.loads(out)
     assert [len(row["token_ids"]) for row in result["outputs"]] == [4, 4]
@@ -46,8 +58,19 @@ def test_output_jsonl_rows(capsys, tiny_mixtral, tmp_path):
     lines = ['{"id": "a", "prompt": "Hello"}', '{"messages": [{"role": "user", "content": "Hi"}]}',
              '{"prompt_token_ids": [0, 5, 9]}']
     out_file = tmp_path / "out.jsonl"
-    code, out, _ = run_cli(capsys, "generate", "--model", str(tiny_mixtral), "--input", write_jsonl(tmp_path / "in.jsonl", lines),
-                           "--output", str(out_file), "--max-tokens", "3", "--ignore-eos")
+    code, out, _ = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_mixtral),
+        "--input",
+        write_jsonl(tmp_path / "in.jsonl", lines),
+        "--output",
+        str(out_file),
+        "--max-tokens",
+        "3",
+        "--ignore-eos",
+    )
     assert code == 0 and "tok/s" in out
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "line-2", "line-3"]
@@ -103,8 +126,12 @@ def test_prompt_longer_than_context(capsys, tiny_mixtral, tmp_path):
 
 
 def test_malformed_jsonl_line_names_it_and_the_rest_run(capsys, tiny_mixtral, tmp_path):
-    lines = ['{"id": "first", "prompt": "Hello"}', '{"prompt": "unterminated', '{"id": "third", "prompt_token_ids": [0, 7]}',
-             '["not", "an", "object"]']
+    lines = [
+        '{"id": "first", "prompt": "Hello"}',
+        '{"prompt": "unterminated',
+        '{"id": "third", "prompt_token_ids": [0, 7]}',
+        '["not", "an", "object"]',
+    ]
     src, out_file = write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
     code, _, err = run_cli(capsys, "generate", "--model", str(tiny_mixtral), "--input", src, "--output", str(out_file),
                            "--max-tokens", "2")
@@ -119,7 +146,9 @@ def test_input_file_missing(capsys, tiny_mixtral, tmp_path):
 
 
 def test_bad_device_memory(capsys, tiny_mixtral):
-    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_mixtral), "--prompt", "Hello", "--device-memory", "12XB")
+    code, _, err = run_cli(
+        capsys, "generate", "--model", str(tiny_mixtral), "--prompt", "Hello", "--device-memory", "12XB"
+    )
     assert_clean_error(code, err, "cannot read device memory size '12XB'")
 
 

@@ -148,24 +148,36 @@ def test_seeded_result_matches_the_python_api(capsys, tiny_mixtral, tmp_path):
 
 
 BAD_LINES = {  # kind: (raw line, expected error code)
-    "malformed JSON": ('{"custom_id": "j", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}',
-                       "invalid_json"),
-    "invalid UTF-8": (b'{"custom_id": "u", "method": "POST", "url": "/v1/completions", "body": {"prompt": "\xff\xfe"}}',
-                      "invalid_utf8"),
+    "malformed JSON": (
+        '{"custom_id": "j", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}',
+        "invalid_json",
+    ),
+    "invalid UTF-8": (
+        b'{"custom_id": "u", "method": "POST", "url": "/v1/completions", "body": {"prompt": "\xff\xfe"}}',
+        "invalid_utf8",
+    ),
     "lone surrogate": (line("s", {"prompt": "\ud800"}), "invalid_unicode"),  # json.dumps writes the \\ud800 escape
-    "NaN": ('{"custom_id": "nan", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "temperature": NaN}}',
-            "invalid_json"),
+    "NaN": (
+        '{"custom_id": "nan", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "temperature": NaN}}',
+        "invalid_json",
+    ),
     "deep nesting": ('{"custom_id": "deep", "body": ' + "[" * 100000 + "]" * 100000 + "}", "invalid_json"),
     "not an object": ('["custom_id", "x"]', "invalid_line"),
     "no custom_id": ('{"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}', "invalid_custom_id"),
-    "custom_id not a string": ('{"custom_id": 7, "method": "POST", "url": "/v1/completions", "body": {}}',
-                               "invalid_custom_id"),
+    "custom_id not a string": (
+        '{"custom_id": 7, "method": "POST", "url": "/v1/completions", "body": {}}',
+        "invalid_custom_id",
+    ),
     "duplicate custom_id": (line("good-0", {"prompt": "again"}), "duplicate_custom_id"),
-    "GET": (json.dumps({"custom_id": "get", "method": "GET", "url": COMPLETIONS, "body": {"prompt": "x"}}),
-            "unsupported_method"),
+    "GET": (
+        json.dumps({"custom_id": "get", "method": "GET", "url": COMPLETIONS, "body": {"prompt": "x"}}),
+        "unsupported_method",
+    ),
     "unknown url": (line("url", {"input": "x"}, "/v1/embeddings"), "unknown_url"),
-    "unknown line field": (json.dumps({"custom_id": "lf", "method": "POST", "url": COMPLETIONS, "body": {},
-                                       "priority": 1}), "unknown_field"),
+    "unknown line field": (
+        json.dumps({"custom_id": "lf", "method": "POST", "url": COMPLETIONS, "body": {}, "priority": 1}),
+        "unknown_field",
+    ),
     "no body": (json.dumps({"custom_id": "nb", "method": "POST", "url": COMPLETIONS}), "missing_field"),
     "unknown body field": (line("bf", {"prompt": "x", "temprature": 0.5}), "unknown_field"),
     "unsupported field": (line("lb", {"prompt": "x", "logit_bias": {"5": 100}}), "unsupported_field"),
@@ -179,7 +191,7 @@ BAD_LINES = {  # kind: (raw line, expected error code)
     "prompt longer than the context": (line("long", {"prompt": list(range(5, 105))}), "context_length_exceeded"),
     "completion past the context": (line("ctx", {"prompt": [5, 6], "max_tokens": 100}), "context_length_exceeded"),
     "empty prompt": (line("empty", {"prompt": []}), "invalid_prompt"),
-    "token outside the vocabulary": (line("vocab", {"prompt": [1, 10 ** 6]}), "invalid_prompt"),
+    "token outside the vocabulary": (line("vocab", {"prompt": [1, 10**6]}), "invalid_prompt"),
     "stream": (line("stream", {"prompt": "x", "stream": True}), "invalid_value"),
     "bad chat role": (line("role", {"messages": [{"role": "robot", "content": "x"}]}, CHAT), "invalid_value"),
 }
@@ -188,8 +200,10 @@ BAD_LINES = {  # kind: (raw line, expected error code)
 def test_bad_lines_get_error_records_and_the_job_goes_on(capsys, tiny_mixtral, tmp_path):
     assert len(BAD_LINES) >= 20
     lines: list[str | bytes] = []
-    good = [line(f"good-{i}", {"prompt": "The river", "max_tokens": 2, "temperature": 0}) for i in range(len(BAD_LINES))]
-    for (kind, (raw, _)), ok in zip(BAD_LINES.items(), good):
+    good = [
+        line(f"good-{i}", {"prompt": "The river", "max_tokens": 2, "temperature": 0}) for i in range(len(BAD_LINES))
+    ]
+    for (_kind, (raw, _)), ok in zip(BAD_LINES.items(), good):
         lines += [ok, raw]
     lines.insert(3, "")  # a blank line is skipped, not an error
     src, dst = write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"

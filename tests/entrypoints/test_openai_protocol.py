@@ -1,4 +1,6 @@
-"""The OpenAI wire format: bodies validate strictly, map onto SamplingParams, and responses parse with openai's types."""
+"""The OpenAI wire format: bodies validate strictly, map onto SamplingParams, and responses parse with
+openai's types."""
+
 from __future__ import annotations
 
 import pytest
@@ -94,8 +96,12 @@ def test_sampling_settings_map_every_field():
     assert p.stop == ("\n",) and p.ignore_eos and p.logprobs == 2
     assert (s.n, s.echo, s.logprobs, s.prompt_logprobs, s.max_tokens) == (2, True, 2, 2, 5)
     defaults = settings(COMPLETIONS_URL, {"prompt": "x"})
-    assert (defaults.params.temperature, defaults.params.max_tokens, defaults.logprobs, defaults.echo) == (1.0, 16, None,
-                                                                                                           False)
+    assert (defaults.params.temperature, defaults.params.max_tokens, defaults.logprobs, defaults.echo) == (
+        1.0,
+        16,
+        None,
+        False,
+    )
     chat = settings(CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, prompt_lens=(10,))
     assert chat.max_tokens == 54 and chat.logprobs == 0  # up to the context, as vLLM
     assert settings(CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
@@ -193,7 +199,9 @@ def test_completion_bodies_validate_with_openai_types(llm, body):
                                token_text=token_text(llm), system_fingerprint="fp")
     parsed = Completion.model_validate(built)
     n_prompts = len(op.request_prompts(req))
-    assert len(parsed.choices) == n_prompts * s.n and [c.index for c in parsed.choices] == list(range(len(built["choices"])))
+    assert len(parsed.choices) == n_prompts * s.n and [c.index for c in parsed.choices] == list(
+        range(len(built["choices"]))
+    )
     assert parsed.usage.prompt_tokens == sum(len(o.prompt_token_ids) for o in outputs)
     assert parsed.usage.completion_tokens == n_prompts * s.n * s.max_tokens  # random weights rarely hit EOS
     for choice, sample in zip(parsed.choices, [c for o in outputs for c in o.outputs]):
@@ -221,7 +229,9 @@ def test_chat_body_validates_with_openai_types(llm):
     from klotski.outputs import RequestOutput
 
     out = RequestOutput("x", rendered["prompt"], rendered["prompt_token_ids"], samples, True)
-    built = op.chat_completion_body([out], s, model="tiny", id=op.response_id(req, "k"), created=1, token_text=token_text(llm))
+    built = op.chat_completion_body(
+        [out], s, model="tiny", id=op.response_id(req, "k"), created=1, token_text=token_text(llm)
+    )
     parsed = ChatCompletion.model_validate(built)
     assert [c.message.role for c in parsed.choices] == ["assistant", "assistant"]
     assert parsed.id.startswith("chatcmpl-") and parsed.object == "chat.completion"

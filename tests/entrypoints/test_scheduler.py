@@ -100,7 +100,10 @@ def test_echo_scores_every_prompt_position(tiny_mixtral, reference):
             assert abs(entries[j][tokens[j]] - float(expect[j - 1, tokens[j]])) < 1e-4
             top = expect[j - 1].topk(3).indices.tolist()
             assert set(top) <= set(entries[j])
-        assert h.token_ids == reference.generate([prompt], SamplingParams(temperature=0, max_tokens=2))[0].outputs[0].token_ids
+        assert (
+            h.token_ids
+            == reference.generate([prompt], SamplingParams(temperature=0, max_tokens=2))[0].outputs[0].token_ids
+        )
 
 
 def test_cancel_frees_the_slot_and_a_full_queue_refuses(tiny_mixtral):

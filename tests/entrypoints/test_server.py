@@ -71,7 +71,8 @@ def _specs() -> list[Spec]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_mixtral):
-    """Each distinct request run alone through LLM.generate: (texts, token ids, finish reasons, logprobs, prompt len)."""
+    """Each distinct request run alone through LLM.generate: (texts, token ids, finish reasons, logprobs,
+    prompt len)."""
     llm = LLM(str(tiny_mixtral))
     answers = {}
     threads = torch.get_num_threads()

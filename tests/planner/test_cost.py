@@ -8,8 +8,18 @@ import pytest
 import torch
 
 from klotski.models.spec import EXPERT, WeightKey
-from klotski.planner.cost import (BlockTimes, OpCosts, RoutingStats, block_times, first_cold_covered, gate_covered,
-                                  hot_covered, kv_cache_bytes, memory_model, next_attention_covered)
+from klotski.planner.cost import (
+    BlockTimes,
+    OpCosts,
+    RoutingStats,
+    block_times,
+    first_cold_covered,
+    gate_covered,
+    hot_covered,
+    kv_cache_bytes,
+    memory_model,
+    next_attention_covered,
+)
 from klotski.planner.profile import builtin_estimate
 from klotski.runtime.model import ModelRunner
 from klotski.runtime.schedule import get_schedule

@@ -91,7 +91,9 @@ def test_reads_slow_compute_by_the_profiles_contention(tiny_shape, io_bound):
     from klotski.planner.cost import OpCosts
 
     quiet = _run(tiny_shape, OpCosts(tiny_shape, io_bound, torch.float32), "klotski")
-    shared = dataclasses.replace(io_bound, compute_slowdown_under_io=2.0, disk_gbps_beside_compute=io_bound.disk_gbps / 1.5)
+    shared = dataclasses.replace(
+        io_bound, compute_slowdown_under_io=2.0, disk_gbps_beside_compute=io_bound.disk_gbps / 1.5
+    )
     loud = _run(tiny_shape, OpCosts(tiny_shape, shared, torch.float32), "klotski")
     assert loud.summary["compute_busy_s"] > quiet.summary["compute_busy_s"]
     assert loud.wall_s > quiet.wall_s

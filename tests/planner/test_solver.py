@@ -1,13 +1,12 @@
 """The solver: smallest n meeting the constraints, memory limits, and infeasible budgets."""
 from __future__ import annotations
 
-import pytest
-
-from klotski.errors import KlotskiError
 import dataclasses
 
+import pytest
 import torch
 
+from klotski.errors import KlotskiError
 from klotski.planner.cost import OpCosts, RoutingStats
 from klotski.planner.solver import Budgets, Solver, Workload
 

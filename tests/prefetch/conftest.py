@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from klotski.prefetch.table import CorrelationTable, bundled_table
 from klotski.prefetch.synthetic import sample_markov_trace
+from klotski.prefetch.table import CorrelationTable, bundled_table
 from klotski.prefetch.trace import RoutingTrace
 
 

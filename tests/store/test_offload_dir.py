@@ -59,9 +59,28 @@ def _subdir(model, off) -> Path:
 
 
 def _cli(model, off, *extra) -> list[str]:
-    return [sys.executable, "-m", "klotski", "generate", "--model", str(model), "--offload-dir", str(off),
-            "--device-memory", "420KB", "--batch-size", "2", "--num-batches", "2", "--max-tokens", "5",
-            "--ignore-eos", "--json", *extra, *[a for p in PROMPTS for a in ("--prompt", "x" * len(p["prompt_token_ids"]))]]
+    return [
+        sys.executable,
+        "-m",
+        "klotski",
+        "generate",
+        "--model",
+        str(model),
+        "--offload-dir",
+        str(off),
+        "--device-memory",
+        "420KB",
+        "--batch-size",
+        "2",
+        "--num-batches",
+        "2",
+        "--max-tokens",
+        "5",
+        "--ignore-eos",
+        "--json",
+        *extra,
+        *[a for p in PROMPTS for a in ("--prompt", "x" * len(p["prompt_token_ids"]))],
+    ]
 
 
 def _env() -> dict:

@@ -185,10 +185,10 @@ def _in_thread(fn):
 def _manual_store(model, tmp_path, room_of):
     """A TieredStore with every unit on disk, room for exactly one `room_of` unit, and hand-driven lanes."""
     from klotski.checkpoint.reader import Checkpoint
-    from klotski.timeline import Timeline
     from klotski.store.offload import OffloadDir
     from klotski.store.pool import TierPool
     from klotski.store.tiered import TieredStore
+    from klotski.timeline import Timeline
 
     ckpt = Checkpoint.open(model)
     offload = OffloadDir.prepare(ckpt, tmp_path / "off")

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from klotski.config import DTYPES
 from klotski.errors import KlotskiError
 
@@ -31,24 +33,17 @@ def create_model(out: str | Path, family: str, preset: str | None = None, layers
     else:
         special = write_tokenizer(out, config["vocab_size"])  # the tokenizer decides bos/eos ids
     config |= {k: special[k] for k in ("bos_token_id", "eos_token_id")}
-    bar = _progress_bar(config, DTYPES[dtype]) if progress else None
-    write_checkpoint(out, config, DTYPES[dtype], seed, bar)
-    if bar is not None:
-        print(file=sys.stderr)
+    with _progress_bar(config, DTYPES[dtype], progress) as bar:
+        write_checkpoint(out, config, DTYPES[dtype], seed, bar.update)
     gen = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return out
 
 
-def _progress_bar(config: dict, dtype):
-    from klotski.checkpoint.writer import plan_tensors, _numel
+def _progress_bar(config: dict, dtype, enabled: bool) -> tqdm:
+    """Bytes written of the whole checkpoint (disabled: a bar that prints nothing)."""
+    from klotski.checkpoint.writer import _numel, plan_tensors
     from klotski.models import spec_from_config
 
     total = sum(_numel(s) for _, s in plan_tensors(spec_from_config(config))) * dtype.itemsize
-    done = [0]
-
-    def tick(nbytes: int) -> None:
-        done[0] += nbytes
-        print(f"\rwriting {done[0] / 1e9:6.2f} / {total / 1e9:.2f} GB", end="", file=sys.stderr, flush=True)
-
-    return tick
+    return tqdm(total=total, unit="B", unit_scale=True, desc="writing", file=sys.stderr, disable=not enabled)

@@ -70,7 +70,9 @@ def _tensor_ref(path: Path, size: int, base: int, name: str, info) -> TensorRef:
         dtype_name, shape = info["dtype"], tuple(int(d) for d in info["shape"])
         start, end = (int(o) for o in info["data_offsets"])
     except (TypeError, KeyError, ValueError):
-        raise CheckpointError(f"{path}: the header entry of tensor {name} is corrupt ({info!r}); re-download it") from None
+        raise CheckpointError(
+            f"{path}: the header entry of tensor {name} is corrupt ({info!r}); re-download it"
+        ) from None
     if dtype_name not in DTYPES:
         raise CheckpointError(f"{path}: tensor {name} has dtype {dtype_name}, which klotski does not run "
                               f"(weights must be {WEIGHT_DTYPE_NAMES}); convert the checkpoint to bf16 first")
@@ -137,7 +139,7 @@ class Checkpoint:
     dtype: torch.dtype  # the dominant floating dtype of the weights
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Checkpoint":
+    def open(cls, path: str | os.PathLike) -> Checkpoint:
         """Parse config.json and the safetensors headers; check every unit against config.json."""
         path = Path(path)
         config = load_config(path)
@@ -217,8 +219,10 @@ def safetensors_files(path: Path) -> list[Path]:
             raise CheckpointError(f"{index} is corrupt ({exc}); re-download it") from None
         bad = [n for n in names if not isinstance(n, str) or not n or Path(n).name != n]
         if bad or not all(isinstance(k, str) for k in weight_map):
-            raise CheckpointError(f"{index} is corrupt: its weight_map must map tensor names to file names in "
-                                  f"the checkpoint directory (got {(bad or list(weight_map))[0]!r:.60}); re-download it")
+            raise CheckpointError(
+                f"{index} is corrupt: its weight_map must map tensor names to file names in "
+                f"the checkpoint directory (got {(bad or list(weight_map))[0]!r:.60}); re-download it"
+            )
         files = [path / n for n in names]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -271,7 +275,9 @@ def _extra_layer(spec: ModelSpec, name: str) -> bool:
 def _split_fused(spec, units, fused: str, layer: int, ref: TensorRef, name: str) -> None:
     """Split a fused [E, ...] expert tensor into per-expert references (no data is read)."""
     if len(ref.shape) != 3 or ref.shape[0] != spec.num_experts:
-        raise CheckpointError(f"{name} has shape {list(ref.shape)}; expected [{spec.num_experts}, ..., ...] per config.json")
+        raise CheckpointError(
+            f"{name} has shape {list(ref.shape)}; expected [{spec.num_experts}, ..., ...] per config.json"
+        )
     for e in range(spec.num_experts):
         unit = units.setdefault(WeightKey(layer, EXPERT, e), {})
         if fused == "down":

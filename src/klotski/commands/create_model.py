@@ -8,7 +8,9 @@ from klotski.checkpoint.create import create_model
 
 def register(sub) -> None:
     p = sub.add_parser("create-model", help="write a random-weight checkpoint (tests, benchmarks, what-ifs)")
-    p.add_argument("--family", required=True, help="mixtral | qwen2_moe | qwen3_moe | deepseek_v2 | deepseek_v3 | olmoe")
+    p.add_argument(
+        "--family", required=True, help="mixtral | qwen2_moe | qwen3_moe | deepseek_v2 | deepseek_v3 | olmoe"
+    )
     p.add_argument("--preset", help="a shape: tiny (default) or a real model's, e.g. mixtral-8x7b")
     p.add_argument("--layers", type=int, help="number of layers (default: the preset's)")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")

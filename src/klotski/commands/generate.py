@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from klotski.config import EngineConfig
 from klotski.errors import KlotskiError, ParameterError
 
 
@@ -14,7 +15,9 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate completions for many prompts")
     p.add_argument("--model", help="checkpoint directory (default: the built-in Shakespeare-trained Mixtral)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--input", help='JSONL: {"prompt": ...} | {"messages": [...]} | {"prompt_token_ids": [...]}, optional "id"')
+    p.add_argument(
+        "--input", help='JSONL: {"prompt": ...} | {"messages": [...]} | {"prompt_token_ids": [...]}, optional "id"'
+    )
     p.add_argument("--output", help="write one JSON line per input: id, text, token_ids, finish_reason")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--min-tokens", type=int, default=0)
@@ -25,44 +28,39 @@ def register(sub) -> None:
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--logprobs", type=int, default=None, help="top-N logprobs per generated token")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16 | float16")
+    add_config_flags(p, "dtype", "replay")
     p.add_argument("--json", action="store_true", help='print {"outputs": [...], "stats": {...}}')
     p.add_argument("--record-routing", help="write every token's experts to FILE.npz (a routing trace)")
-    p.add_argument("--routing-replay", metavar="SOURCE",
-                   help="benchmarks only: replace the router's choices with routing sampled from a real table "
-                        "(mixtral-8x7b | mixtral-8x22b | TABLE.json) or replayed from TRACE.npz")
     add_engine_flags(p)
     p.set_defaults(handler=run)
 
 
+def add_config_flags(p, *groups: str) -> None:
+    """One flag per EngineConfig field of these groups: --field-name, the field's default and help."""
+    for f, flag in EngineConfig.flags(*groups):
+        name = "--" + f.name.replace("_", "-")
+        if flag.action:
+            p.add_argument(name, action=flag.action, default=f.default, help=flag.help)
+        else:
+            p.add_argument(name, default=f.default, type=flag.type, metavar=flag.metavar, help=flag.help)
+
+
 def add_policy_flags(p) -> None:
     """Schedule, bs, n and K: what the planner chooses unless these fix it (generate, plan)."""
-    p.add_argument("--schedule", default="klotski", help="sequential | overlap | multibatch | hot | klotski")
-    p.add_argument("--batch-size", type=int, help="bs: sequences per batch (default: the planner's)")
-    p.add_argument("--num-batches", type=int, help="n: batches sharing each loaded layer (default: the planner's)")
-    p.add_argument("--num-hot", type=int, help="K: hot experts prefetched per layer, the paper's fixed top-K "
-                   "(default: adaptive, the experts the group uses with p >= 0.9; 0: none)")
+    add_config_flags(p, "policy")
 
 
 def add_engine_flags(p) -> None:
-    """Budget, placement and schedule flags shared by the commands that run the engine."""
-    p.add_argument("--device-memory", help="device memory budget, e.g. 20GiB (CPU-only: RAM used as the device)")
-    p.add_argument("--host-memory", help="host memory budget, e.g. 64GiB")
-    p.add_argument("--offload-dir", help="directory for the repacked expert blobs (disk tier)")
-    add_policy_flags(p)
-    p.add_argument("--prefetch-table", help="correlation table (ours, or the authors' JSON) driving hot-expert prefetch")
+    """Budget, placement, schedule and prefetch flags shared by the commands that run the engine, and
+    the timeline outputs."""
+    add_config_flags(p, "budget", "engine", "policy")
     p.add_argument("--trace", help="write the timeline as Chrome trace JSON (opens in Perfetto)")
     p.add_argument("--timeline", help="draw the timeline's lanes to a PNG (needs matplotlib)")
-    p.add_argument("--check-weights", action="store_true",
-                   help="check every weight for NaN / inf as it is loaded (one more pass over the weights; "
-                        "weights repacked into the offload dir are always checked)")
 
 
 def engine_kwargs(args) -> dict:
-    """LLM(...) keyword arguments from the shared engine flags."""
-    return {"device_memory": args.device_memory, "host_memory": args.host_memory, "offload_dir": args.offload_dir,
-            "schedule": args.schedule, "batch_size": args.batch_size, "num_batches": args.num_batches,
-            "num_hot": args.num_hot, "prefetch_table": args.prefetch_table, "check_weights": args.check_weights}
+    """LLM(...) keyword arguments from the flags add_engine_flags added."""
+    return {f.name: getattr(args, f.name) for f, _ in EngineConfig.flags("budget", "engine", "policy")}
 
 
 def read_jsonl(path: str) -> tuple[list[tuple[int, dict]], list[str]]:
@@ -95,7 +93,9 @@ def read_jsonl(path: str) -> tuple[list[tuple[int, dict]], list[str]]:
                 errors.append(f"{path}:{n}: nested too deeply to read; this line was skipped")
                 continue
             if not isinstance(record, dict) or not ({"prompt", "messages", "prompt_token_ids"} & set(record)):
-                errors.append(f'{path}:{n}: expected an object with "prompt", "messages" or "prompt_token_ids"; skipped')
+                errors.append(
+                    f'{path}:{n}: expected an object with "prompt", "messages" or "prompt_token_ids"; skipped'
+                )
                 continue
             records.append((n, record))
     return records, errors

@@ -19,7 +19,7 @@ _LOGITS_BYTES = 256 << 20
 
 
 def register(sub) -> None:
-    from klotski.commands.generate import add_engine_flags
+    from klotski.commands.generate import add_config_flags, add_engine_flags
 
     p = sub.add_parser("perplexity", help="perplexity of a text file under a checkpoint (windowed)")
     p.add_argument("--model", help="checkpoint directory (default: the built-in model)")
@@ -28,7 +28,7 @@ def register(sub) -> None:
     p.add_argument("--stride", type=int, help="tokens between window starts (default: window - 1, so every "
                    "token after the first is scored once; smaller strides give scored tokens more context)")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the file")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16 | float16")
+    add_config_flags(p, "dtype")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     add_engine_flags(p)
     p.set_defaults(handler=run)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from klotski.commands.generate import add_policy_flags
+from klotski.commands.generate import add_config_flags, add_policy_flags
 from klotski.config import parse_bytes
 from klotski.errors import KlotskiError
 from klotski.runtime.compute_dtype import resolve_dtype
@@ -24,7 +24,7 @@ def _model_flags(p) -> None:
     p.add_argument("--model", help="checkpoint directory (only its config.json is read)")
     p.add_argument("--preset", help="a model's shapes by name instead, e.g. mixtral-8x7b, mixtral-8x22b")
     p.add_argument("--layers", type=int, help="with --preset: number of layers")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto (checkpoint's on CUDA, fp32 on CPU) | ...")
+    add_config_flags(p, "dtype")
 
 
 def _register_profile(sub) -> None:
@@ -42,8 +42,7 @@ def _register_profile(sub) -> None:
 def _register_plan(sub) -> None:
     p = sub.add_parser("plan", help="choose placement, bs, n and K and predict throughput (reads config.json only)")
     _model_flags(p)
-    p.add_argument("--device-memory", help="device memory budget, e.g. 24GiB (default: unlimited)")
-    p.add_argument("--host-memory", help="host memory budget, e.g. 256GiB (CPU-only: 0, the device is RAM)")
+    add_config_flags(p, "budget")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence")
     p.add_argument("--gen-len", type=int, default=32, help="generated tokens per sequence")
     p.add_argument("--num-prompts", type=int, help="how many prompts (default: one batch group of the plan's size)")
@@ -78,8 +77,15 @@ def _device(name: str) -> str:
 # -- profile -------------------------------------------------------------------------------------
 def run_profile(args) -> int:
     from klotski.planner.measure import CONTENTION_TOKENS, expert_call, measure_ops
-    from klotski.planner.profile import (HardwareProfile, cache_path, cached_profile, machine_id, measure_contention,
-                                         measure_disk, measure_host_to_device)
+    from klotski.planner.profile import (
+        HardwareProfile,
+        cache_path,
+        cached_profile,
+        machine_id,
+        measure_contention,
+        measure_disk,
+        measure_host_to_device,
+    )
 
     shape, device = _shape(args), _device(args.device)
     dtype = resolve_dtype(args.dtype, shape.weight_dtype, torch.device(device))
@@ -174,10 +180,12 @@ def format_report(report) -> str:
     lines.append("  expert layers: " + ", ".join(f"{t} {r}" for t, r in d["placement"]["expert_layers"].items())
                  + f"; KV cache on {m['kv_tier']}")
     budget = d["budgets"]
-    lines.append(f"memory: device peak {gib(m['device_peak'])} of {gib(budget['device']) if budget['device'] else 'unlimited'} "
-                 f"(weights {gib(m['weights']['device'])}, KV {gib(m['kv_cache'] * (m['kv_tier'] == 'device'))}, "
-                 f"in-flight {gib(m['inflight'])}, activations {gib(m['activations'])}); "
-                 f"host {gib(m['host_peak'])}; disk {gib(m['weights']['disk'])}")
+    lines.append(
+        f"memory: device peak {gib(m['device_peak'])} of {gib(budget['device']) if budget['device'] else 'unlimited'} "
+        f"(weights {gib(m['weights']['device'])}, KV {gib(m['kv_cache'] * (m['kv_tier'] == 'device'))}, "
+        f"in-flight {gib(m['inflight'])}, activations {gib(m['activations'])}); "
+        f"host {gib(m['host_peak'])}; disk {gib(m['weights']['disk'])}"
+    )
     if "predicted_tokens_per_s" in d:
         lines.append(f"predicted: {d['predicted_tokens_per_s']:.3f} tok/s; {d['predicted_wall_s']:.2f} s "
                      f"(prefill {d['predicted_prefill_s']:.2f} s); bubble ratio {d['predicted_bubble_ratio']:.3f} "

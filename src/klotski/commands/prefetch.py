@@ -11,8 +11,8 @@ from klotski.commands.generate import read_jsonl
 from klotski.errors import KlotskiError
 from klotski.prefetch import calibrate
 from klotski.prefetch.evaluate import METRICS, evaluate
-from klotski.prefetch.table import TABLE_FILENAME, CorrelationTable, load_table
 from klotski.prefetch.synthetic import sample_markov_trace
+from klotski.prefetch.table import TABLE_FILENAME, CorrelationTable, load_table
 from klotski.prefetch.trace import RoutingTrace, split
 
 TABLE_HELP = "a table from `klotski calibrate`, an authors' JSON, or mixtral-8x7b / mixtral-8x22b"

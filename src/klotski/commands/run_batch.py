@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from klotski.commands.generate import add_engine_flags, engine_kwargs
+from klotski.commands.generate import add_config_flags, add_engine_flags, engine_kwargs
 
 
 def register(sub) -> None:
@@ -20,11 +20,11 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True,
                    help="the results file (JSONL; OUT.meta.json beside it records the job, for resuming)")
     p.add_argument("--model", help="checkpoint directory (default: the built-in default model)")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16 | float16")
+    add_config_flags(p, "dtype")
     p.add_argument("--seed", type=int, default=0,
                    help="engine seed: a request without its own seed samples with one derived from this and its "
                         "custom_id (default 0)")
-    p.add_argument("--max-model-len", type=int, help="cap on prompt + generated tokens (default: the model's context)")
+    add_config_flags(p, "context")
     p.add_argument("--window", type=int, default=1024,
                    help="input lines read, sorted by prompt length and grouped at a time (default 1024; fixed for "
                         "the life of an output file)")

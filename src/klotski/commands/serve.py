@@ -4,15 +4,14 @@ from __future__ import annotations
 import signal
 import sys
 
-from klotski.commands.generate import add_engine_flags, engine_kwargs
+from klotski.commands.generate import add_config_flags, add_engine_flags, engine_kwargs
 from klotski.errors import KlotskiError
 
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI API (/v1/completions, /v1/chat/completions) over HTTP")
     p.add_argument("--model", help="checkpoint directory (default: the built-in Shakespeare-trained Mixtral)")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16 | float16")
-    p.add_argument("--max-model-len", type=int, help="context length served (default: the model's)")
+    add_config_flags(p, "dtype", "context")
     add_engine_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)

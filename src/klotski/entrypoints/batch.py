@@ -467,8 +467,11 @@ class BatchJob:
             self.progress.close()
             self.summary.wall_s = time.perf_counter() - start
             name = signal.Signals(stop.signum).name
-            print(f"klotski: {name}: stopped cleanly; {self.summary.already_done + self.summary.ok + self.summary.failed}"
-                  f" requests are in {self.output}. Resume with the same command.", file=self.err_stream)
+            print(
+                f"klotski: {name}: stopped cleanly; {self.summary.already_done + self.summary.ok + self.summary.failed}"
+                f" requests are in {self.output}. Resume with the same command.",
+                file=self.err_stream,
+            )
             raise
         except (KlotskiError, OSError) as exc:
             self.progress.close()

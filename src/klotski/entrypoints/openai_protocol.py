@@ -161,7 +161,9 @@ def parse_request(url: str, body: Any) -> Request:
         raise ProtocolError(f"url {url!r} is not served: use {COMPLETIONS_URL!r} or {CHAT_URL!r}",
                             code="unknown_url", param="url")
     if not isinstance(body, dict):
-        raise ProtocolError(f"the body must be a JSON object, got {_json_type(body)}", code="invalid_type", param="body")
+        raise ProtocolError(
+            f"the body must be a JSON object, got {_json_type(body)}", code="invalid_type", param="body"
+        )
     body = dict(body)
     for name in list(body):
         if name in _IGNORED:
@@ -533,8 +535,17 @@ def _chat_token(token: int, entry: dict[int, float] | None, top_n: int, token_te
                              for t, v in best]}
 
 
-def response_body(request: Request, outputs: list[RequestOutput], settings: RequestSettings, *, model: str,
-                  id: str, created: int, token_text: TokenText, system_fingerprint: str | None = None) -> dict[str, Any]:
+def response_body(
+    request: Request,
+    outputs: list[RequestOutput],
+    settings: RequestSettings,
+    *,
+    model: str,
+    id: str,
+    created: int,
+    token_text: TokenText,
+    system_fingerprint: str | None = None,
+) -> dict[str, Any]:
     """completion_body or chat_completion_body, whichever the request's endpoint answers with."""
     build = chat_completion_body if isinstance(request, ChatCompletionRequest) else completion_body
     return build(outputs, settings, model=model, id=id, created=created, token_text=token_text,

@@ -32,8 +32,8 @@ from klotski.errors import KlotskiError
 from klotski.layers.attention import KVBlock
 from klotski.runtime.generate import GroupBatch, Sequence, decode_step, prefill_step, sample_batch
 from klotski.runtime.pipeline import Pipeline
-from klotski.timeline import Timeline
 from klotski.sampling import SamplingParams
+from klotski.timeline import Timeline
 
 # B = sequences in a batch, L = KV capacity (positions), T = a prefill's valid tokens, V = vocab
 

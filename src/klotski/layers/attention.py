@@ -53,7 +53,9 @@ class StepInfo:
         return self.mask_cache[window]
 
 
-def write_kv(kv: KVBlock, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def write_kv(
+    kv: KVBlock, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Store this step's k/v [B, Hkv, S, d] at their positions; return the cache up to the longest row."""
     cap = kv.k.shape[2]
     # Padding tokens sit past their row's length; clamping keeps them in bounds, and whatever

@@ -8,10 +8,11 @@ from klotski.models.spec import ACTIVATIONS as ACTIVATION_NAMES
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias); a weight stored in another dtype (bf16 on CPU) is upcast transiently.
+    """x @ weight.T (+ bias), computed in x's dtype; a weight stored in another dtype is cast
+    transiently, so resident weights stay at their storage size.
 
-    Upcasting per matmul keeps resident weights at storage size; on this CPU bf16 weights upcast
-    to fp32 ran about twice as fast as bf16 matmul (ARCHITECTURE.md).
+    Which compute dtype that is comes from runtime/compute_dtype.py: with dtype="auto" on a CPU, the
+    faster of the weights' own dtype and fp32 over upcast weights, measured on the machine.
     """
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)

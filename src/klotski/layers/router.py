@@ -8,7 +8,9 @@ from klotski.models.spec import RouterSpec
 # T = tokens, E = experts, K = top_k, G = groups
 
 
-def route(spec: RouterSpec, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    spec: RouterSpec, logits: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k ids [T, K] and weights [T, K] (fp32) from router logits [T, E].
 
     Order as the references: score, (bias,) group mask, top-k, gather, renormalise, then scale.

@@ -3,7 +3,19 @@ and config.json field readers."""
 from __future__ import annotations
 
 from klotski.errors import CheckpointError
-from klotski.models.spec import ATTN, EMBED, EXPERT, HEAD, MOE, AttentionSpec, ModelSpec, NameRule, RopeSpec, WeightKey, rule
+from klotski.models.spec import (
+    ATTN,
+    EMBED,
+    EXPERT,
+    HEAD,
+    MOE,
+    AttentionSpec,
+    ModelSpec,
+    NameRule,
+    RopeSpec,
+    WeightKey,
+    rule,
+)
 
 # Names every family here uses (Llama-style layout).
 BASE_RULES: tuple[NameRule, ...] = (
@@ -41,7 +53,11 @@ DENSE_MLP_RULES: tuple[NameRule, ...] = tuple(
 
 def ffn_shapes(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
     """gate/up [I, H] and down [H, I] of a SwiGLU FFN."""
-    return {f"{prefix}gate_proj": (inter, hidden), f"{prefix}up_proj": (inter, hidden), f"{prefix}down_proj": (hidden, inter)}
+    return {
+        f"{prefix}gate_proj": (inter, hidden),
+        f"{prefix}up_proj": (inter, hidden),
+        f"{prefix}down_proj": (hidden, inter),
+    }
 
 
 def attention_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

@@ -25,7 +25,9 @@ def spec_from_config(config: dict) -> ModelSpec:
         family="mixtral",
         architecture="MixtralForCausalLM",
         attention=common.gqa_attention(config, sliding_window=config.get("sliding_window")),
-        router=RouterSpec(num_experts=common.need(config, "num_local_experts"), top_k=common.need(config, "num_experts_per_tok")),
+        router=RouterSpec(
+            num_experts=common.need(config, "num_local_experts"), top_k=common.need(config, "num_experts_per_tok")
+        ),
         moe_intermediate_size=common.need(config, "intermediate_size"),
         dense_intermediate_size=0,
         shared_intermediate_size=0,

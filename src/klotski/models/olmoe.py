@@ -21,8 +21,11 @@ def spec_from_config(config: dict) -> ModelSpec:
         family="olmoe",
         architecture="OlmoeForCausalLM",
         attention=common.gqa_attention(config, qk_norm="full", clip_qkv=float(clip) if clip is not None else None),
-        router=RouterSpec(num_experts=common.need(config, "num_experts"), top_k=common.need(config, "num_experts_per_tok"),
-                          norm_topk_prob=bool(config.get("norm_topk_prob", False))),
+        router=RouterSpec(
+            num_experts=common.need(config, "num_experts"),
+            top_k=common.need(config, "num_experts_per_tok"),
+            norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+        ),
         moe_intermediate_size=common.need(config, "intermediate_size"),  # OLMoE's experts use intermediate_size
         dense_intermediate_size=0,
         shared_intermediate_size=0,

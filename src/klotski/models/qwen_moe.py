@@ -13,7 +13,8 @@ from klotski.models.spec import MOE, ModelSpec, NameTable, RouterSpec, rule
 ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 SHARED_EXPERT_RULES = tuple(
-    rule(f"model.layers.{{L}}.mlp.shared_expert.{p}_proj.weight", MOE, f"shared_{p}_proj") for p in ("gate", "up", "down")
+    rule(f"model.layers.{{L}}.mlp.shared_expert.{p}_proj.weight", MOE, f"shared_{p}_proj")
+    for p in ("gate", "up", "down")
 ) + (rule("model.layers.{L}.mlp.shared_expert_gate.weight", MOE, "shared_expert_gate"),)
 
 NAMES = NameTable(
@@ -41,13 +42,17 @@ def _num_experts(config: dict) -> int:
 def _qwen2_window(config: dict, layers: int) -> None:
     """Qwen2-MoE slides the window on some layers only (layer_types); the engine has one window per model."""
     types = config.get("layer_types") or [
-        "sliding_attention" if (i + 1) % 2 and i < config.get("max_window_layers", 28) and config.get("use_sliding_window")
-        else "full_attention" for i in range(layers)
+        "sliding_attention"
+        if (i + 1) % 2 and i < config.get("max_window_layers", 28) and config.get("use_sliding_window")
+        else "full_attention"
+        for i in range(layers)
     ]
     if "sliding_attention" in types:
-        raise KlotskiError("this Qwen2-MoE config enables a per-layer sliding window (use_sliding_window / layer_types), "
-                           "which klotski does not support; set use_sliding_window to false in config.json "
-                           "to run it with full attention (exact for prompts shorter than sliding_window)")
+        raise KlotskiError(
+            "this Qwen2-MoE config enables a per-layer sliding window (use_sliding_window / layer_types), "
+            "which klotski does not support; set use_sliding_window to false in config.json "
+            "to run it with full attention (exact for prompts shorter than sliding_window)"
+        )
 
 
 def _qwen3_window(config: dict) -> int | None:

@@ -113,7 +113,7 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     extra_layers: int = 0  # trailing checkpoint layers the model does not run (DeepSeek-V3's MTP)
-    names: "NameTable" = field(default=None, repr=False, compare=False)
+    names: NameTable = field(default=None, repr=False, compare=False)
 
     @property
     def num_experts(self) -> int:

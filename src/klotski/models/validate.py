@@ -36,8 +36,14 @@ BOOL_FIELDS = ("tie_word_embeddings", "norm_topk_prob", "use_sliding_window", "a
 ROPE_TYPES = ("default", "linear", "yarn")
 
 # model_type -> the architecture to name when `architectures` is missing.
-MODEL_TYPES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-               "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "olmoe": "OlmoeForCausalLM"}
+MODEL_TYPES = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+}
 
 
 def _fail(message: str) -> None:
@@ -69,7 +75,10 @@ def check_fields(config: dict) -> None:
             _fail(f"{name} must be an integer, got {value!r:.60}")
         low = 0 if name in ZERO_OK else 1
         if not low <= value <= MAX_DIM:
-            _fail(f"{name}={value} is out of range (it must be {low} or more" + (f", at most {MAX_DIM})" if value > 0 else ")"))
+            _fail(
+                f"{name}={value} is out of range (it must be {low} or more"
+                + (f", at most {MAX_DIM})" if value > 0 else ")")
+            )
     for name in FLOAT_FIELDS:
         value = config.get(name)
         if value is None:

@@ -44,10 +44,14 @@ def measure_ops(shape: ModelShape, dtype: torch.dtype, device: str = "cpu", reps
     dense = [l for l in range(shape.spec.num_layers) if not shape.spec.moe_layers[l]]
     if dense:
         w = _weights(shape, WeightKey(dense[0], MOE), device)
-        out["dense_mlp"] = _fit(EXPERT_TOKENS, [timer(lambda t=t: runner.dense_mlp(w, _x(t, shape, dtype, device)[None]))
-                                                for t in EXPERT_TOKENS])
+        out["dense_mlp"] = _fit(
+            EXPERT_TOKENS,
+            [timer(lambda t=t: runner.dense_mlp(w, _x(t, shape, dtype, device)[None])) for t in EXPERT_TOKENS],
+        )
     w = _weights(shape, WeightKey(None, HEAD), device)
-    out["head"] = _fit(HEAD_TOKENS, [timer(lambda t=t: runner.head(w, _x(t, shape, dtype, device))) for t in HEAD_TOKENS])
+    out["head"] = _fit(
+        HEAD_TOKENS, [timer(lambda t=t: runner.head(w, _x(t, shape, dtype, device))) for t in HEAD_TOKENS]
+    )
     out["attention"] = _attention(shape, runner, timer, dtype, device)
     log(f"attention: {out['attention']}")
     return out
@@ -114,7 +118,7 @@ def _attention(shape: ModelShape, runner: ModelRunner, timer: _Timer, dtype, dev
         positions = torch.arange(c - s, c).expand(b, s)  # [B, S]
         step = StepInfo(positions=positions, total=torch.full((b,), c), max_total=c, mask_cache={})
         x = torch.randn(b, s, shape.spec.hidden_size, dtype=dtype, device=device)  # [B, S, D]
-        times.append(timer(lambda: runner.attention(w, x, kv, step)))
+        times.append(timer(lambda x=x, kv=kv, step=step: runner.attention(w, x, kv, step)))
         rows.append((1.0, b * s, b * s * c))
     return _lstsq(np.array(rows), np.array(times))
 

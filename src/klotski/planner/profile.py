@@ -107,17 +107,14 @@ def load_profile(spec: str | Path) -> HardwareProfile:
 def builtin_estimate(device: str = "cpu", dtype: torch.dtype | None = None) -> HardwareProfile:
     """The estimate used when nothing was measured: this project's CPU figures, or a generic GPU."""
     if device == "cpu":
-        # ARCHITECTURE.md, measured on the 2-core dev machine: O_DIRECT 1.4-2.1 GB/s; fp32 matmul
-        # over upcast bf16 weights 27-37 GFLOP/s; the upcast copy streams weights at a few GB/s.
-        # bf16 / fp16 compute multiplies the weights as stored: the benchmark rig measured 372-925
-        # GFLOP/s at expert shapes here across sessions (benchmarks/results/*.json "matmul_gflops_bfloat16"):
-        # the low end is the estimate (with fp32's figure, plans at bf16 predicted a tenth of the measured
-        # tokens/s and chose compute-bound policies).
+        # The figures of docs/planner.md ("Built-in estimate"): the low end of what this project's
+        # machine measured (disk, fp32 over upcast weights, bf16 as stored); with fp32's figure for
+        # bf16 compute, plans predicted a tenth of the measured tokens/s.
         half = dtype in (torch.bfloat16, torch.float16)
         return HardwareProfile("built-in cpu", "built-in estimate", "cpu", disk_gbps=1.4, host_to_device_gbps=None,
                                peak_tflops=0.37 if half else 0.032, efficiency=1.0, memory_gbps=5.0,
                                op_overhead_s=100e-6, io_latency_s=200e-6, machine=machine_id(),
-                               notes="from ARCHITECTURE.md's and the rig's measured figures; run `klotski profile` "
+                               notes="from this project's measured figures (docs/planner.md); run `klotski profile` "
                                      "to measure")
     return HardwareProfile("built-in gpu", "built-in estimate", "cuda", disk_gbps=2.0, host_to_device_gbps=20.0,
                            peak_tflops=100.0, efficiency=0.5, memory_gbps=1000.0, machine=machine_id(),
@@ -166,7 +163,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # -- measuring links -----------------------------------------------------------------------------
-def measure_disk(directory: str | Path | None = None, size: int = 256 << 20, chunk: int = 16 << 20) -> tuple[float, str]:
+def measure_disk(
+    directory: str | Path | None = None, size: int = 256 << 20, chunk: int = 16 << 20
+) -> tuple[float, str]:
     """Disk -> memory bandwidth (GB/s) with O_DIRECT reads of a fresh temp file; (GB/s, method)."""
     chunk = min(chunk, size)
     with _scratch_file(directory, size, chunk, "klotski-disk-") as name:
@@ -239,7 +238,7 @@ class _Reader:
             os.close(fd)
             buf.close()
 
-    def __enter__(self) -> "_Reader":
+    def __enter__(self) -> _Reader:
         self._thread.start()
         return self
 

@@ -26,10 +26,10 @@ from klotski.runtime.generate import GroupBatch, Sequence, run_group
 from klotski.runtime.model import GateOutput
 from klotski.runtime.pipeline import Pipeline
 from klotski.runtime.schedule import get_schedule
-from klotski.timeline import Timeline
 from klotski.sampling import Sampler, SamplingParams
 from klotski.store.base import Handle
 from klotski.store.tiers import DEVICE, DISK, HOST
+from klotski.timeline import Timeline
 from klotski.tokenizer import StopChecker
 
 # B = sequences in a batch, S = new tokens per sequence, T = valid tokens, K = top_k
@@ -125,7 +125,9 @@ class SimRunner:
         b, s = x.shape[:2]
         t = self.costs.attention(b, s, step.max_total)
         if self.kv_tier == HOST:  # the paper's KV offload: this batch's cache loaded, new KV stored
-            kv_io = b * (step.max_total + s) * self.costs.kv_token_layer / (self.costs.profile.host_to_device_gbps * 1e9)
+            kv_io = (
+                b * (step.max_total + s) * self.costs.kv_token_layer / (self.costs.profile.host_to_device_gbps * 1e9)
+            )
             self.timeline.add("kv_load", "kv", self.clock.t, self.clock.t + kv_io, bytes=int(kv_io * 1e9))
             t = max(t, kv_io)
         self._advance(t)
@@ -146,7 +148,7 @@ class SimRunner:
         self._advance(self.costs.gate(tokens))
         k = ids.shape[1]
         zeros = torch.zeros(tokens, 1)
-        # int32 ids: torch.unique on int64 was 10x slower here, and the pipeline only compares them.
+        # int32 ids: torch.unique on int64 was much slower (docs/planner.md), and the pipeline only compares them.
         return GateOutput(zeros, torch.from_numpy(ids.astype(np.int32)), torch.full((tokens, k), 1.0 / k), zeros)
 
     def expert(self, w, h: torch.Tensor) -> torch.Tensor:
@@ -163,7 +165,7 @@ class SimHandle(Handle):
 
     __slots__ = ("_store", "issued")
 
-    def __init__(self, key: WeightKey, store: "SimStore"):
+    def __init__(self, key: WeightKey, store: SimStore):
         super().__init__(key)
         self._store, self.issued = store, False
         self.set({"layer": key.layer}, math.inf)  # arrival set once the fetch is issued
@@ -326,11 +328,16 @@ class SimResult:
     over_budget_fetches: int
 
     def to_dict(self) -> dict:
-        return {"predicted_wall_s": self.wall_s, "predicted_prefill_s": self.prefill_s,
-                "predicted_tokens_per_s": self.tokens_per_s, "predicted_bubble_ratio": self.summary["bubble_ratio"],
-                "predicted_bubble_s": self.summary["bubble_s"], "predicted_compute_busy_s": self.summary["compute_busy_s"],
-                "predicted_io_busy_s_per_lane": self.summary["io_busy_s_per_lane"],
-                "predicted_peak_device": self.peak_device}
+        return {
+            "predicted_wall_s": self.wall_s,
+            "predicted_prefill_s": self.prefill_s,
+            "predicted_tokens_per_s": self.tokens_per_s,
+            "predicted_bubble_ratio": self.summary["bubble_ratio"],
+            "predicted_bubble_s": self.summary["bubble_s"],
+            "predicted_compute_busy_s": self.summary["compute_busy_s"],
+            "predicted_io_busy_s_per_lane": self.summary["io_busy_s_per_lane"],
+            "predicted_peak_device": self.peak_device,
+        }
 
 
 def simulate(shape: ModelShape, costs: OpCosts, policy: Policy, placement: dict[WeightKey, str], prompt_len: int,

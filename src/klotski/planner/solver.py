@@ -17,8 +17,17 @@ import torch
 from klotski.config import Policy, format_bytes
 from klotski.errors import KlotskiError
 from klotski.models.spec import EXPERT, WeightKey
-from klotski.planner.cost import (BlockTimes, MemoryModel, OpCosts, RoutingStats, block_times, constraint_slack,
-                                  inflight_bytes, inflight_split, memory_model)
+from klotski.planner.cost import (
+    BlockTimes,
+    MemoryModel,
+    OpCosts,
+    RoutingStats,
+    block_times,
+    constraint_slack,
+    inflight_bytes,
+    inflight_split,
+    memory_model,
+)
 from klotski.planner.shapes import ModelShape
 from klotski.runtime.schedule import Schedule, get_schedule
 from klotski.store.placement import greedy_placement, summarize

@@ -1,7 +1,7 @@
 """Replay a routing trace in batch groups and score how well each predictor picks hot experts.
 
 Legend: G = groups, T = tokens in a group, L = layers, K = top_k, E = experts, P = prefetched set.
-Metrics (issue 5), per layer and overall:
+Metrics, per layer and overall:
 - precision: |P & used| / |P|; recall: |P & used| / |used|   (mean over groups)
 - hot_accuracy: P is a true top-|P| by token count, ties allowed either way   (mean over groups)
 - coverage: token-to-expert assignments served by P / all assignments         (pooled)

@@ -59,8 +59,10 @@ class RoutingReplay:
     def _init_table(self, table: CorrelationTable, spec: ModelSpec) -> None:
         layers = len(self.index)
         if table.num_experts != spec.num_experts or table.num_layers < layers:
-            raise KlotskiError(f"routing replay table {self.source} has {table.num_layers} layers x {table.num_experts} "
-                               f"experts; the model needs {layers} MoE layers x {spec.num_experts} experts")
+            raise KlotskiError(
+                f"routing replay table {self.source} has {table.num_layers} layers x {table.num_experts} "
+                f"experts; the model needs {layers} MoE layers x {spec.num_experts} experts"
+            )
         # Row-normalised transition probabilities: [E] at layer 0, [E, E] (prev -> cur) after.
         self.transitions = [_normalise(table.frequency(0))]
         for i in range(1, layers):
@@ -92,9 +94,9 @@ class RoutingReplay:
             return self._from_trace(moe_layer, seqs, positions)
         # Stateless: walk the chain from layer 0 so no call depends on an earlier one.
         probs = np.broadcast_to(self.transitions[0], (len(seqs), self.transitions[0].shape[0]))
-        for i in range(moe_layer + 1):
-            if i:
-                probs = self.transitions[i][ids].mean(axis=1)  # [T, K, E] -> [T, E]
+        ids = self._draw(probs, seqs, positions, 0)
+        for i in range(1, moe_layer + 1):
+            probs = self.transitions[i][ids].mean(axis=1)  # [T, K, E] -> [T, E]
             ids = self._draw(probs, seqs, positions, i)
         return ids
 

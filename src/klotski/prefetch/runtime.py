@@ -45,8 +45,10 @@ class PipelinePredictor(HotPredictor):
         own predicted distribution (its path's row), independently of the others. A pick with
         replacement, 1 - (1 - q)^top_k per token, errs low, so a guess is not read on a hunch."""
         paths = _paths(prev_ids)
-        scores = np.asarray(self.predictor.token_scores(self.index[layer], paths, tokens if paths is None else len(paths)),
-                            dtype=np.float64)  # [T, E]
+        scores = np.asarray(
+            self.predictor.token_scores(self.index[layer], paths, tokens if paths is None else len(paths)),
+            dtype=np.float64,
+        )  # [T, E]
         totals = scores.sum(axis=1, keepdims=True)
         if not totals.any():
             return []
@@ -62,8 +64,10 @@ def make_predictor(spec: ModelSpec, table: CorrelationTable | None) -> PipelineP
     if table is None:
         return PipelinePredictor(spec, FrequencyPredictor(CorrelationTable.empty(layers, spec.num_experts, spec.top_k)))
     if table.num_layers < layers or table.num_experts != spec.num_experts:
-        raise KlotskiError(f"the prefetch table has {table.num_layers} layers x {table.num_experts} experts but the model "
-                           f"has {layers} MoE layers x {spec.num_experts} experts; calibrate one for this model")
+        raise KlotskiError(
+            f"the prefetch table has {table.num_layers} layers x {table.num_experts} experts but the model "
+            f"has {layers} MoE layers x {spec.num_experts} experts; calibrate one for this model"
+        )
     private = table.copy()
     # A deeper table (a real model's, driving a checkpoint cut to its first layers) serves its first layers.
     private.counts = private.counts[:layers]

@@ -2,9 +2,9 @@
 
 Two ways to multiply activations by bf16/fp16 weights on a CPU: compute in the weights' dtype,
 or upcast the weights to fp32 for each matmul. Which is faster depends on the CPU and the torch
-build (on this project's 2-core machine with torch 2.13, bf16 direct ran about 10x faster at
-Mixtral's expert shapes; an older note measured the opposite), so `dtype="auto"` times both once
-per machine and caches the answer under $KLOTSKI_HOME/profiles/.
+build (docs/offloading.md, "Compute dtype on the CPU", has this project's figures, which flipped
+between torch builds), so `dtype="auto"` times both once per machine and caches the answer under
+$KLOTSKI_HOME/profiles/.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def measure(storage: torch.dtype) -> dict[str, float]:
     return {"native": _best_time(lambda: low @ w.T), "upcast_fp32": _best_time(lambda: x @ w.float().T)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_compute_dtype(storage: torch.dtype) -> torch.dtype:
     """fp32 for fp32 weights; for bf16/fp16 weights, whichever measured faster on this CPU."""
     if storage == torch.float32:

@@ -12,7 +12,7 @@ import torch
 
 from klotski.errors import NumericalError
 from klotski.layers.attention import StepInfo
-from klotski.outputs import CompletionOutput
+from klotski.outputs import CompletionOutput, FinishReason
 from klotski.runtime.pipeline import BatchStep, Pipeline
 from klotski.sampling import Sampler, SamplingParams
 from klotski.tokenizer import StopChecker
@@ -31,7 +31,7 @@ class Sequence:
     stopper: StopChecker
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     text: str = ""
 
@@ -132,7 +132,7 @@ def sample_batch(sampler: Sampler, b: GroupBatch, logits: torch.Tensor, max_len:
     """Pick each live sequence's next token and apply its stop rules."""
     rows = [i for i, s in enumerate(b.seqs) if not s.finished]
     seqs = [b.seqs[i] for i in rows]
-    suppress = [sorted(s.stopper.eos_token_ids | set(s.params.stop_token_ids))
+    suppress = [sorted(s.stopper.eos_token_ids | set(s.params.stop_token_ids or ()))
                 if len(s.stopper.token_ids) < s.params.min_tokens else [] for s in seqs]
     rows_logits = logits[rows].cpu()
     check_finite_logits(rows_logits, seqs)
@@ -143,7 +143,7 @@ def sample_batch(sampler: Sampler, b: GroupBatch, logits: torch.Tensor, max_len:
         entry = result.logprob_dict(j)
         if entry is not None:
             s.logprobs = (s.logprobs or []) + [entry]
-            s.cumulative_logprob += result.logprobs[j]
+            s.cumulative_logprob += entry[token]  # the sampled token's logprob
         state = s.stopper.append(token)
         s.text = state.text
         if state.finished:

@@ -40,7 +40,7 @@ class BatchStep:
     seq_ids: torch.Tensor | None = None  # [B] request index of each row (routing traces; stays on CPU)
     prefill: bool = False
 
-    def to(self, device: torch.device) -> "BatchStep":
+    def to(self, device: torch.device) -> BatchStep:
         """The same step with its index tensors on the compute device (a no-op on CPU)."""
         if self.token_ids.device == device:
             return self
@@ -123,13 +123,15 @@ class Pipeline:
         self.store.fetch(WeightKey(layer, MOE), "prefetch")
         if not self.spec.moe_layers[layer]:
             return []
-        if self.adaptive_hot:  # what the group will almost surely use: all of a large group's, often none of one token's
+        if (
+            self.adaptive_hot
+        ):  # what the group will almost surely use: all of a large group's, often none of one token's
             hot = self.predictor.likely(layer, prev_ids, tokens, LIKELY) if tokens else []
         else:
             hot = self.predictor.predict(layer, prev_ids, self.num_hot)
-        # Reads go in expert order, which is the offload dir's file order: on this disk reads in file
-        # order ran ~8% faster than in score order, and `hot` consumes by id (other orders get evicted);
-        # klotski computes in arrival order, so it loses nothing.
+        # Reads go in expert order, which is the offload dir's file order (sequential on the disk), and
+        # `hot` consumes by id (other orders get evicted); klotski computes in arrival order, so it loses
+        # nothing.
         hot = sorted(hot)
         for e in hot:
             self.store.fetch(WeightKey(layer, EXPERT, e), "prefetch")
@@ -201,12 +203,12 @@ class Pipeline:
         """Attention per batch, then the MLP block (dense, or gate per batch + experts per expert)."""
         sched = self.schedule
         attn = self._get(WeightKey(layer, ATTN), layer=layer)
-        hot: list[int] = []
         if sched.prefetch and not sched.hot_only:
             self._prefetch_layer(layer + 1)
+        elif sched.prefetch and layer in self._ahead:
+            del self._ahead[layer]  # its gate and hot experts were started during the previous layer
         elif sched.prefetch:
-            hot = (self._ahead.pop(layer) if layer in self._ahead
-                   else self._prefetch_gate_and_hot(layer, prev_ids, sum(int(b.valid.sum()) for b in batches)))
+            self._prefetch_gate_and_hot(layer, prev_ids, sum(int(b.valid.sum()) for b in batches))
         for i, b in enumerate(batches):
             with self.timeline.span("compute", "attention", layer=layer, batch=b.index):
                 xs[i] = self.runner.attention(attn, xs[i], b.kv[layer], b.step)
@@ -259,7 +261,7 @@ class Pipeline:
         h = torch.cat([g.h for g in gates])  # [T, D]
         sizes = [g.h.shape[0] for g in gates]
         for g in gates:
-            g.h = None  # the concatenation holds them now
+            g.h = None  # type: ignore[assignment]  # the concatenation holds them now (frees them sooner)
         weights = torch.cat([g.weights for g in gates])  # [T, K]
         k = ids.shape[1]
         # A token's sum over its k experts must not depend on the order they ran in. With k <= 2 one
@@ -303,8 +305,8 @@ class Pipeline:
             # In expert order: under `hot` the cold fetches start after all gates, in the order
             # they will be consumed (a transfer queue in another order would have to evict).
             lane = "ondemand" if self.schedule.hot_only else "prefetch"
-            handles = [self.store.fetch(keys[e], lane) for e in used]
-            for e, handle in zip(used, handles):
+            in_order = [self.store.fetch(keys[e], lane) for e in used]
+            for e, handle in zip(used, in_order):
                 yield e, self._wait(handle, layer=layer, expert=e)
             return
         handles = {e: self.store.fetch(keys[e], "ondemand") for e in used}

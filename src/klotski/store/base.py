@@ -30,7 +30,7 @@ class Handle:
         self._lock = threading.Lock()
 
     @classmethod
-    def ready(cls, key: WeightKey, weights: Weights, at: float = 0.0) -> "Handle":
+    def ready(cls, key: WeightKey, weights: Weights, at: float = 0.0) -> Handle:
         """A handle whose data is already resident."""
         handle = cls(key)
         handle.set(weights, at)
@@ -95,7 +95,7 @@ class WeightStore(Protocol):
     """A weight store as the pipeline and the engine use it (ResidentStore, TieredStore, the
     planner's SimStore)."""
 
-    timeline: Timeline | None  # where transfers are recorded (set per run by the engine)
+    timeline: Timeline  # where transfers are recorded (set per run by the engine)
 
     @property
     def placement(self) -> dict[WeightKey, str] | None:
@@ -145,7 +145,7 @@ class ResidentStore:
         self.device = torch.device(device)
         self._units: dict[WeightKey, Weights] = {}
         self.bytes_read = {"checkpoint": 0}
-        self.timeline: Timeline | None = None
+        self.timeline = Timeline(enabled=False)  # nothing is transferred
 
     def charge_kv(self, nbytes: int) -> None:
         """KV cache is not budgeted when everything is resident."""

@@ -3,12 +3,9 @@
 The budget counts what the store holds (TierPool); activations are outside it and come and go
 every layer: tensors of 1-100 MB. glibc's malloc raises its mmap threshold to the size of the
 largest chunk it has freed (up to 32 MiB), after which such tensors come from the heap and what
-they free stays in the process. Measured on the llama.cpp comparison (2 layers of Mixtral-8x7B's
-shapes, 128 sequences, `--device-memory 2.25GiB`): 384 MiB of freed activations stayed resident
-during decode and the prefill peaked 307 MiB higher than with a fixed 1 MiB threshold, at the
-same speed; inside a 3 GiB memory cgroup that was the difference between an OOM kill and 300 MiB
-to spare. A fixed threshold makes every allocation of 1 MiB or more its own mapping, returned to
-the OS when freed.
+they free stays in the process, where a tight memory cgroup counts it (docs/offloading.md has the
+measurement: an OOM kill without the fix). A fixed threshold makes every allocation of 1 MiB or
+more its own mapping, returned to the OS when freed.
 """
 from __future__ import annotations
 

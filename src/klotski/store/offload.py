@@ -10,8 +10,8 @@ allows it, buffered otherwise). Safe to share and to lose, in SQLite's spirit:
   while another repacks, then reads what it wrote.
 - Every blob read is verified: the manifest holds a checksum per chunk of each blob (4 MiB at
   most, 64 KiB for the row-read embedding table), checked on the reader thread as each piece
-  lands. The checksum is xxh3-64 (3-4x cheaper than zlib's CRC32 on this machine:
-  benchmarks/offload_checksum.py), CRC32 where the xxhash package is missing.
+  lands. The checksum is xxh3-64 (cheaper than zlib's CRC32: benchmarks/offload_checksum.py
+  measures both), CRC32 where the xxhash package is missing.
   A blob that changed under a run stops the run and is set aside, so the next run repacks it.
 - A repack writes each blob to a temporary file, fsyncs and renames it, and writes the manifest
   (the completion marker) last the same way: a full disk, exhausted inodes or a crash leave
@@ -24,16 +24,17 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from klotski.checkpoint.reader import Checkpoint, check_finite, read_tensor
 from klotski.config import format_bytes
@@ -41,20 +42,21 @@ from klotski.errors import KlotskiError, OffloadError
 from klotski.models.spec import EMBED, WeightKey
 from klotski.paths import home
 
+_xxh3: Callable[..., int] | None
 try:
     from xxhash import xxh3_64_intdigest as _xxh3
 except ImportError:  # an install without the xxhash wheel: CRC32, slower but always there
     _xxh3 = None
 
 HASH = "xxh3_64" if _xxh3 is not None else "crc32"
-_HASHES = {"crc32": zlib.crc32, "xxh3_64": _xxh3}
+_HASHES: dict[str, Callable[..., int]] = {"crc32": zlib.crc32} | ({"xxh3_64": _xxh3} if _xxh3 is not None else {})
 
 FORMAT_VERSION = 2
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the logical block size
 TENSOR_ALIGN = 64
 
 # One pread per 16 MiB of a blob: a whole-blob pread queues hundreds of MB in the device queue,
-# and a small read issued behind it (an embedding row) waited 0.1-2 s on this disk; in 16 MiB
+# and a small read issued behind it (an embedding row) waits for all of them; in 16 MiB
 # pieces it waits for at most a piece per stream.
 READ_CHUNK = 16 * 2**20
 # Checksum granularity: at most 64 chunks per blob below 256 MiB, 4 MiB chunks above (a
@@ -254,7 +256,7 @@ class OffloadDir:
     # -- opening and repacking --------------------------------------------------------------
     @classmethod
     def prepare(cls, checkpoint: Checkpoint, path: str | os.PathLike, keys: list[WeightKey] | None = None,
-                progress: bool = False, wait_s: float | None = None) -> "OffloadDir":
+                progress: bool = False, wait_s: float | None = None) -> OffloadDir:
         """Open this checkpoint's blobs under `path`, repacking what is missing or stale first.
 
         Returns holding the model's lock shared; see the module docstring for the protocol."""
@@ -272,6 +274,7 @@ class OffloadDir:
                     existing = cls._load_manifest(sub, fingerprint)
                     missing = cls._missing(sub, existing, keys)
                     if not missing:
+                        assert existing is not None  # nothing is missing from a manifest that was read
                         existing.lock = lock  # held shared for as long as this OffloadDir is used
                         return existing
                     lock.release()
@@ -305,7 +308,7 @@ class OffloadDir:
                                "choose another --offload-dir") from None
 
     @staticmethod
-    def _missing(sub: Path, existing: "OffloadDir | None", keys: list[WeightKey]) -> list[WeightKey]:
+    def _missing(sub: Path, existing: OffloadDir | None, keys: list[WeightKey]) -> list[WeightKey]:
         """Keys whose blob is not in the manifest or whose file vanished or changed size."""
         if existing is None:
             return list(keys)
@@ -322,7 +325,7 @@ class OffloadDir:
 
     @classmethod
     def _repack(cls, checkpoint: Checkpoint, sub: Path, keys: list[WeightKey], fingerprint: list,
-                lock: DirLock, progress: bool) -> "OffloadDir":
+                lock: DirLock, progress: bool) -> OffloadDir:
         """With the lock exclusive: write the missing blobs, then the manifest; downgrade to shared."""
         existing = cls._load_manifest(sub, fingerprint)  # re-read: another process may have just repacked
         missing = cls._missing(sub, existing, keys)
@@ -332,21 +335,17 @@ class OffloadDir:
             cls._clean(sub)
             total, done = sum(checkpoint.unit_nbytes(k) for k in missing), 0
             try:
-                for key in missing:
-                    blobs[key] = cls._write_blob(checkpoint, sub, key)
-                    done += blobs[key].nbytes
-                    if progress:
-                        print(f"\rrepacking into {sub}: {format_bytes(done)} / {format_bytes(total)}", end="",
-                              file=sys.stderr, flush=True)
-                if progress:
-                    print(file=sys.stderr)
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"repacking into {sub}", file=sys.stderr,
+                          disable=not progress) as bar:
+                    for key in missing:
+                        blobs[key] = cls._write_blob(checkpoint, sub, key)
+                        done += blobs[key].nbytes
+                        bar.update(blobs[key].nbytes)
                 manifest = {"version": FORMAT_VERSION, "hash": HASH, "source": str(checkpoint.path),
                             "fingerprint": fingerprint,
                             "blobs": [cls._blob_json(b) for b in blobs.values()]}
                 _write_durably(sub / "manifest.json", json.dumps(manifest).encode())
             except OSError as exc:
-                if progress:
-                    print(file=sys.stderr)
                 cls._clean(sub)
                 raise _write_error(exc, sub, done, total) from None
         lock.downgrade()
@@ -389,7 +388,9 @@ class OffloadDir:
             probe.write_bytes(b"x")
             probe.unlink()
         except OSError as exc:
-            raise OffloadError(f"offload dir {path} is not writable ({exc.strerror}); choose another --offload-dir") from None
+            raise OffloadError(
+                f"offload dir {path} is not writable ({exc.strerror}); choose another --offload-dir"
+            ) from None
         need = sum(round_up(checkpoint.unit_nbytes(k) + TENSOR_ALIGN * 16, ALIGN) for k in keys)
         stat = os.statvfs(path)
         free = stat.f_bavail * stat.f_frsize
@@ -423,7 +424,7 @@ class OffloadDir:
                 "tensors": [[t.name, t.offset, str(t.dtype).removeprefix("torch."), list(t.shape)] for t in b.tensors]}
 
     @classmethod
-    def _load_manifest(cls, path: Path, fingerprint: list) -> "OffloadDir | None":
+    def _load_manifest(cls, path: Path, fingerprint: list) -> OffloadDir | None:
         """The manifest's blobs, or None when it is missing, torn, of another version or another source."""
         try:
             data = json.loads((path / "manifest.json").read_bytes())
@@ -500,7 +501,7 @@ class OffloadDir:
         Each row is read with the checksum chunks it lies in (64 KiB at most, about what one random
         read costs anyway), and checked; the whole blob's checksum is also streamed once per
         process, so damage to rows no prompt looks up is found too. One pread per chunk run,
-        ROW_READERS at a time: a lone 8 KB read waited about 1.4 ms on this machine's disk.
+        ROW_READERS at a time (a lone small read waits out the disk's latency).
         """
         blob = self.blobs[key]
         tensor = next((t for t in blob.tensors if t.name == name), None)
@@ -510,10 +511,12 @@ class OffloadDir:
         count = tensor.shape[0]
         bad = [r for r in rows if not 0 <= r < count]
         if bad:
-            raise KlotskiError(f"token id {bad[0]} is out of range for {key} ({count} rows); check the prompt's token ids")
+            raise KlotskiError(
+                f"token id {bad[0]} is out of range for {key} ({count} rows); check the prompt's token ids"
+            )
         row = tensor.nbytes // count
         out = torch.empty((len(rows), *tensor.shape[1:]), dtype=tensor.dtype)
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        view = out.view(-1).view(torch.uint8).numpy().data
         file = self.path / blob.file
         try:
             fd = os.open(file, os.O_RDONLY)
@@ -607,7 +610,7 @@ class OffloadDir:
         """pread bytes [start, length) of a blob, checking each piece's chunks as it lands: O_DIRECT
         when possible (no page-cache copy), else buffered; returns the bytes read."""
         file = self.path / blob.file
-        view = memoryview(buf.numpy() if isinstance(buf, torch.Tensor) else buf)[:length]
+        view = (buf.numpy().data if isinstance(buf, torch.Tensor) else memoryview(buf))[:length]
         try:
             fd = os.open(file, os.O_RDONLY | (os.O_DIRECT if self._direct else 0))
         except FileNotFoundError:

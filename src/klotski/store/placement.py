@@ -1,12 +1,13 @@
-"""Greedy placement (until the planner decides): fill the device budget, then host, then disk.
+"""Greedy placement (when bs and n are both given; else the planner places): fill the device budget,
+then host, then disk.
 
 Units that every token needs (head, attention, gates) go first, then experts layer by layer,
-then the embedding table (of which a step reads only its tokens' rows). Room for the units in flight is kept free on the device (the same for every schedule).
+then the embedding table (of which a step reads only its tokens' rows). Room for the units in
+flight is kept free on the device (the same for every schedule).
 """
 from __future__ import annotations
 
 from klotski.models.spec import ATTN, EMBED, EXPERT, HEAD, MOE, ModelSpec, WeightKey
-
 from klotski.store.tiers import DEVICE, DISK, HOST
 
 

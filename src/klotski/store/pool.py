@@ -13,7 +13,7 @@ class TierPool:
     """One tier's memory under a budget: every byte the store holds there is counted.
 
     Buffers are page-aligned (anonymous mmap), so O_DIRECT reads land in them directly, and are
-    reused by size: copying into fresh memory ran at a third of the speed of reused memory here.
+    reused by size: copying into fresh pages runs slower than into reused ones (page faults).
     """
 
     def __init__(self, name: str, budget: int | None, device: torch.device | str = "cpu"):

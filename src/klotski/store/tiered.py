@@ -5,29 +5,33 @@ with its own handle.
 Every byte is counted against its tier's budget before it is read, in-flight fetches included.
 When the device budget is full, a prefetch waits its turn (issued as soon as the pipeline
 releases a unit); a fetch the pipeline is blocked on may evict units that were prefetched but
-not yet used, the one the model needs last first (they are fetched again when asked for). Nothing here knows the schedule.
+not yet used, the one the model needs last first (they are fetched again when asked for).
+Nothing here knows the schedule.
 """
 from __future__ import annotations
 
 import heapq
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import torch
 
+from klotski.checkpoint.reader import Checkpoint
 from klotski.config import format_bytes
 from klotski.errors import KlotskiError
-from klotski.models.spec import EXPERT, WeightKey
-from klotski.timeline import Timeline
+from klotski.models.spec import WeightKey
 from klotski.store.base import Handle, Weights
 from klotski.store.offload import OffloadDir
 from klotski.store.placement import placement_order
 from klotski.store.pool import TierPool
-
 from klotski.store.tiers import DEVICE, DISK, HOST
+from klotski.timeline import Timeline
+
 SPLIT_MIN = 64 * 2**20  # a blob of at least twice this is read in parts, one per reader thread
 
 
@@ -69,14 +73,15 @@ class ReaderPool:
     """Transfer threads shared by the lanes: each takes the most urgent waiting job (lower priority
     first, FIFO within one), so two reads are in flight whenever two are queued, on any lane.
 
-    One O_DIRECT pread stream leaves this machine's disk about 15% below what two concurrent ones
-    reach (`klotski profile` measures the store's rate with two), and in a large group nearly every
-    expert is a prefetch: per-lane threads would read them one at a time.
+    One O_DIRECT pread stream can leave a disk below what two concurrent ones reach (`klotski
+    profile` measures the store's rate with two; docs/offloading.md has this project's figures),
+    and in a large group nearly every expert is a prefetch: per-lane threads would read them one at
+    a time.
     """
 
     def __init__(self, threads: int = 2):
         self._cond = threading.Condition()
-        self._jobs: list[tuple[int, int, object]] = []  # heap of (priority, sequence, fn)
+        self._jobs: list[tuple[int, int, Callable[[], None]]] = []  # heap of (priority, sequence, fn)
         self._seq = 0
         self._closed = False
         self._threads = [threading.Thread(target=self._loop, name=f"klotski-reader{i}", daemon=True)
@@ -84,7 +89,7 @@ class ReaderPool:
         for t in self._threads:
             t.start()
 
-    def submit(self, fn, priority: int = 0) -> None:
+    def submit(self, fn: Callable[[], None], priority: int = 0) -> None:
         with self._cond:
             heapq.heappush(self._jobs, (priority, self._seq, fn))
             self._seq += 1
@@ -115,7 +120,7 @@ class Lane:
     def __init__(self, name: str, pool: ReaderPool, priority: int):
         self.name, self._pool, self._priority = name, pool, priority
 
-    def submit(self, fn) -> None:
+    def submit(self, fn: Callable[[], None]) -> None:
         self._pool.submit(fn, self._priority)
 
     def close(self) -> None:
@@ -127,7 +132,7 @@ class StoreHandle(Handle):
 
     __slots__ = ("_store",)
 
-    def __init__(self, key: WeightKey, store: "TieredStore"):
+    def __init__(self, key: WeightKey, store: TieredStore):
         super().__init__(key)
         self._store = store
 
@@ -139,7 +144,7 @@ class StoreHandle(Handle):
 class TieredStore:
     """Weights across device / host / disk under budgets; see the module docstring."""
 
-    checkpoint: object
+    checkpoint: Checkpoint
     offload: OffloadDir | None
     placement: dict[WeightKey, str]
     device_pool: TierPool
@@ -159,10 +164,14 @@ class TieredStore:
         self.demoted: list[WeightKey] = []  # resident units moved to disk to make room for a KV cache
         self._orphans = 0  # fetches released while in flight: their buffers return when they land
         self.bytes_read = {DISK: 0}
-        self._readers = None if {"ondemand", "prefetch"} <= set(self.lanes) else ReaderPool(self.readers)
-        for priority, name in enumerate(("ondemand", "prefetch")):  # the compute lane waits on on-demand fetches
-            if name not in self.lanes:
-                self.lanes[name] = Lane(name, self._readers, priority)
+        # Lanes not given (tests give their own) share one pool of reader threads.
+        missing = [(priority, name) for priority, name in enumerate(("ondemand", "prefetch"))  # on-demand first
+                   if name not in self.lanes]
+        self._readers: ReaderPool | None = None
+        if missing:
+            self._readers = readers = ReaderPool(self.readers)
+            for priority, name in missing:
+                self.lanes[name] = Lane(name, readers, priority)
         self._order = {key: i for i, key in enumerate(self.checkpoint.spec.weight_keys())}  # execution order
         self._placed = {key: i for i, key in enumerate(placement_order(self.checkpoint.spec))}  # what to keep first
         self._cuda = self.device.type == "cuda"
@@ -185,13 +194,18 @@ class TieredStore:
             nbytes = self.checkpoint.unit_nbytes(key)
             if not pool.charge(nbytes, str(key)):
                 raise KlotskiError(f"{key} ({format_bytes(nbytes)}) does not fit the {tier} budget "
-                                   f"({format_bytes(pool.budget)}); raise --{tier}-memory or place less there")
+                                   f"({format_bytes(pool.budget or 0)}); raise --{tier}-memory or place less there")
             if self._cuda and tier == HOST:
-                blob = torch.empty(self.offload.blobs[key].padded, dtype=torch.uint8, pin_memory=True)
-                self.offload.read_raw(key, blob)
+                blob = torch.empty(self._offload().blobs[key].padded, dtype=torch.uint8, pin_memory=True)
+                self._offload().read_raw(key, blob)
                 self._host_blobs[key] = blob
             else:
                 self._resident[key] = {k: t.to(self.device) for k, t in self.checkpoint.load_unit(key).items()}
+
+    def _offload(self) -> OffloadDir:
+        """The offload dir; only units placed off the device tiers (which need one) reach its callers."""
+        assert self.offload is not None
+        return self.offload
 
     def resident(self, key: WeightKey) -> bool:
         return key in self._resident
@@ -217,7 +231,7 @@ class TieredStore:
         (the compute lane needs them now), then prefetches, each class in FIFO order."""
         while self._deferred:
             entry = next((e for e in self._deferred if e.lane == "ondemand"), self._deferred[0])
-            buf = self.device_pool.try_alloc(self.offload.blobs[entry.key].padded)
+            buf = self.device_pool.try_alloc(self._offload().blobs[entry.key].padded)
             if buf is None:
                 return
             self._deferred.remove(entry)
@@ -226,7 +240,7 @@ class TieredStore:
     def _start(self, entry: Entry, buf) -> None:
         entry.state, entry.buffer = State.INFLIGHT, buf
         entry.handle.reset()
-        blob = self.offload.blobs[entry.key]
+        blob = self._offload().blobs[entry.key]
         if self._cuda or self.readers < 2 or blob.padded < 2 * SPLIT_MIN:
             self.lanes[entry.lane].submit(lambda: self._read(entry))
             return
@@ -237,15 +251,15 @@ class TieredStore:
                       | {blob.padded})
         entry.parts = Parts(len(cuts) - 1)
         for lo, hi in zip(cuts, cuts[1:]):
-            self.lanes[entry.lane].submit(lambda lo=lo, hi=hi: self._read_part(entry, lo, hi))
+            self.lanes[entry.lane].submit(partial(self._read_part, entry, lo, hi))
 
     def _read(self, entry: Entry) -> None:
         """Reader thread: one sequential read of the unit's blob into its buffer."""
-        blob = self.offload.blobs[entry.key]
+        blob = self._offload().blobs[entry.key]
         start = self.timeline.now()
         try:
             weights, error = (self._copy_in(entry, blob) if self._cuda
-                              else self.offload.read_into(entry.key, entry.buffer)), None
+                              else self._offload().read_into(entry.key, entry.buffer)), None
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who re-raises it
             weights, error = None, exc
         end = self.timeline.now()
@@ -258,7 +272,7 @@ class TieredStore:
         """Reader thread: one part of a blob; the last part to land checks the whole and publishes it."""
         start = self.timeline.now()
         try:
-            got, error = self.offload.read_part(entry.key, entry.buffer, lo, hi), None
+            got, error = self._offload().read_part(entry.key, entry.buffer, lo, hi), None
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who re-raises it
             got, error = 0, exc
         end = self.timeline.now()
@@ -275,11 +289,11 @@ class TieredStore:
         weights, error = None, parts.error
         if error is None:
             try:
-                self.offload.check_read(entry.key, entry.buffer, parts.got)
-                weights = self.offload.views(self.offload.blobs[entry.key], entry.buffer)
+                self._offload().check_read(entry.key, entry.buffer, parts.got)
+                weights = self._offload().views(self._offload().blobs[entry.key], entry.buffer)
             except BaseException as exc:  # noqa: BLE001
                 error = exc
-        self._land(entry, weights, error, end, self.offload.blobs[entry.key].padded, DISK)
+        self._land(entry, weights, error, end, self._offload().blobs[entry.key].padded, DISK)
 
     def _land(self, entry: Entry, weights: Weights | None, error: BaseException | None, end: float,
               nbytes: int, source: str) -> None:
@@ -307,11 +321,11 @@ class TieredStore:
         if entry.key in self._host_blobs:
             staging = self._host_blobs[entry.key]
         else:
-            self.offload.read_raw(entry.key, staging)
+            self._offload().read_raw(entry.key, staging)
         with torch.cuda.stream(stream):
             entry.buffer[: blob.padded].copy_(staging[: blob.padded], non_blocking=True)
         stream.synchronize()  # the lane waits for its own copy; the consumer waits on the handle
-        return self.offload.views(blob, entry.buffer)
+        return self._offload().views(blob, entry.buffer)
 
     def gather(self, key: WeightKey, name: str, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of one tensor of a unit, on the device ([*ids.shape, ...]): indexed where the
@@ -321,9 +335,9 @@ class TieredStore:
         unique, inverse = torch.unique(ids.flatten().cpu(), return_inverse=True)
         start = self.timeline.now()
         if key in self._host_blobs:  # CUDA: the pinned host copy
-            rows = self.offload.views(self.offload.blobs[key], self._host_blobs[key])[name][unique]
+            rows = self._offload().views(self._offload().blobs[key], self._host_blobs[key])[name][unique]
         else:
-            rows = self.offload.read_rows(key, name, unique.tolist())
+            rows = self._offload().read_rows(key, name, unique.tolist())
             with self._cond:
                 self.bytes_read[DISK] += rows.nbytes
         self.timeline.add("ondemand", "read", start, self.timeline.now(), layer=key.layer, bytes=rows.nbytes)
@@ -346,6 +360,7 @@ class TieredStore:
             if entry.error is not None:
                 raise entry.error
             entry.state = State.CLAIMED
+            assert entry.weights is not None  # a fetch that landed without error has its tensors
             return entry.weights
 
     def wait_any(self, handles: list[Handle]) -> Handle:
@@ -358,7 +373,9 @@ class TieredStore:
             while True:
                 for h in handles:
                     entry = self._entries.get(h.key)
-                    if h.done() or (entry is not None and entry.handle is h and entry.state in (State.READY, State.CLAIMED)):
+                    if h.done() or (
+                        entry is not None and entry.handle is h and entry.state in (State.READY, State.CLAIMED)
+                    ):
                         return h
                     if entry is None or entry.handle is not h:
                         return h  # released or replaced: its wait() fetches it anew
@@ -373,7 +390,7 @@ class TieredStore:
         """Issue `wanted` now, evicting ready-but-unclaimed units (the one needed last first) if it must."""
         if wanted in self._deferred:
             self._deferred.remove(wanted)
-        need = self.offload.blobs[wanted.key].padded
+        need = self._offload().blobs[wanted.key].padded
         while (buf := self.device_pool.try_alloc(need)) is None:
             idle = [e for e in self._entries.values() if e.state == State.READY and e is not wanted]
             if not idle:
@@ -401,8 +418,8 @@ class TieredStore:
 
     def _too_small(self, entry: Entry) -> str:
         pool = self.device_pool
-        return (f"the device budget ({format_bytes(pool.budget)}) cannot hold {entry.key} "
-                f"({format_bytes(self.offload.blobs[entry.key].padded)}) next to what the pipeline holds "
+        return (f"the device budget ({format_bytes(pool.budget or 0)}) cannot hold {entry.key} "
+                f"({format_bytes(self._offload().blobs[entry.key].padded)}) next to what the pipeline holds "
                 f"({format_bytes(pool.used)} in use, KV cache included); raise --device-memory")
 
     def release(self, key: WeightKey) -> None:
@@ -437,8 +454,8 @@ class TieredStore:
                     pass
             if not pool.charge(nbytes, "kv"):
                 raise KlotskiError(f"the KV cache ({format_bytes(nbytes)}) does not fit the device budget "
-                                   f"({format_bytes(pool.budget)}, {format_bytes(pool.used)} in use); lower --batch-size "
-                                   "or --num-batches, shorten max_tokens, or raise --device-memory")
+                                   f"({format_bytes(pool.budget or 0)}, {format_bytes(pool.used)} in use); lower "
+                                   "--batch-size or --num-batches, shorten max_tokens, or raise --device-memory")
 
     def _demote_one(self) -> bool:
         """Move the resident device unit placed last (one with an offload blob) to disk; False if none."""

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from klotski.models.presets import preset_config
 from klotski.models.mixtral import spec_from_config
+from klotski.models.presets import preset_config
 from klotski.prefetch.runtime import make_predictor
 
 

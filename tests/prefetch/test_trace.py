@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from klotski.errors import KlotskiError
-from klotski.prefetch.table import CorrelationTable
 from klotski.prefetch.synthetic import sample_markov_trace
+from klotski.prefetch.table import CorrelationTable
 from klotski.prefetch.trace import RoutingRecorder, RoutingTrace, split
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 from klotski.prefetch.predictor import (
-    CorrelationPredictor, FrequencyPredictor, PreviousLayerPredictor, RandomPredictor,
+    CorrelationPredictor,
+    FrequencyPredictor,
+    PreviousLayerPredictor,
+    RandomPredictor,
 )
 from klotski.prefetch.table import CorrelationTable
 
