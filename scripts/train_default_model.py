@@ -217,7 +217,8 @@ def model_card(meta: dict) -> str:
         meta["command"],
         "```",
         "",
-        f"- seed {meta['seed']}, fp32, {meta['threads']} thread(s), deterministic algorithms; machine: {meta['machine']}",
+        f"- seed {meta['seed']}, fp32, {meta['threads']} thread(s), deterministic algorithms; "
+        f"machine: {meta['machine']}",
         f"- AdamW (betas 0.9/0.95, weight decay {meta['weight_decay']}), peak lr {meta['lr']}, {meta['warmup']} warmup "
         f"steps then cosine to {meta['lr_floor']}, gradient clip 1.0",
         f"- batch {meta['batch']} x {meta['ctx']} tokens; router load-balancing loss (Switch form, per layer, "
@@ -389,8 +390,10 @@ def main(argv=None) -> int:
         lm = float(lm_loss.detach())
         running = lm if running is None else 0.98 * running + 0.02 * lm
         if step % 25 == 0 or step < 10:
-            log({"step": step, "loss": round(lm, 4), "avg": round(running, 4), "aux_per_layer": round(float(aux.detach()) / args.layers, 4),
-                 "lr": round(opt.param_groups[0]["lr"], 6), "s_per_step": round((time.time() - t_train) / (step + 1), 3)})
+            log({"step": step, "loss": round(lm, 4), "avg": round(running, 4),
+                 "aux_per_layer": round(float(aux.detach()) / args.layers, 4),
+                 "lr": round(opt.param_groups[0]["lr"], 6),
+                 "s_per_step": round((time.time() - t_train) / (step + 1), 3)})
         if (step + 1) % args.eval_every == 0:
             hl, _ = evaluate(model, held_sample, 16, args.experts)
             log({"step": step + 1, "heldout_loss_sample": round(hl, 4), "heldout_ppl_sample": round(math.exp(hl), 2)})
