@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from klotski.checkpoint.reader import load_config, read_header
@@ -40,6 +40,7 @@ FIELDS = ["n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "
 
 @FAST
 @given(st.dictionaries(st.sampled_from(FIELDS), values, max_size=6), st.integers(min_value=1, max_value=600))
+@example({"n": 1, "top_p": 1.76e-55}, 1)  # below fp32's range: the nucleus once dropped every token (NaN draw)
 def test_sampling_params_valid_or_parameter_error(kwargs, vocab):
     try:
         p = SamplingParams(**kwargs)

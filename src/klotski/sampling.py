@@ -250,9 +250,10 @@ def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, V]
     sorted_logits = sorted_logits.masked_fill(ranks >= ks.unsqueeze(1), float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
-    # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
+    # Drop a token when the tokens ranked above it already cover top_p; the first always stays
+    # (said outright: a top_p below fp32's smallest number rounds to 0, and 0 >= 0 would drop it too).
     mass_before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_ps, float("-inf"))
+    sorted_logits = sorted_logits.masked_fill((mass_before >= top_ps) & (ranks > 0), float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
