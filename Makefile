@@ -23,7 +23,8 @@ test: $(STAMP)
 
 # ruff, mypy, and the layering contract with no import circles (pyproject.toml; CONTRIBUTING.md).
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 

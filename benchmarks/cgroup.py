@@ -3,6 +3,7 @@
 The cap covers the page cache too, so an engine cannot keep the checkpoint cached beyond it and
 its disk reads are real reads. Where no cgroup can be made the harness says so in the results.
 """
+
 from __future__ import annotations
 
 import os

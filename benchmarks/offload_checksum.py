@@ -8,6 +8,7 @@ Builds a one-layer checkpoint whose experts are `--blob-mib` each, repacks it, t
 expert blob `--reps` times with verify="always" and verify="never" alternately, and prints GB/s
 for both and the ratio. Also prints zlib.crc32's own rate on this machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,18 @@ def _checkpoint(root: Path, blob_mib: int, total_mib: int) -> Path:
     hidden = 1024
     inter = blob_mib * 2**20 // (3 * hidden * 2)
     experts = max(2, total_mib // blob_mib)
-    return create_model(root / "ckpt", "mixtral", "tiny", layers=1, dtype="bfloat16", hidden_size=hidden,
-                        intermediate_size=inter, num_local_experts=experts, num_attention_heads=8,
-                        num_key_value_heads=8)
+    return create_model(
+        root / "ckpt",
+        "mixtral",
+        "tiny",
+        layers=1,
+        dtype="bfloat16",
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_local_experts=experts,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
 
 
 def main() -> None:
@@ -72,8 +82,10 @@ def main() -> None:
         direct = off._direct
         off.close()
     on, off_ = statistics.median(rates["always"]), statistics.median(rates["never"])
-    print(f"{len(keys)} blobs x {args.blob_mib} MiB, {args.reps} reps, one reader thread, checksum {HASH}, "
-          f"{'O_DIRECT' if direct else 'buffered (page cache)'} reads")
+    print(
+        f"{len(keys)} blobs x {args.blob_mib} MiB, {args.reps} reps, one reader thread, checksum {HASH}, "
+        f"{'O_DIRECT' if direct else 'buffered (page cache)'} reads"
+    )
     print(f"verified reads:   {on:.2f} GB/s (median; all {', '.join(f'{r:.2f}' for r in rates['always'])})")
     print(f"unverified reads: {off_:.2f} GB/s (median; all {', '.join(f'{r:.2f}' for r in rates['never'])})")
     print(f"verified / unverified: {on / off_:.2f}")

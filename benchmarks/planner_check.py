@@ -10,6 +10,7 @@ and prints measured vs predicted tok/s and the planner's n against the best swep
 Run `klotski profile --model DIR` first (or pass --profile-first) so predictions use this machine's
 measured op times rather than the built-in estimate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--sweep", default="1,2,4,8", help="n values to sweep (capped at num_prompts / bs)")
-    p.add_argument("--routing-replay", default="mixtral-8x7b",
-                   help="real routing for the random-weight checkpoint ('' for the checkpoint's own router)")
+    p.add_argument(
+        "--routing-replay",
+        default="mixtral-8x7b",
+        help="real routing for the random-weight checkpoint ('' for the checkpoint's own router)",
+    )
     p.add_argument("--offload-dir", help="offload directory (default: the engine's)")
     p.add_argument("--profile-first", action="store_true", help="run `klotski profile --model` before")
     p.add_argument("--in-process", action="store_true", help="call the CLI in this process (tests; tiny models)")
@@ -61,8 +65,21 @@ def klotski(args: argparse.Namespace, argv: list[str]) -> dict:
 
 
 def generate(args, input_path: str, budget: str, bs: int, n: int | None) -> dict:
-    argv = ["generate", "--model", args.model, "--input", input_path, "--max-tokens", str(args.max_tokens),
-            "--ignore-eos", "--device-memory", budget, "--batch-size", str(bs), "--json"]
+    argv = [
+        "generate",
+        "--model",
+        args.model,
+        "--input",
+        input_path,
+        "--max-tokens",
+        str(args.max_tokens),
+        "--ignore-eos",
+        "--device-memory",
+        budget,
+        "--batch-size",
+        str(bs),
+        "--json",
+    ]
     argv += ["--num-batches", str(n)] if n else []
     argv += ["--routing-replay", args.routing_replay] if args.routing_replay else []
     argv += ["--offload-dir", args.offload_dir] if args.offload_dir else []
@@ -73,21 +90,35 @@ def check(args, input_path: str, budget: str, bs: int) -> dict:
     """One configuration: the planner's run, then the sweep."""
     planned = generate(args, input_path, budget, bs, None)
     cap = max(1, -(-args.num_prompts // bs))
-    sweep = {n: generate(args, input_path, budget, bs, n)["tokens_per_s"]
-             for n in sorted({int(v) for v in args.sweep.split(",")} | {planned["policy"]["num_batches"]}) if n <= cap}
+    sweep = {
+        n: generate(args, input_path, budget, bs, n)["tokens_per_s"]
+        for n in sorted({int(v) for v in args.sweep.split(",")} | {planned["policy"]["num_batches"]})
+        if n <= cap
+    }
     best_n = max(sweep, key=sweep.get)
     predicted, measured = planned.get("predicted_tokens_per_s"), planned["tokens_per_s"]
-    return {"device_memory": budget, "batch_size": bs, "planner_n": planned["policy"]["num_batches"],
-            "predicted_tokens_per_s": predicted, "measured_tokens_per_s": measured,
-            "error": (measured - predicted) / predicted if predicted else None,
-            "predicted_bubble_ratio": (planned.get("planner") or {}).get("predicted_bubble_ratio"),
-            "measured_bubble_ratio": planned["bubble_ratio"], "profile": (planned.get("planner") or {}).get("profile"),
-            "sweep": sweep, "best_n": best_n, "planner_vs_best": measured / sweep[best_n] if sweep[best_n] else None}
+    return {
+        "device_memory": budget,
+        "batch_size": bs,
+        "planner_n": planned["policy"]["num_batches"],
+        "predicted_tokens_per_s": predicted,
+        "measured_tokens_per_s": measured,
+        "error": (measured - predicted) / predicted if predicted else None,
+        "predicted_bubble_ratio": (planned.get("planner") or {}).get("predicted_bubble_ratio"),
+        "measured_bubble_ratio": planned["bubble_ratio"],
+        "profile": (planned.get("planner") or {}).get("profile"),
+        "sweep": sweep,
+        "best_n": best_n,
+        "planner_vs_best": measured / sweep[best_n] if sweep[best_n] else None,
+    }
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| device memory | bs | planner n | predicted tok/s | measured tok/s | error | bubble pred / meas "
-             "| best n (tok/s) | planner n / best |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| device memory | bs | planner n | predicted tok/s | measured tok/s | error | bubble pred / meas "
+        "| best n (tok/s) | planner n / best |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['device_memory']} | {r['batch_size']} | {r['planner_n']} | {r['predicted_tokens_per_s']:.3f} "

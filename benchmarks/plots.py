@@ -1,4 +1,5 @@
 """Plots: throughput per engine and rung, throughput vs n (Fig. 14), one MoE block per schedule (Fig. 15)."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ def throughput(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(works), figsize=(7 * len(works), 4), squeeze=False)
     for ax, work in zip(axes[0], works):
         rs = [r for r in rows if r["workload"] == work and r["tokens_per_s"] and _is_bar(r, rows)]
-        rs.sort(key=lambda r: (r["engine"] != "hf-accelerate", not r["replay"],
-                               LADDER.index(r["schedule"]) if r["schedule"] in LADDER else -1, r["batch_size"]))
+        rs.sort(
+            key=lambda r: (
+                r["engine"] != "hf-accelerate",
+                not r["replay"],
+                LADDER.index(r["schedule"]) if r["schedule"] in LADDER else -1,
+                r["batch_size"],
+            )
+        )
         labels = [_label(r) for r in rs]
         mids = [r["tokens_per_s"][1] for r in rs]
         errs = [
@@ -56,13 +63,30 @@ def versus_n(rows: list[dict], path: Path) -> None:
     """klotski's tok/s against n at fixed bs, replay on, one line per workload."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for work in sorted({r["workload"] for r in rows}):
-        rs = sorted((r for r in rows if r["workload"] == work and r["engine"] == "klotski" and r["replay"]
-                     and r["schedule"] == "klotski" and r["tokens_per_s"]), key=lambda r: r["num_batches"])
+        rs = sorted(
+            (
+                r
+                for r in rows
+                if r["workload"] == work
+                and r["engine"] == "klotski"
+                and r["replay"]
+                and r["schedule"] == "klotski"
+                and r["tokens_per_s"]
+            ),
+            key=lambda r: r["num_batches"],
+        )
         if rs:
-            ax.errorbar([r["num_batches"] for r in rs], [r["tokens_per_s"][1] for r in rs],
-                        yerr=[[r["tokens_per_s"][1] - r["tokens_per_s"][0] for r in rs],
-                              [r["tokens_per_s"][2] - r["tokens_per_s"][1] for r in rs]],
-                        marker="o", capsize=3, label=f"{work} (bs {rs[0]['batch_size']})")
+            ax.errorbar(
+                [r["num_batches"] for r in rs],
+                [r["tokens_per_s"][1] for r in rs],
+                yerr=[
+                    [r["tokens_per_s"][1] - r["tokens_per_s"][0] for r in rs],
+                    [r["tokens_per_s"][2] - r["tokens_per_s"][1] for r in rs],
+                ],
+                marker="o",
+                capsize=3,
+                label=f"{work} (bs {rs[0]['batch_size']})",
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("n (batches sharing each loaded layer)")
     ax.set_ylabel("generated tokens / s")
@@ -78,8 +102,17 @@ def load_trace(path: Path) -> list[dict]:
     data = json.loads(path.read_text())
     events = data["traceEvents"] if isinstance(data, dict) else data
     lanes = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M"}
-    return [{"lane": lanes[e["tid"]], "kind": e["name"].split()[0], "start": e["ts"] / 1e6,
-             "end": (e["ts"] + e["dur"]) / 1e6, **e.get("args", {})} for e in events if e.get("ph") == "X"]
+    return [
+        {
+            "lane": lanes[e["tid"]],
+            "kind": e["name"].split()[0],
+            "start": e["ts"] / 1e6,
+            "end": (e["ts"] + e["dur"]) / 1e6,
+            **e.get("args", {}),
+        }
+        for e in events
+        if e.get("ph") == "X"
+    ]
 
 
 def block_window(events: list[dict]) -> tuple[float, float, int]:

@@ -4,6 +4,7 @@ Writing a new result moves the files of the previous one into archive/<date>/ (t
 were last written); benchmarks/results/README.md is the index of what each folder holds and of the
 archived runs the docs cite.
 """
+
 from __future__ import annotations
 
 import datetime

@@ -5,6 +5,7 @@ checkpoint's size, after the checkpoint's pages are dropped from the page cache.
 benchmarks/results/bench/ (bench-quick/ for --quick): latest.json, latest.md (the table) and plots;
 the previous result moves to that folder's archive/ (benchmarks/results/README.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,14 +76,30 @@ def ensure_checkpoints(cache: Path, layers: int, checkpoint: str | None) -> tupl
     ckpt = Path(checkpoint) if checkpoint else cache / f"mixtral-8x7b-{layers}l"
     if not (ckpt / "config.json").is_file():
         print(f"bench: creating {ckpt} (Mixtral-8x7B shapes, {layers} layers, bf16; once)", file=sys.stderr)
-        subprocess.run([str(BIN / "klotski"), "create-model", "--family", "mixtral", "--preset", "mixtral-8x7b",
-                        "--layers", str(layers), "--dtype", "bfloat16", "--out", str(ckpt)], check=True)
+        subprocess.run(
+            [
+                str(BIN / "klotski"),
+                "create-model",
+                "--family",
+                "mixtral",
+                "--preset",
+                "mixtral-8x7b",
+                "--layers",
+                str(layers),
+                "--dtype",
+                "bfloat16",
+                "--out",
+                str(ckpt),
+            ],
+            check=True,
+        )
     _ensure_offload_dir(ckpt)
     merged = cache / f"{ckpt.name}-hf-merged"
     if not (merged / "config.json").is_file():
         print(f"bench: re-saving {ckpt} in transformers' merged-expert layout at {merged} (once)", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "benchmarks.hf_engine", "prepare", str(ckpt), str(merged)],
-                       check=True, cwd=ROOT)
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.hf_engine", "prepare", str(ckpt), str(merged)], check=True, cwd=ROOT
+        )
     return ckpt, merged
 
 
@@ -98,15 +115,20 @@ def _ensure_offload_dir(ckpt: Path) -> None:
 def ensure_profile(ckpt: Path) -> str:
     """`klotski profile` once for these shapes (cached after), as a user would before planning: the
     planner's policy then uses this machine's measured ops and disk, not the built-in estimate."""
-    proc = subprocess.run([str(BIN / "klotski"), "profile", "--model", str(ckpt)], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        [str(BIN / "klotski"), "profile", "--model", str(ckpt)], capture_output=True, text=True, check=False
+    )
     if proc.returncode:
-        print(f"bench: klotski profile failed; the planner uses its built-in estimate:\n{proc.stderr[-400:]}",
-              file=sys.stderr)
+        print(
+            f"bench: klotski profile failed; the planner uses its built-in estimate:\n{proc.stderr[-400:]}",
+            file=sys.stderr,
+        )
         return "built-in estimate (profile failed)"
     profile = json.loads(proc.stdout)
-    return (f"measured: disk {profile['disk_gbps']:.2f} GB/s alone, "
-            f"{profile.get('disk_gbps_beside_compute') or 0:.2f} beside compute")
+    return (
+        f"measured: disk {profile['disk_gbps']:.2f} GB/s alone, "
+        f"{profile.get('disk_gbps_beside_compute') or 0:.2f} beside compute"
+    )
 
 
 def measure_machine(ctx: Context) -> dict:
@@ -115,8 +137,10 @@ def measure_machine(ctx: Context) -> dict:
     from klotski.checkpoint.reader import Checkpoint
     from klotski.store.offload import default_offload_dir
 
-    sets = {"checkpoint": sorted(ctx.checkpoint.glob("*.safetensors")),
-            "offload": sorted(default_offload_dir(Checkpoint.open(str(ctx.checkpoint))).glob("*.expert*.bin"))}
+    sets = {
+        "checkpoint": sorted(ctx.checkpoint.glob("*.safetensors")),
+        "offload": sorted(default_offload_dir(Checkpoint.open(str(ctx.checkpoint))).glob("*.expert*.bin")),
+    }
     cgroup.drop_page_cache([f for fs in sets.values() for f in fs])
     info = machine.describe() | machine.best_disk_bandwidth(sets)
     return info | machine.matmul_rate(ctx.spec["hidden_size"], ctx.spec["intermediate_size"])
@@ -147,15 +171,25 @@ def lower_bound(ctx: Context, work: Workload, steps: int) -> dict:
     io_s = must_read / (ctx.machine["disk_gbps"] * 1e9)
     rate = compute_rate(ctx.machine) * 1e9
     compute_s = flops(ctx.spec, work) / rate
-    return {"bound_s": max(io_s, compute_s), "bound_io_s": io_s, "bound_compute_s": compute_s,
-            "bytes_must_read": must_read}
+    return {
+        "bound_s": max(io_s, compute_s),
+        "bound_io_s": io_s,
+        "bound_compute_s": compute_s,
+        "bytes_must_read": must_read,
+    }
 
 
 def _record(ctx: Context, work: Workload, res: cgroup.Result, row: dict, steps: int) -> dict:
     wall = row.get("prefill_s", 0.0) + row.get("decode_s", 0.0)
     generated = row.get("generated_tokens", 0)
-    row |= {"workload": work.name, "peak_rss_bytes": res.peak_bytes, "oom_killed": res.oom_killed,
-            "capped": res.capped, "process_s": res.seconds, "load_avg": os.getloadavg()}
+    row |= {
+        "workload": work.name,
+        "peak_rss_bytes": res.peak_bytes,
+        "oom_killed": res.oom_killed,
+        "capped": res.capped,
+        "process_s": res.seconds,
+        "load_avg": os.getloadavg(),
+    }
     if res.returncode != 0 or not generated:
         return row | {"error": (res.stderr or res.stdout)[-800:], "tokens_per_s": None, "efficiency": None}
     return _score(ctx, row | {"tokens_per_s": generated / wall, "wall_s": wall, "forward_steps": steps}, work)
@@ -170,8 +204,16 @@ def _score(ctx: Context, row: dict, work: Workload) -> dict:
     return row
 
 
-def run_klotski(ctx: Context, work: Workload, schedule: str, bs: int | None, n: int | None, replay: bool, repeat: int,
-                trace: Path | None = None) -> dict:
+def run_klotski(
+    ctx: Context,
+    work: Workload,
+    schedule: str,
+    bs: int | None,
+    n: int | None,
+    replay: bool,
+    repeat: int,
+    trace: Path | None = None,
+) -> dict:
     """One `klotski generate` run in its own capped process; bs = n = None: the planner picks them."""
     inputs = write_jsonl(work, ctx.spec["vocab_size"], ctx.cache / f"{work.name}-{work.num_prompts}.jsonl")
     cmd = [
@@ -197,34 +239,80 @@ def run_klotski(ctx: Context, work: Workload, schedule: str, bs: int | None, n: 
     cmd += ["--trace", str(trace)] if trace else []
     cgroup.drop_page_cache([ctx.checkpoint])
     res = cgroup.run_capped(cmd, ctx.cap, f"klotski-{schedule}", env=_env())
-    row = {"engine": "klotski", "schedule": schedule if bs is not None else f"{schedule} (planner)",
-           "batch_size": bs, "num_batches": n,
-           "routing_replay": REPLAY if replay else None, "repeat": repeat}
+    row = {
+        "engine": "klotski",
+        "schedule": schedule if bs is not None else f"{schedule} (planner)",
+        "batch_size": bs,
+        "num_batches": n,
+        "routing_replay": REPLAY if replay else None,
+        "repeat": repeat,
+    }
     steps = 0
     if res.returncode == 0:
         out = json.loads(res.stdout)
         stats = out["stats"]
         steps = stats["forward_steps"]
-        row |= {k: stats[k] for k in ("generated_tokens", "prefill_s", "decode_s", "bubble_ratio", "bubble_s",
-                                      "compute_busy_s", "io_busy_s", "achieved_bandwidth_gbps", "forward_steps")}
-        row |= {"batch_size": stats["policy"]["batch_size"], "num_batches": stats["policy"]["num_batches"],
-                "planner": {k: v for k, v in stats.items() if k.startswith("plan")} or None}
-        row |= {"bytes_read": sum(stats["bytes_read"].values()), "peak_budget_bytes": stats["peak_bytes"]["device"],
-                "tokens_sha": _tokens_sha(out["outputs"])}
+        row |= {
+            k: stats[k]
+            for k in (
+                "generated_tokens",
+                "prefill_s",
+                "decode_s",
+                "bubble_ratio",
+                "bubble_s",
+                "compute_busy_s",
+                "io_busy_s",
+                "achieved_bandwidth_gbps",
+                "forward_steps",
+            )
+        }
+        row |= {
+            "batch_size": stats["policy"]["batch_size"],
+            "num_batches": stats["policy"]["num_batches"],
+            "planner": {k: v for k, v in stats.items() if k.startswith("plan")} or None,
+        }
+        row |= {
+            "bytes_read": sum(stats["bytes_read"].values()),
+            "peak_budget_bytes": stats["peak_bytes"]["device"],
+            "tokens_sha": _tokens_sha(out["outputs"]),
+        }
     return _record(ctx, work, res, row, steps)
 
 
 def run_hf(ctx: Context, work: Workload, bs: int, repeat: int) -> dict:
     """One transformers + Accelerate disk-offload run in its own capped process."""
     offload = ctx.cache / f"hf-offload-{os.getpid()}"
-    cmd = [sys.executable, "-m", "benchmarks.hf_engine", "run", "--model", str(ctx.hf_checkpoint),
-           "--offload-folder", str(offload), "--max-memory", str(ctx.device_budget),
-           "--num-prompts", str(work.num_prompts), "--prompt-len", str(work.prompt_len),
-           "--max-tokens", str(work.max_tokens), "--batch-size", str(bs)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.hf_engine",
+        "run",
+        "--model",
+        str(ctx.hf_checkpoint),
+        "--offload-folder",
+        str(offload),
+        "--max-memory",
+        str(ctx.device_budget),
+        "--num-prompts",
+        str(work.num_prompts),
+        "--prompt-len",
+        str(work.prompt_len),
+        "--max-tokens",
+        str(work.max_tokens),
+        "--batch-size",
+        str(bs),
+    ]
     cgroup.drop_page_cache([ctx.hf_checkpoint])
     res = cgroup.run_capped(cmd, ctx.cap, f"hf-{bs}", env=_env())
-    row = {"engine": "hf-accelerate", "schedule": "accelerate-disk-offload", "batch_size": bs, "num_batches": 1,
-           "routing_replay": None, "repeat": repeat, "bubble_ratio": None}
+    row = {
+        "engine": "hf-accelerate",
+        "schedule": "accelerate-disk-offload",
+        "batch_size": bs,
+        "num_batches": 1,
+        "routing_replay": None,
+        "repeat": repeat,
+        "bubble_ratio": None,
+    }
     steps = -(-work.num_prompts // bs) * work.max_tokens
     if res.returncode == 0:
         row |= json.loads(res.stdout.strip().splitlines()[-1])
@@ -247,11 +335,14 @@ def _env() -> dict:
 
 def _log(row: dict) -> None:
     tps = row.get("tokens_per_s")
-    print(f"bench: {row['workload']:<13} {row['engine']:<13} {row['schedule']:<24} bs {row['batch_size']:>3} "
-          f"n {row['num_batches']:>2} replay {str(bool(row.get('routing_replay'))):<5} "
-          f"tok/s {'FAILED' if tps is None else f'{tps:6.2f}'}  eff {row.get('efficiency') or 0:.2f}  "
-          f"peak {((row.get('peak_rss_bytes') or 0) / 2**30):.2f} GiB  load {row['load_avg'][0]:.1f}",
-          file=sys.stderr, flush=True)
+    print(
+        f"bench: {row['workload']:<13} {row['engine']:<13} {row['schedule']:<24} bs {row['batch_size']:>3} "
+        f"n {row['num_batches']:>2} replay {str(bool(row.get('routing_replay'))):<5} "
+        f"tok/s {'FAILED' if tps is None else f'{tps:6.2f}'}  eff {row.get('efficiency') or 0:.2f}  "
+        f"peak {((row.get('peak_rss_bytes') or 0) / 2**30):.2f} GiB  load {row['load_avg'][0]:.1f}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def execute(ctx: Context, plan: Plan, traces: Path) -> list[dict]:
@@ -287,13 +378,17 @@ def rebound_on_achieved(ctx: Context, runs: list[dict], works: dict[str, Workloa
     """A lower bound must not assume a disk slower than an engine was seen to read: when a run read
     faster (bytes read / its wall time, itself an underestimate of the disk's rate) than the rate
     measured outside the engines, the bound uses the run's rate, and every row is rescored."""
-    achieved = max((r["bytes_read"] / r["wall_s"] / 1e9 for r in runs if r.get("bytes_read") and r.get("wall_s")),
-                   default=0.0)
+    achieved = max(
+        (r["bytes_read"] / r["wall_s"] / 1e9 for r in runs if r.get("bytes_read") and r.get("wall_s")), default=0.0
+    )
     if achieved <= ctx.machine["disk_gbps"]:
         return
-    ctx.machine = ctx.machine | {"disk_gbps_measured": ctx.machine["disk_gbps"], "disk_gbps": achieved,
-                                 "disk_rate_source": "achieved by a klotski run (bytes read / wall time): faster "
-                                                     "than the measured rate, so the bound uses it"}
+    ctx.machine = ctx.machine | {
+        "disk_gbps_measured": ctx.machine["disk_gbps"],
+        "disk_gbps": achieved,
+        "disk_rate_source": "achieved by a klotski run (bytes read / wall time): faster "
+        "than the measured rate, so the bound uses it",
+    }
     for row in runs:
         if row.get("tokens_per_s"):
             _score(ctx, row, works[row["workload"]])
@@ -309,7 +404,8 @@ def rescore(ctx: Context, out: Path, traces: Path) -> int:
     for key in ("matmul_gflops_float32", "matmul_gflops_bfloat16"):
         best[key] = {r: max(old[key][r], new[key][r]) for r in old[key]}
     best["rescored_from"] = {k: old[k] for k in old if k.startswith(("disk_", "matmul_"))} | {
-        "remeasured": {k: new[k] for k in new if k.startswith(("disk_", "matmul_", "load_"))}}
+        "remeasured": {k: new[k] for k in new if k.startswith(("disk_", "matmul_", "load_"))}
+    }
     ctx.machine = result["machine"] = best
     works = {w["name"]: Workload(**w) for w in result["config"]["workloads"]}
     for row in result["runs"]:
@@ -328,13 +424,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2, help="layers of the Mixtral-8x7B-shaped checkpoint")
     p.add_argument("--checkpoint", help="use this checkpoint instead of the cached one")
     p.add_argument("--cap", default="3GiB", help="memory cgroup cap for every engine (below the checkpoint's size)")
-    p.add_argument("--device-budget", default="2.25GiB",
-                   help="klotski's --device-memory and Accelerate's max_memory inside the cap (the rest: runtime, "
-                        "activations, transient fp32 copies)")
+    p.add_argument(
+        "--device-budget",
+        default="2.25GiB",
+        help="klotski's --device-memory and Accelerate's max_memory inside the cap (the rest: runtime, "
+        "activations, transient fp32 copies)",
+    )
     p.add_argument("--out", help="results folder (default: benchmarks/results/bench, or bench-quick with --quick)")
-    p.add_argument("--rescore", action="store_true",
-                   help="re-measure the machine now and recompute every bound of <out>/latest.json with the faster "
-                        "of the old and new rates (no engine runs)")
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="re-measure the machine now and recompute every bound of <out>/latest.json with the faster "
+        "of the old and new rates (no engine runs)",
+    )
     args = p.parse_args(argv)
     from klotski.config import parse_bytes
 
@@ -348,11 +450,16 @@ def main(argv: list[str] | None = None) -> int:
     no_cgroup = cgroup.available()
     if no_cgroup:
         print(f"bench: WARNING: {no_cgroup}; engines run UNCAPPED and peak figures are missing", file=sys.stderr)
-    ctx.machine = measure_machine(ctx) | {"cgroup": no_cgroup or "memory cgroup v1, one per run",
-                                          "klotski_profile": ensure_profile(ckpt)}
-    print(f"bench: disk {ctx.machine['disk_gbps']:.2f} GB/s (O_DIRECT), matmul fp32 "
-          f"{ctx.machine['matmul_gflops_float32']} bf16 {ctx.machine['matmul_gflops_bfloat16']} GFLOP/s, "
-          f"load {ctx.machine['load_avg']}", file=sys.stderr)
+    ctx.machine = measure_machine(ctx) | {
+        "cgroup": no_cgroup or "memory cgroup v1, one per run",
+        "klotski_profile": ensure_profile(ckpt),
+    }
+    print(
+        f"bench: disk {ctx.machine['disk_gbps']:.2f} GB/s (O_DIRECT), matmul fp32 "
+        f"{ctx.machine['matmul_gflops_float32']} bf16 {ctx.machine['matmul_gflops_bfloat16']} GFLOP/s, "
+        f"load {ctx.machine['load_avg']}",
+        file=sys.stderr,
+    )
     out = Path(args.out) if args.out else results.folder("bench-quick" if args.quick else "bench")
     traces = cache / "traces"
     if args.rescore:

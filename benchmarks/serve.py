@@ -11,6 +11,7 @@ the reference. Each engine process runs in its own memory cgroup with --cap (whe
 
     python -m benchmarks.serve --model DIR [--prompts 128] [--clients 64] [--cap 3] [--threads N] -- [engine flags]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ def _popen_capped(cmd: list[str], cap: int | None, name: str, env: dict) -> tupl
         if group is not None:
             (group / "cgroup.procs").write_text(str(os.getpid()))
 
-    return subprocess.Popen(cmd, env=env, preexec_fn=enter, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True), group
+    return subprocess.Popen(
+        cmd, env=env, preexec_fn=enter, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    ), group
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -62,8 +64,9 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-async def _client(http: httpx.AsyncClient, queue: asyncio.Queue, work: Workload, rows: list[dict],
-                  stream: bool) -> None:
+async def _client(
+    http: httpx.AsyncClient, queue: asyncio.Queue, work: Workload, rows: list[dict], stream: bool
+) -> None:
     while True:
         try:
             i, ids = queue.get_nowait()
@@ -77,8 +80,16 @@ async def _client(http: httpx.AsyncClient, queue: asyncio.Queue, work: Workload,
             if r.status_code != 200:
                 raise RuntimeError(f"request {i}: HTTP {r.status_code}: {r.text}")
             answer = r.json()
-            rows.append({"prompt": i, "sent": sent, "first": None, "done": time.perf_counter(),
-                         "tokens": answer["usage"]["completion_tokens"], "text": answer["choices"][0]["text"]})
+            rows.append(
+                {
+                    "prompt": i,
+                    "sent": sent,
+                    "first": None,
+                    "done": time.perf_counter(),
+                    "tokens": answer["usage"]["completion_tokens"],
+                    "text": answer["choices"][0]["text"],
+                }
+            )
             continue
         body |= {"stream": True, "stream_options": {"include_usage": True}}
         async with http.stream("POST", "/v1/completions", json=body) as r:
@@ -94,8 +105,9 @@ async def _client(http: httpx.AsyncClient, queue: asyncio.Queue, work: Workload,
                     if first is None:
                         first = time.perf_counter()
                     text += c["text"]
-        rows.append({"prompt": i, "sent": sent, "first": first, "done": time.perf_counter(), "tokens": tokens,
-                     "text": text})
+        rows.append(
+            {"prompt": i, "sent": sent, "first": first, "done": time.perf_counter(), "tokens": tokens, "text": text}
+        )
 
 
 async def _load(url: str, work: Workload, vocab: int, clients: int, stream: bool) -> list[dict]:
@@ -111,15 +123,32 @@ async def _load(url: str, work: Workload, vocab: int, clients: int, stream: bool
 
 def _figures(metrics: str) -> dict[str, float]:
     """/metrics samples by name (labels kept in the name)."""
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-            if line.startswith("klotski_")}
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("klotski_")
+    }
 
 
 def run_server(args, work: Workload, vocab: int, env: dict) -> dict:
     port = args.port
-    cmd = [*_klotski(), "serve", "--model", str(args.model), "--port", str(port), "--served-model-name", "bench",
-           "--max-wait-ms", str(args.max_wait_ms), "--max-num-seqs", str(args.max_num_seqs or args.clients),
-           "--log-level", "warning", *args.engine_flags]
+    cmd = [
+        *_klotski(),
+        "serve",
+        "--model",
+        str(args.model),
+        "--port",
+        str(port),
+        "--served-model-name",
+        "bench",
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--max-num-seqs",
+        str(args.max_num_seqs or args.clients),
+        "--log-level",
+        "warning",
+        *args.engine_flags,
+    ]
     proc, group = _popen_capped(cmd, args.cap, "serve", env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -136,8 +165,9 @@ def run_server(args, work: Workload, vocab: int, env: dict) -> dict:
                 raise RuntimeError("klotski serve did not become ready")
             time.sleep(0.5)
         # One short request first: the first reads of each blob verify its checksum, as a batch job's would.
-        httpx.post(url + "/v1/completions", json={"model": "bench", "prompt": [5, 6, 7], "max_tokens": 1},
-                   timeout=args.timeout)
+        httpx.post(
+            url + "/v1/completions", json={"model": "bench", "prompt": [5, 6, 7], "max_tokens": 1}, timeout=args.timeout
+        )
         before = _figures(httpx.get(url + "/metrics", timeout=30).text)
         load = os.getloadavg()
         rows = asyncio.run(_load(url, work, vocab, args.clients, not args.no_stream))
@@ -182,37 +212,71 @@ def run_server(args, work: Workload, vocab: int, env: dict) -> dict:
 
 def run_generate(args, work: Workload, vocab: int, env: dict, tmp: Path) -> dict:
     prompts = write_jsonl(work, vocab, tmp / "prompts.jsonl")
-    cmd = [*_klotski(), "generate", "--model", str(args.model), "--input", str(prompts), "--json", "--ignore-eos",
-           "--max-tokens", str(work.max_tokens), *args.engine_flags]
+    cmd = [
+        *_klotski(),
+        "generate",
+        "--model",
+        str(args.model),
+        "--input",
+        str(prompts),
+        "--json",
+        "--ignore-eos",
+        "--max-tokens",
+        str(work.max_tokens),
+        *args.engine_flags,
+    ]
     load = os.getloadavg()
     res = cgroup.run_capped(cmd, args.cap or 1 << 50, "generate", env=env, timeout=args.timeout)
     if res.returncode != 0:
         return {"engine": "generate", "error": res.stderr[-2000:]}
     out = json.loads(res.stdout)
     stats = out["stats"]
-    return {"engine": "generate", "requests": stats["requests"], "generated_tokens": stats["generated_tokens"],
-            "wall_s": stats["wall_s"], "tokens_per_s": stats["tokens_per_s"], "bubble_ratio": stats["bubble_ratio"],
-            "steps": stats.get("forward_steps"), "bytes_read": sum(stats["bytes_read"].values()),
-            "policy": stats["policy"], "load_avg": load, "peak_cgroup_bytes": res.peak_bytes,
-            "texts": {int(o["id"]): o["text"] for o in out["outputs"]}}
+    return {
+        "engine": "generate",
+        "requests": stats["requests"],
+        "generated_tokens": stats["generated_tokens"],
+        "wall_s": stats["wall_s"],
+        "tokens_per_s": stats["tokens_per_s"],
+        "bubble_ratio": stats["bubble_ratio"],
+        "steps": stats.get("forward_steps"),
+        "bytes_read": sum(stats["bytes_read"].values()),
+        "policy": stats["policy"],
+        "load_avg": load,
+        "peak_cgroup_bytes": res.peak_bytes,
+        "texts": {int(o["id"]): o["text"] for o in out["outputs"]},
+    }
 
 
 def run_batch(args, work: Workload, vocab: int, env: dict, tmp: Path) -> dict | None:
     """`klotski run-batch` on the same prompts, when this checkout has it: throughput over the wall its
     summary reports (from after the model loaded, as for the other two)."""
-    probe = subprocess.run([*_klotski(), "run-batch", "--help"], capture_output=True, text=True, env=env,
-                           check=False)
+    probe = subprocess.run([*_klotski(), "run-batch", "--help"], capture_output=True, text=True, env=env, check=False)
     if probe.returncode != 0:
         return None
     lines = tmp / "batch.jsonl"
     with open(lines, "w") as f:
         for i in range(work.num_prompts):
-            body = {"model": "bench", "prompt": prompt_token_ids(i, work.prompt_len, vocab),
-                    "max_tokens": work.max_tokens, "temperature": 0, "ignore_eos": True}
+            body = {
+                "model": "bench",
+                "prompt": prompt_token_ids(i, work.prompt_len, vocab),
+                "max_tokens": work.max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
             f.write(json.dumps({"custom_id": str(i), "method": "POST", "url": "/v1/completions", "body": body}) + "\n")
     out = tmp / "batch-out.jsonl"
-    cmd = [*_klotski(), "run-batch", "-i", str(lines), "-o", str(out), "--model", str(args.model), "--no-progress",
-           *args.engine_flags]
+    cmd = [
+        *_klotski(),
+        "run-batch",
+        "-i",
+        str(lines),
+        "-o",
+        str(out),
+        "--model",
+        str(args.model),
+        "--no-progress",
+        *args.engine_flags,
+    ]
     load = os.getloadavg()
     res = cgroup.run_capped(cmd, args.cap or 1 << 50, "run-batch", env=env, timeout=args.timeout)
     if res.returncode != 0:
@@ -225,8 +289,15 @@ def run_batch(args, work: Workload, vocab: int, env: dict, tmp: Path) -> dict | 
         tokens += body["usage"]["completion_tokens"]
     # Its summary line: "... N tokens generated in W s = R tok/s; ..." (the wall after the model loaded).
     rate = re.search(r"tokens generated in ([\d.]+) s = ([\d.]+) tok/s", res.stdout + res.stderr)
-    row = {"engine": "run-batch", "requests": len(texts), "generated_tokens": tokens, "process_wall_s": res.seconds,
-           "load_avg": load, "peak_cgroup_bytes": res.peak_bytes, "texts": texts}
+    row = {
+        "engine": "run-batch",
+        "requests": len(texts),
+        "generated_tokens": tokens,
+        "process_wall_s": res.seconds,
+        "load_avg": load,
+        "peak_cgroup_bytes": res.peak_bytes,
+        "texts": texts,
+    }
     if rate is not None:
         row |= {"wall_s": float(rate[1]), "tokens_per_s": tokens / float(rate[1])}
     return row
@@ -241,8 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-len", type=int, default=16)
     p.add_argument("--cap", type=lambda s: int(float(s) * GiB), default=None, help="memory cgroup cap, GiB")
     p.add_argument("--max-wait-ms", type=float, default=50.0)
-    p.add_argument("--max-num-seqs", type=int, help="the server plans its group for this many sequences "
-                   "(default: --clients, the most that can be in flight; the batch path plans for --prompts)")
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        help="the server plans its group for this many sequences "
+        "(default: --clients, the most that can be in flight; the batch path plans for --prompts)",
+    )
     p.add_argument("--no-stream", action="store_true", help="whole responses (no time to first token)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every engine process")
     p.add_argument("--port", type=int, default=8731)
@@ -269,8 +344,15 @@ def main(argv: list[str] | None = None) -> int:
         if "tokens_per_s" in row:
             row["server_ratio"] = served["tokens_per_s"] / row["tokens_per_s"]
     served.pop("texts")
-    result = {"command": " ".join(sys.argv), "workload": work.to_dict(), "model": str(args.model),
-              "engine_flags": args.engine_flags, "cap_bytes": args.cap, "threads": args.threads, "rows": rows}
+    result = {
+        "command": " ".join(sys.argv),
+        "workload": work.to_dict(),
+        "model": str(args.model),
+        "engine_flags": args.engine_flags,
+        "cap_bytes": args.cap,
+        "threads": args.threads,
+        "rows": rows,
+    }
     text = json.dumps(result, indent=2)
     if args.out is not None:
         args.out.write_text(text + "\n")

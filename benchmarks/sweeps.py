@@ -15,6 +15,7 @@ first --prompts lines of --input). Each writes one JSON line per run (the run's 
 benchmarks/results/<sweep>/latest.jsonl, archiving the previous one (benchmarks/results/README.md),
 and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,33 @@ LADDER = ("sequential", "overlap", "multibatch", "hot", "klotski")
 
 
 def _generate(args, inputs: Path, schedule: str, num_batches: int, extra: list[str], label: str | None) -> dict:
-    out = subprocess.run([str(BIN / "klotski"), "generate", "--model", str(args.checkpoint), "--input", str(inputs),
-                          "--max-tokens", str(args.max_tokens), "--ignore-eos", "--device-memory", args.device_memory,
-                          "--schedule", schedule, "--batch-size", str(args.batch_size), "--num-batches",
-                          str(num_batches), *(["--routing-replay", args.replay] if args.replay != "none" else []),
-                          "--json", *extra],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [
+            str(BIN / "klotski"),
+            "generate",
+            "--model",
+            str(args.checkpoint),
+            "--input",
+            str(inputs),
+            "--max-tokens",
+            str(args.max_tokens),
+            "--ignore-eos",
+            "--device-memory",
+            args.device_memory,
+            "--schedule",
+            schedule,
+            "--batch-size",
+            str(args.batch_size),
+            "--num-batches",
+            str(num_batches),
+            *(["--routing-replay", args.replay] if args.replay != "none" else []),
+            "--json",
+            *extra,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     stats = json.loads(out)["stats"]
     stats.pop("placement", None)
     return stats | ({"label": label} if label else {})
@@ -50,8 +72,11 @@ def _inputs(kind: str, count: int, path: Path, given: Path | None = None) -> Non
         return
     with path.open("w") as f:
         for i in range(1, count + 1):
-            record = ({"prompt_token_ids": [1, i % 300 + 5, 17, 42, 99, 7, 250, 33]} if kind == "ladder"
-                      else {"prompt": f"Request {i}: summarise the history of mixture-of-experts language models."})
+            record = (
+                {"prompt_token_ids": [1, i % 300 + 5, 17, 42, 99, 7, 250, 33]}
+                if kind == "ladder"
+                else {"prompt": f"Request {i}: summarise the history of mixture-of-experts language models."}
+            )
             f.write(json.dumps(record) + "\n")
 
 
@@ -60,36 +85,47 @@ def run(args) -> list[dict]:
         inputs = Path(tmp) / "prompts.jsonl"
         _inputs(args.sweep, args.prompts, inputs, args.input)
         if args.sweep == "ladder":
-            return [_generate(args, inputs, s, 1 if s in ("sequential", "overlap") else args.num_batches, [], None)
-                    for s in LADDER]
+            return [
+                _generate(args, inputs, s, 1 if s in ("sequential", "overlap") else args.num_batches, [], None)
+                for s in LADDER
+            ]
         hot = (("correlation", ["--prefetch-table", args.table]), ("frequency", []), ("none", ["--num-hot", "0"]))
         return [_generate(args, inputs, "klotski", args.num_batches, extra, label) for label, extra in hot]
 
 
 def table(sweep: str, rows: list[dict]) -> str:
     if sweep == "ladder":
-        lines = [f"{'schedule':<11} {'bs':>4} {'n':>3} {'tok/s':>7} {'wall s':>7} {'prefill s':>9} {'bubble':>7} "
-                 f"{'GB read':>8} {'peak dev GB':>11}"]
+        lines = [
+            f"{'schedule':<11} {'bs':>4} {'n':>3} {'tok/s':>7} {'wall s':>7} {'prefill s':>9} {'bubble':>7} "
+            f"{'GB read':>8} {'peak dev GB':>11}"
+        ]
         for r in rows:
             p = r["policy"]
-            lines.append(f"{p['schedule']:<11} {p['batch_size']:>4} {p['num_batches']:>3} {r['tokens_per_s']:>7.2f} "
-                         f"{r['wall_s']:>7.1f} {r['prefill_s']:>9.1f} {r['bubble_ratio']:>7.3f} "
-                         f"{sum(r['bytes_read'].values()) / 1e9:>8.2f} {r['peak_bytes']['device'] / 1e9:>11.2f}")
+            lines.append(
+                f"{p['schedule']:<11} {p['batch_size']:>4} {p['num_batches']:>3} {r['tokens_per_s']:>7.2f} "
+                f"{r['wall_s']:>7.1f} {r['prefill_s']:>9.1f} {r['bubble_ratio']:>7.3f} "
+                f"{sum(r['bytes_read'].values()) / 1e9:>8.2f} {r['peak_bytes']['device'] / 1e9:>11.2f}"
+            )
         return "\n".join(lines)
     lines = [f"{'hot experts from':<17} {'tok/s':>7} {'wall s':>7} {'bubble s':>9} {'bubble':>7} {'GB read':>8}"]
     for r in rows:
-        lines.append(f"{r['label']:<17} {r['tokens_per_s']:>7.2f} {r['wall_s']:>7.1f} {r['bubble_s']:>9.2f} "
-                     f"{r['bubble_ratio']:>7.3f} {sum(r['bytes_read'].values()) / 1e9:>8.2f}")
+        lines.append(
+            f"{r['label']:<17} {r['tokens_per_s']:>7.2f} {r['wall_s']:>7.1f} {r['bubble_s']:>9.2f} "
+            f"{r['bubble_ratio']:>7.3f} {sum(r['bytes_read'].values()) / 1e9:>8.2f}"
+        )
     return "\n".join(lines)
 
 
-DEFAULTS = {"ladder": {"prompts": 1024, "max_tokens": 4, "batch_size": 128, "num_batches": 8},
-            "prefetch-effect": {"prompts": 64, "max_tokens": 8, "batch_size": 16, "num_batches": 4}}
+DEFAULTS = {
+    "ladder": {"prompts": 1024, "max_tokens": 4, "batch_size": 128, "num_batches": 8},
+    "prefetch-effect": {"prompts": 64, "max_tokens": 8, "batch_size": 16, "num_batches": 4},
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks.sweeps", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="benchmarks.sweeps", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("sweep", choices=sorted(DEFAULTS))
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--device-memory", default="2.5GiB")

@@ -1,4 +1,5 @@
 """Workloads: the same deterministic prompts and lengths for every engine."""
+
 from __future__ import annotations
 
 import json

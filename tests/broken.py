@@ -3,6 +3,7 @@
 Shared by the reader tests (Checkpoint.open raises) and the CLI tests (exit code 2, no traceback).
 Every breaker takes a fresh copy of a good checkpoint written by create-model and damages it.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,11 +29,11 @@ def _edit_header(path: Path, edit: Callable[[dict], None]) -> None:
     file = path / "model.safetensors"
     data = file.read_bytes()
     (hlen,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8: 8 + hlen])
+    header = json.loads(data[8 : 8 + hlen])
     edit(header)
     raw = json.dumps(header, separators=(",", ":")).encode()
     assert len(raw) <= hlen, "the edited header must not grow"
-    file.write_bytes(data[:8] + raw.ljust(hlen) + data[8 + hlen:])
+    file.write_bytes(data[:8] + raw.ljust(hlen) + data[8 + hlen :])
 
 
 def _first_tensor(header: dict) -> dict:
@@ -46,8 +47,10 @@ def _truncate(path: Path) -> None:
 
 def _shard_index(path: Path) -> None:
     """Split nothing: an index that names the real file and one that is not there."""
-    weight_map = {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
-                  "lm_head.weight": "model-00002-of-00002.safetensors"}
+    weight_map = {
+        "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+        "lm_head.weight": "model-00002-of-00002.safetensors",
+    }
     (path / "model.safetensors").rename(path / "model-00001-of-00002.safetensors")
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
@@ -58,17 +61,19 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str]] = {
     "corrupt-config": (lambda p: (p / "config.json").write_text('{"architectures": ["Mixtral'), "not valid JSON"),
     "config-not-object": (lambda p: (p / "config.json").write_text("[1, 2]"), "not a JSON object"),
     "config-wrong-type": (lambda p: _edit_config(p, hidden_size="sixty-four"), "hidden_size must be an integer"),
-    "unknown-architecture": (lambda p: _edit_config(p, architectures=["LlamaForCausalLM"]),
-                             "supported: "),
+    "unknown-architecture": (lambda p: _edit_config(p, architectures=["LlamaForCausalLM"]), "supported: "),
     "shape-disagrees": (lambda p: _edit_config(p, intermediate_size=96), "config.json implies"),
     "missing-safetensors": (lambda p: (p / "model.safetensors").unlink(), "no *.safetensors"),
-    "corrupt-safetensors": (lambda p: (p / "model.safetensors").write_bytes(b"\xff" * 4096),
-                            "corrupt safetensors header"),
+    "corrupt-safetensors": (
+        lambda p: (p / "model.safetensors").write_bytes(b"\xff" * 4096),
+        "corrupt safetensors header",
+    ),
     "truncated-safetensors": (_truncate, "is truncated"),
-    "corrupt-header-entry": (lambda p: _edit_header(p, lambda h: _first_tensor(h).pop("data_offsets")),
-                             "header entry"),
-    "byte-range-mismatch": (lambda p: _edit_header(p, lambda h: _first_tensor(h).update(shape=[3])),
-                            "does not fit its shape"),
+    "corrupt-header-entry": (lambda p: _edit_header(p, lambda h: _first_tensor(h).pop("data_offsets")), "header entry"),
+    "byte-range-mismatch": (
+        lambda p: _edit_header(p, lambda h: _first_tensor(h).update(shape=[3])),
+        "does not fit its shape",
+    ),
     "index-names-missing-shard": (_shard_index, "model-00002-of-00002.safetensors"),
     "corrupt-tokenizer": (lambda p: (p / "tokenizer.json").write_text("{broken"), "tokenizer.json cannot be read"),
 }

@@ -1,4 +1,5 @@
 """Running the CLI in-process and asserting the shape of a user error."""
+
 from __future__ import annotations
 
 from klotski.cli import main

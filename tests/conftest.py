@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random-weight checkpoints written by transformers (the reference) or by us."""
+
 from __future__ import annotations
 
 import os

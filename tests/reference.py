@@ -4,19 +4,31 @@ Each VARIANT is a transformers config; `make_reference` builds the model with se
 weights, saves it (hub layout, or transformers' fused in-memory layout) with a tokenizer, and
 returns the model for computing reference logits and greedy tokens.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-COMMON = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-              num_hidden_layers=2, intermediate_size=96, max_position_embeddings=256,
-              bos_token_id=0, eos_token_id=1, pad_token_id=None, tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    intermediate_size=96,
+    max_position_embeddings=256,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=None,
+    tie_word_embeddings=False,
+)
 
 
 def _mixtral(**kw):
     from transformers import MixtralConfig
+
     return MixtralConfig(**(COMMON | dict(num_local_experts=4, num_experts_per_tok=2) | kw))
 
 
@@ -88,6 +100,13 @@ def reference_greedy(model, prompts: list[list[int]], new_tokens: int = 16) -> l
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=None)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=None,
+        )
     return out[:, width:].tolist()

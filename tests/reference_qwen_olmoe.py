@@ -1,4 +1,5 @@
 """Reference variants of Qwen2-MoE, Qwen3-MoE and OLMoE (transformers configs at tests/reference.py sizes)."""
+
 from __future__ import annotations
 
 from tests.reference import COMMON
@@ -10,17 +11,20 @@ _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 
 def _qwen2(**kw):
     from transformers import Qwen2MoeConfig
+
     return Qwen2MoeConfig(**(COMMON | _MOE | dict(shared_expert_intermediate_size=48) | kw))
 
 
 def _qwen3(**kw):
     from transformers import Qwen3MoeConfig
+
     # head_dim 32 != hidden / heads (16): the config's head_dim must win.
     return Qwen3MoeConfig(**(COMMON | _MOE | dict(head_dim=32, norm_topk_prob=True) | kw))
 
 
 def _olmoe(**kw):
     from transformers import OlmoeConfig
+
     return OlmoeConfig(**(COMMON | dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32) | kw))
 
 

@@ -1,5 +1,6 @@
 """EngineConfig is the one declaration of the engine's options: LLM's keyword arguments and the
 command line's engine flags both come from it."""
+
 from __future__ import annotations
 
 from dataclasses import fields
@@ -22,8 +23,18 @@ def _subparser(name: str):
 def test_generate_has_a_flag_per_field_of_its_groups_with_the_fields_default():
     actions = {a.dest: a for a in _subparser("generate")._actions}
     flagged = [f for f, _ in EngineConfig.flags("budget", "engine", "policy", "dtype", "replay")]
-    assert {f.name for f in flagged} >= {"device_memory", "host_memory", "offload_dir", "schedule", "batch_size",
-                                         "num_batches", "num_hot", "prefetch_table", "dtype", "routing_replay"}
+    assert {f.name for f in flagged} >= {
+        "device_memory",
+        "host_memory",
+        "offload_dir",
+        "schedule",
+        "batch_size",
+        "num_batches",
+        "num_hot",
+        "prefetch_table",
+        "dtype",
+        "routing_replay",
+    }
     for f in flagged:
         assert f.name in actions, f.name
         assert actions[f.name].option_strings == ["--" + f.name.replace("_", "-")]
@@ -32,8 +43,21 @@ def test_generate_has_a_flag_per_field_of_its_groups_with_the_fields_default():
 
 
 def test_engine_flags_become_llm_options_of_the_same_names():
-    args = build_parser().parse_args(["generate", "--prompt", "x", "--device-memory", "2GiB", "--batch-size", "4",
-                                      "--num-hot", "0", "--schedule", "hot"])
+    args = build_parser().parse_args(
+        [
+            "generate",
+            "--prompt",
+            "x",
+            "--device-memory",
+            "2GiB",
+            "--batch-size",
+            "4",
+            "--num-hot",
+            "0",
+            "--schedule",
+            "hot",
+        ]
+    )
     kwargs = engine_kwargs(args)
     assert kwargs["device_memory"] == "2GiB" and kwargs["batch_size"] == 4 and kwargs["num_hot"] == 0
     config = EngineConfig.create(model="m", **kwargs)

@@ -1,4 +1,5 @@
 """LLM: prompt forms, sampling and stop rules end to end, batching invariance, and input errors."""
+
 from __future__ import annotations
 
 import json
@@ -48,7 +49,8 @@ def test_seeded_sampling_is_independent_of_batch(llm, tiny_mixtral):
     alone = llm.generate(PROMPTS[0], seeded)[0].outputs[0].token_ids
     mixed = llm.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], [others[0], seeded, others[1]])
     bs1 = LLM(model=str(tiny_mixtral), dtype="float32", batch_size=1).generate(
-        [PROMPTS[2], PROMPTS[0]], [others[1], seeded])
+        [PROMPTS[2], PROMPTS[0]], [others[1], seeded]
+    )
     assert mixed[1].outputs[0].token_ids == alone == bs1[1].outputs[0].token_ids
     reseeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1235, max_tokens=10, ignore_eos=True)
     assert llm.generate(PROMPTS[0], reseeded)[0].outputs[0].token_ids != alone
@@ -82,8 +84,8 @@ def test_logprobs_are_top_n_of_the_raw_logits(llm):
 def test_stop_string_cuts_the_text(llm):
     full = llm.generate(PROMPTS[0], GREEDY)[0].outputs[0]
     # A stop string of plain characters from the middle of the greedy text.
-    start = next(i for i in range(1, len(full.text) - 2) if full.text[i:i + 3].isalnum())
-    stop = full.text[start:start + 3]
+    start = next(i for i in range(1, len(full.text) - 2) if full.text[i : i + 3].isalnum())
+    stop = full.text[start : start + 3]
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))[0]
     assert out.outputs[0].text == full.text[: full.text.find(stop)]
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop

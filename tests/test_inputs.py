@@ -1,6 +1,7 @@
 """Inputs and parameters a user gets wrong: argparse errors, non-UTF-8 text, SamplingParams of the
 wrong type or range (CLI and Python API, validated in one place), unwritable output paths, size
 strings; and --logprobs actually returned. Each CLI case: exit 2, one `klotski: error:` line."""
+
 from __future__ import annotations
 
 import json
@@ -25,17 +26,20 @@ def llm(tiny_mixtral):
 
 
 # -- argparse: one line with the flag and what was expected ----------------------------------------
-@pytest.mark.parametrize("argv,words", [
-    (["generate", "--max-tokens", "x"], "--max-tokens: expected an integer, got 'x'"),
-    (["generate", "--max-tokens", "2.0"], "--max-tokens: expected an integer, got '2.0'"),
-    (["generate", "--temperature", "warm"], "--temperature: expected a number, got 'warm'"),
-    (["generate", "--model"], "--model: expected a value after it"),
-    (["generate", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    ([], "no command given"),
-    (["generat"], "unknown command 'generat'"),
-    (["plan", "--prompt-len", "1.5"], "--prompt-len: expected an integer, got '1.5'"),
-    (["create-model", "--layers", "two", "--out", "x"], "--layers: expected an integer"),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["generate", "--max-tokens", "x"], "--max-tokens: expected an integer, got 'x'"),
+        (["generate", "--max-tokens", "2.0"], "--max-tokens: expected an integer, got '2.0'"),
+        (["generate", "--temperature", "warm"], "--temperature: expected a number, got 'warm'"),
+        (["generate", "--model"], "--model: expected a value after it"),
+        (["generate", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        ([], "no command given"),
+        (["generat"], "unknown command 'generat'"),
+        (["plan", "--prompt-len", "1.5"], "--prompt-len: expected an integer, got '1.5'"),
+        (["create-model", "--layers", "two", "--out", "x"], "--layers: expected an integer"),
+    ],
+)
 def test_argparse_errors_are_one_line(capsys, argv, words):
     code, out, err = run_cli(capsys, *argv)
     line = assert_one_error(code, err, words, "--help")
@@ -45,8 +49,19 @@ def test_argparse_errors_are_one_line(capsys, argv, words):
 
 # -- text that is not UTF-8 ------------------------------------------------------------------------------
 def test_non_utf8_prompt_is_an_error_for_that_prompt_only(capsys, tiny_mixtral):
-    code, out, err = run_cli(capsys, "generate", "--model", str(tiny_mixtral), "--prompt", BAD_UTF8,
-                             "--prompt", "Hello", "--max-tokens", "2", "--json")
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_mixtral),
+        "--prompt",
+        BAD_UTF8,
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "2",
+        "--json",
+    )
     assert_one_error(code, err, "prompt-0", "not valid UTF-8")
     assert [row["id"] for row in json.loads(out)["outputs"]] == ["prompt-1"]
 
@@ -69,21 +84,24 @@ def test_non_utf8_chat_content_and_stop_in_the_api(llm):
 
 
 # -- SamplingParams from the CLI: the flag named -------------------------------------------------------
-@pytest.mark.parametrize("flags,words", [
-    (["--temperature", "nan"], "--temperature: nan is not a finite number"),
-    (["--temperature", "inf"], "--temperature: inf is not a finite number"),
-    (["--temperature", "-1"], "--temperature: -1.0 is negative"),
-    (["--top-p", "0"], "--top-p: 0.0 is outside (0, 1]"),
-    (["--top-p", "nan"], "--top-p: nan is not a finite number"),
-    (["--top-k", "-2"], "--top-k: -2 is invalid"),
-    (["--seed", str(2**64)], "--seed: 18446744073709551616 does not fit in 64 bits"),
-    (["--seed", "-1"], "--seed: -1 does not fit in 64 bits"),
-    (["--logprobs", "513"], "--logprobs: 513 is more than the model's vocabulary (512 tokens)"),
-    (["--logprobs", "-1"], "--logprobs: -1 is negative"),
-    (["--min-tokens", "9", "--max-tokens", "4"], "--min-tokens: 9 must lie in [0, max_tokens=4]"),
-    (["--max-tokens", "0"], "--max-tokens: 0 is below 1"),
-    (["--max-tokens", "-5"], "--max-tokens: -5 is below 1"),
-])
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--temperature", "nan"], "--temperature: nan is not a finite number"),
+        (["--temperature", "inf"], "--temperature: inf is not a finite number"),
+        (["--temperature", "-1"], "--temperature: -1.0 is negative"),
+        (["--top-p", "0"], "--top-p: 0.0 is outside (0, 1]"),
+        (["--top-p", "nan"], "--top-p: nan is not a finite number"),
+        (["--top-k", "-2"], "--top-k: -2 is invalid"),
+        (["--seed", str(2**64)], "--seed: 18446744073709551616 does not fit in 64 bits"),
+        (["--seed", "-1"], "--seed: -1 does not fit in 64 bits"),
+        (["--logprobs", "513"], "--logprobs: 513 is more than the model's vocabulary (512 tokens)"),
+        (["--logprobs", "-1"], "--logprobs: -1 is negative"),
+        (["--min-tokens", "9", "--max-tokens", "4"], "--min-tokens: 9 must lie in [0, max_tokens=4]"),
+        (["--max-tokens", "0"], "--max-tokens: 0 is below 1"),
+        (["--max-tokens", "-5"], "--max-tokens: -5 is below 1"),
+    ],
+)
 def test_sampling_flags(capsys, tiny_mixtral, flags, words):
     code, out, err = run_cli(capsys, "generate", "--model", str(tiny_mixtral), "--prompt", "Hello", *flags)
     assert_one_error(code, err, words)
@@ -91,33 +109,36 @@ def test_sampling_flags(capsys, tiny_mixtral, flags, words):
 
 
 # -- SamplingParams in Python: types, not just ranges ------------------------------------------------
-@pytest.mark.parametrize("kwargs,words", [
-    ({"max_tokens": True}, "max_tokens must be an integer, got bool True"),
-    ({"max_tokens": 2.5}, "max_tokens must be an integer, got float 2.5"),
-    ({"max_tokens": 4.0}, "max_tokens must be an integer, got float 4.0"),
-    ({"max_tokens": None}, "max_tokens must be an integer, got NoneType"),
-    ({"max_tokens": "8"}, "max_tokens must be an integer, got str '8'"),
-    ({"temperature": "0.5"}, "temperature must be a number, got str"),
-    ({"temperature": True}, "temperature must be a number, got bool"),
-    ({"temperature": float("nan")}, "temperature=nan is not a finite number"),
-    ({"top_p": float("-inf")}, "top_p=-inf is not a finite number"),
-    ({"min_p": 1.5}, "min_p=1.5 is outside [0, 1]"),
-    ({"seed": 2**64}, "does not fit in 64 bits"),
-    ({"seed": 1.0}, "seed must be an integer or None, got float"),
-    ({"seed": False}, "seed must be an integer or None, got bool"),
-    ({"logprobs": True}, "logprobs must be an integer or None, got bool"),
-    ({"top_k": 1.5}, "top_k must be an integer"),
-    ({"n": 2}, "n=2 is not supported"),
-    ({"ignore_eos": "yes"}, "ignore_eos must be true or false"),
-    ({"ignore_eos": 1}, "ignore_eos must be true or false"),
-    ({"stop_token_ids": [True]}, "stop_token_ids must hold non-negative integers, got True"),
-    ({"stop_token_ids": [2.0]}, "stop_token_ids must hold non-negative integers, got 2.0"),
-    ({"stop_token_ids": [-1]}, "stop_token_ids must hold non-negative integers, got -1"),
-    ({"stop_token_ids": 5}, "stop_token_ids must be a list of token ids"),
-    ({"stop": [""]}, "stop must be non-empty strings"),
-    ({"stop": 5}, "stop must be non-empty strings, got 5"),
-    ({"stop": [b"x"]}, "stop must be non-empty strings"),
-])
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        ({"max_tokens": True}, "max_tokens must be an integer, got bool True"),
+        ({"max_tokens": 2.5}, "max_tokens must be an integer, got float 2.5"),
+        ({"max_tokens": 4.0}, "max_tokens must be an integer, got float 4.0"),
+        ({"max_tokens": None}, "max_tokens must be an integer, got NoneType"),
+        ({"max_tokens": "8"}, "max_tokens must be an integer, got str '8'"),
+        ({"temperature": "0.5"}, "temperature must be a number, got str"),
+        ({"temperature": True}, "temperature must be a number, got bool"),
+        ({"temperature": float("nan")}, "temperature=nan is not a finite number"),
+        ({"top_p": float("-inf")}, "top_p=-inf is not a finite number"),
+        ({"min_p": 1.5}, "min_p=1.5 is outside [0, 1]"),
+        ({"seed": 2**64}, "does not fit in 64 bits"),
+        ({"seed": 1.0}, "seed must be an integer or None, got float"),
+        ({"seed": False}, "seed must be an integer or None, got bool"),
+        ({"logprobs": True}, "logprobs must be an integer or None, got bool"),
+        ({"top_k": 1.5}, "top_k must be an integer"),
+        ({"n": 2}, "n=2 is not supported"),
+        ({"ignore_eos": "yes"}, "ignore_eos must be true or false"),
+        ({"ignore_eos": 1}, "ignore_eos must be true or false"),
+        ({"stop_token_ids": [True]}, "stop_token_ids must hold non-negative integers, got True"),
+        ({"stop_token_ids": [2.0]}, "stop_token_ids must hold non-negative integers, got 2.0"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids must hold non-negative integers, got -1"),
+        ({"stop_token_ids": 5}, "stop_token_ids must be a list of token ids"),
+        ({"stop": [""]}, "stop must be non-empty strings"),
+        ({"stop": 5}, "stop must be non-empty strings, got 5"),
+        ({"stop": [b"x"]}, "stop must be non-empty strings"),
+    ],
+)
 def test_sampling_params_types(kwargs, words):
     with pytest.raises(ParameterError) as err:
         SamplingParams(**kwargs)
@@ -155,8 +176,22 @@ def test_top_k_beyond_the_vocabulary_means_all(llm):
 # -- --logprobs is returned -----------------------------------------------------------------------------
 def test_cli_logprobs_are_in_the_output(capsys, tiny_mixtral, tmp_path):
     out_file = tmp_path / "out.jsonl"
-    code, out, _ = run_cli(capsys, "generate", "--model", str(tiny_mixtral), "--prompt", "Hello", "--max-tokens", "3",
-                           "--ignore-eos", "--logprobs", "2", "--json", "--output", str(out_file))
+    code, out, _ = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_mixtral),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "3",
+        "--ignore-eos",
+        "--logprobs",
+        "2",
+        "--json",
+        "--output",
+        str(out_file),
+    )
     assert code == 0
     row = json.loads(out)["outputs"][0]
     assert row == json.loads(out_file.read_text())
@@ -164,8 +199,9 @@ def test_cli_logprobs_are_in_the_output(capsys, tiny_mixtral, tmp_path):
     for token, step in zip(row["token_ids"], row["logprobs"]):
         assert str(token) in step and 2 <= len(step) <= 3 and all(v <= 0 for v in step.values())
     assert row["cumulative_logprob"] == pytest.approx(sum(s[str(t)] for t, s in zip(row["token_ids"], row["logprobs"])))
-    code, out, _ = run_cli(capsys, "generate", "--model", str(tiny_mixtral), "--prompt", "Hello", "--max-tokens", "2",
-                           "--logprobs", "0")
+    code, out, _ = run_cli(
+        capsys, "generate", "--model", str(tiny_mixtral), "--prompt", "Hello", "--max-tokens", "2", "--logprobs", "0"
+    )
     assert code == 0 and "logprobs: " in out
 
 
@@ -182,20 +218,39 @@ def test_unwritable_outputs_fail_before_the_run(capsys, tiny_mixtral, tmp_path, 
 def test_checking_an_output_path_does_not_touch_an_existing_file(capsys, tiny_mixtral, tmp_path):
     trace = tmp_path / "trace.json"
     trace.write_text("earlier")
-    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_mixtral), "--prompt", "Hello", "--trace", str(trace),
-                           "--temperature", "nan")
+    code, _, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_mixtral),
+        "--prompt",
+        "Hello",
+        "--trace",
+        str(trace),
+        "--temperature",
+        "nan",
+    )
     assert_one_error(code, err, "--temperature")
     assert trace.read_text() == "earlier"
 
 
 # -- sizes -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value,words", [
-    ("-1GB", "cannot read"), ("1e3", "cannot read"), ("9" * 400 + "GB", "out of range"), ("20 GiBs", "cannot read"),
-    ("", "cannot read"), ("nan", "cannot read"), ("1.5.2GB", "cannot read"),
-])
+@pytest.mark.parametrize(
+    "value,words",
+    [
+        ("-1GB", "cannot read"),
+        ("1e3", "cannot read"),
+        ("9" * 400 + "GB", "out of range"),
+        ("20 GiBs", "cannot read"),
+        ("", "cannot read"),
+        ("nan", "cannot read"),
+        ("1.5.2GB", "cannot read"),
+    ],
+)
 def test_bad_size_strings(capsys, tiny_mixtral, value, words):
-    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_mixtral), "--prompt", "Hello",
-                           f"--device-memory={value}")
+    code, _, err = run_cli(
+        capsys, "generate", "--model", str(tiny_mixtral), "--prompt", "Hello", f"--device-memory={value}"
+    )
     assert_one_error(code, err, words, "device memory")
 
 

@@ -1,4 +1,5 @@
 """klotski.prompts: every entry point's prompt -> (text, ids), with the same checks and messages."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,14 +25,17 @@ def test_text_and_ids_forms_agree(parser):
     assert parser.parse({"prompt": "shown", "prompt_token_ids": [3, 4]}, "p") == ("shown", [3, 4])
 
 
-@pytest.mark.parametrize("prompt, message", [
-    ({"prompt_token_ids": []}, "p: the prompt is empty"),
-    ({"prompt_token_ids": [1] * 64}, "p: the prompt has 64 tokens but the model's context is 64"),
-    ({"prompt_token_ids": [400]}, "p: token id 400 is outside the vocabulary (0..399)"),
-    ({"prompt_token_ids": ["a"]}, "p: prompt_token_ids must be a list of integers"),
-    ({"text": "x"}, "p: a prompt dict needs 'prompt' or 'prompt_token_ids'"),
-    (3, "p: a prompt must be a string or a dict, got int"),
-])
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ({"prompt_token_ids": []}, "p: the prompt is empty"),
+        ({"prompt_token_ids": [1] * 64}, "p: the prompt has 64 tokens but the model's context is 64"),
+        ({"prompt_token_ids": [400]}, "p: token id 400 is outside the vocabulary (0..399)"),
+        ({"prompt_token_ids": ["a"]}, "p: prompt_token_ids must be a list of integers"),
+        ({"text": "x"}, "p: a prompt dict needs 'prompt' or 'prompt_token_ids'"),
+        (3, "p: a prompt must be a string or a dict, got int"),
+    ],
+)
 def test_bad_prompts_name_the_problem(parser, prompt, message):
     with pytest.raises(KlotskiError) as err:
         parser.parse(prompt, "p")

@@ -1,5 +1,6 @@
 """Property tests (hypothesis): for any input, SamplingParams, size strings and the config /
 checkpoint loaders give a valid object or their documented error, never another exception."""
+
 from __future__ import annotations
 
 import json
@@ -29,13 +30,34 @@ FAST = settings(
 FILES = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Anything a JSON body or a Python caller could hand over.
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_value=-3, max_value=600),
-                    st.floats(allow_nan=True, allow_infinity=True), st.floats(min_value=0, max_value=2),
-                    st.text(max_size=8), st.binary(max_size=4))
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-3, max_value=600),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=0, max_value=2),
+    st.text(max_size=8),
+    st.binary(max_size=4),
+)
 values = st.one_of(scalars, st.lists(scalars, max_size=4), st.dictionaries(st.text(max_size=4), scalars, max_size=3))
 
-FIELDS = ["n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids",
-          "ignore_eos", "logprobs", "skip_special_tokens", "include_stop_str_in_output"]
+FIELDS = [
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "max_tokens",
+    "min_tokens",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "logprobs",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+]
 
 
 @FAST
@@ -66,8 +88,16 @@ def test_sampling_params_valid_or_parameter_error(kwargs, vocab):
 
 
 @FAST
-@given(st.one_of(st.text(max_size=20), st.integers(), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
-                 st.none(), st.from_regex(r"\s*[0-9]{0,30}\.?[0-9]{0,5}\s*[kKmMgGtT]?i?[bB]?\s*", fullmatch=True)))
+@given(
+    st.one_of(
+        st.text(max_size=20),
+        st.integers(),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.booleans(),
+        st.none(),
+        st.from_regex(r"\s*[0-9]{0,30}\.?[0-9]{0,5}\s*[kKmMgGtT]?i?[bB]?\s*", fullmatch=True),
+    )
+)
 def test_parse_bytes_valid_or_klotski_error(value):
     try:
         n = parse_bytes(value)
@@ -133,10 +163,16 @@ def safetensors_bytes(draw):
     """Mostly well-formed headers with damaged entries, sometimes garbage."""
     if draw(st.booleans()):
         return draw(st.binary(max_size=300))
-    entry = st.fixed_dictionaries({}, optional={
-        "dtype": st.one_of(st.sampled_from(["F32", "BF16", "F16", "I8", "F8_E4M3", "Q4"]), values),
-        "shape": st.one_of(st.lists(st.integers(min_value=-2, max_value=9), max_size=3), values),
-        "data_offsets": st.one_of(st.lists(st.integers(min_value=-4, max_value=400), min_size=2, max_size=2), values)})
+    entry = st.fixed_dictionaries(
+        {},
+        optional={
+            "dtype": st.one_of(st.sampled_from(["F32", "BF16", "F16", "I8", "F8_E4M3", "Q4"]), values),
+            "shape": st.one_of(st.lists(st.integers(min_value=-2, max_value=9), max_size=3), values),
+            "data_offsets": st.one_of(
+                st.lists(st.integers(min_value=-4, max_value=400), min_size=2, max_size=2), values
+            ),
+        },
+    )
     header = draw(st.dictionaries(st.text(max_size=6), st.one_of(entry, values), max_size=3))
     raw = json.dumps(header, default=repr).encode()
     length = draw(st.one_of(st.just(len(raw)), st.integers(min_value=0, max_value=2**64 - 1)))

@@ -9,11 +9,22 @@ from klotski.errors import KlotskiError
 from klotski.sampling import Sampler, SamplingParams, derive_seed, make_generator
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"n": 2}, {"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2},
-    {"min_p": 1.5}, {"max_tokens": 0}, {"min_tokens": 20}, {"logprobs": -1}, {"stop": ""},
-    {"stop": ["ok", ""]},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"n": 2},
+        {"temperature": -0.1},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": -2},
+        {"min_p": 1.5},
+        {"max_tokens": 0},
+        {"min_tokens": 20},
+        {"logprobs": -1},
+        {"stop": ""},
+        {"stop": ["ok", ""]},
+    ],
+)
 def test_invalid_params_raise(kwargs):
     with pytest.raises(KlotskiError):
         SamplingParams(**kwargs)
@@ -73,12 +84,9 @@ def test_top_k_and_top_p_keep_only_allowed_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     gen = make_generator(7, 0)
     sampler = Sampler()
-    seen_k = {int(sampler.sample(logits, [SamplingParams(top_k=2)], [gen]).token_ids[0])
-              for _ in range(200)}
-    seen_p = {int(sampler.sample(logits, [SamplingParams(top_p=0.7)], [gen]).token_ids[0])
-              for _ in range(200)}
-    seen_min_p = {int(sampler.sample(logits, [SamplingParams(min_p=0.5)], [gen]).token_ids[0])
-                  for _ in range(200)}
+    seen_k = {int(sampler.sample(logits, [SamplingParams(top_k=2)], [gen]).token_ids[0]) for _ in range(200)}
+    seen_p = {int(sampler.sample(logits, [SamplingParams(top_p=0.7)], [gen]).token_ids[0]) for _ in range(200)}
+    seen_min_p = {int(sampler.sample(logits, [SamplingParams(min_p=0.5)], [gen]).token_ids[0]) for _ in range(200)}
     assert seen_k == {0, 1} and seen_p == {0, 1} and seen_min_p == {0, 1}
 
 
@@ -87,8 +95,10 @@ def test_sampling_follows_softmax_with_temperature():
     temperature = 0.5
     logits = _rows(torch.log(probs).tolist(), 1)
     gen = make_generator(3, 0)
-    draws = [int(Sampler().sample(logits, [SamplingParams(temperature=temperature)], [gen]).token_ids[0])
-             for _ in range(3000)]
+    draws = [
+        int(Sampler().sample(logits, [SamplingParams(temperature=temperature)], [gen]).token_ids[0])
+        for _ in range(3000)
+    ]
     expected = torch.softmax(torch.log(probs) / temperature, dim=-1)
     for token in range(3):
         assert abs(draws.count(token) / len(draws) - float(expected[token])) < 0.03
@@ -97,8 +107,11 @@ def test_sampling_follows_softmax_with_temperature():
 def test_logprobs_come_from_raw_logits():
     torch.manual_seed(2)
     logits = torch.randn(3, 20)
-    params = [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(),
-              SamplingParams(temperature=0.5, logprobs=0)]
+    params = [
+        SamplingParams(temperature=0.0, logprobs=3),
+        SamplingParams(),
+        SamplingParams(temperature=0.5, logprobs=0),
+    ]
     gens = [None, make_generator(1, 0), make_generator(2, 0)]
     result = Sampler().sample(logits, params, gens)
     reference = torch.log_softmax(logits, dim=-1)

@@ -1,4 +1,5 @@
 """A SentencePiece BPE model, written here as protobuf bytes, becomes a matching tokenizer.json."""
+
 import json
 import struct
 

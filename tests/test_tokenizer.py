@@ -20,8 +20,12 @@ TEXTS = [
     "",
     "A mixture of experts model keeps many small networks.",
 ]
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why?"}]
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Why?"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +42,13 @@ def bos_dir(tok_dir, tmp_path_factory):
     spec = json.loads((tok_dir / "tokenizer.json").read_text())
     spec["post_processor"] = {
         "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                   {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [
+            {"SpecialToken": {"id": "<s>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": "<s>", "type_id": 1}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
         "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}},
     }
     (out / "tokenizer.json").write_text(json.dumps(spec))
@@ -79,7 +86,8 @@ def test_matches_transformers(which, request):
                 assert ours.decode(ids, skip) == theirs.decode(ids, skip_special_tokens=skip)
     for add_prompt in (True, False):
         assert ours.apply_chat_template(MESSAGES, add_prompt) == theirs.apply_chat_template(
-            MESSAGES, tokenize=False, add_generation_prompt=add_prompt)
+            MESSAGES, tokenize=False, add_generation_prompt=add_prompt
+        )
     assert (ours.encode("hi")[0] == 0) == (which == "bos_dir")
 
 
@@ -130,9 +138,14 @@ def test_missing_tokenizer_json_names_the_fix(tmp_path):
 
 def test_config_variants(tok_dir, tmp_path):
     (tmp_path / "tokenizer.json").write_text((tok_dir / "tokenizer.json").read_text())
-    config = {"bos_token": {"content": "<s>"}, "eos_token": "</s>",
-              "chat_template": [{"name": "tool_use", "template": "tools"},
-                                {"name": "default", "template": "{{ messages[0]['content'] }}!"}]}
+    config = {
+        "bos_token": {"content": "<s>"},
+        "eos_token": "</s>",
+        "chat_template": [
+            {"name": "tool_use", "template": "tools"},
+            {"name": "default", "template": "{{ messages[0]['content'] }}!"},
+        ],
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
     tokenizer = Tokenizer.from_dir(tmp_path)

@@ -4,6 +4,7 @@ Everything lands under the bench cache ($KLOTSKI_BENCH_CACHE, default ~/.cache/k
 in the repository. Mixtral's SentencePiece model comes from the `mistral-common` wheel on the package
 index (Apache-2.0; data/tokenizer.model.v1, 32000 ids): the wheel is downloaded, not installed.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,9 @@ def mixtral_tokenizer_model(cache: Path, pip: str) -> Path:
         return out
     wheels = cache / "src"
     wheels.mkdir(parents=True, exist_ok=True)
-    subprocess.run([pip, "download", "-q", "--no-deps", "--only-binary", ":all:", MISTRAL_COMMON,
-                    "-d", str(wheels)], check=True)
+    subprocess.run(
+        [pip, "download", "-q", "--no-deps", "--only-binary", ":all:", MISTRAL_COMMON, "-d", str(wheels)], check=True
+    )
     wheel = next(wheels.glob("mistral_common-*.whl"))
     out.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as z:
@@ -44,9 +46,23 @@ def default_checkpoint(cache: Path, tokenizer_model: Path, klotski: str) -> Path
     """2 layers of Mixtral-8x7B's shapes (about 6.3 GB in bf16) with Mixtral's tokenizer, created once."""
     out = cache / "checkpoints" / "mixtral-8x7b-2l"
     if not (out / "model.safetensors.index.json").is_file() and not (out / "model.safetensors").is_file():
-        subprocess.run([klotski, "create-model", "--family", "mixtral", "--preset", "mixtral-8x7b",
-                        "--layers", "2", "--tokenizer-model", str(tokenizer_model), "--out", str(out)],
-                       check=True)
+        subprocess.run(
+            [
+                klotski,
+                "create-model",
+                "--family",
+                "mixtral",
+                "--preset",
+                "mixtral-8x7b",
+                "--layers",
+                "2",
+                "--tokenizer-model",
+                str(tokenizer_model),
+                "--out",
+                str(out),
+            ],
+            check=True,
+        )
     return out
 
 
@@ -88,8 +104,21 @@ def convert(checkpoint: Path, llama_cpp: Path, outtype: str, cache: Path) -> Pat
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial")
-    subprocess.run(["nice", "-n", "19", sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"),
-                    str(checkpoint), "--outtype", outtype, "--outfile", str(partial)], check=True)
+    subprocess.run(
+        [
+            "nice",
+            "-n",
+            "19",
+            sys.executable,
+            str(llama_cpp / "convert_hf_to_gguf.py"),
+            str(checkpoint),
+            "--outtype",
+            outtype,
+            "--outfile",
+            str(partial),
+        ],
+        check=True,
+    )
     shutil.move(partial, out)
     return out
 
@@ -102,5 +131,4 @@ def check(path: Path) -> dict:
     experts = [t for t in reader.tensors if "ffn_gate_exps" in t.name]
     if not experts:
         raise RuntimeError(f"{path}: no expert tensors; the conversion is not a Mixtral MoE")
-    return {"tensors": len(reader.tensors), "expert_type": experts[0].tensor_type.name,
-            "bytes": path.stat().st_size}
+    return {"tensors": len(reader.tensors), "expert_type": experts[0].tensor_type.name, "bytes": path.stat().st_size}

@@ -4,6 +4,7 @@ Its table reports, per (PP, TG, B): prefill time T_PP, decode time T_TG and tota
 "S t/s" counts prompt tokens too; the metric here is generated tokens / total time (B * TG / T),
 the same one klotski reports, with its decode-only rate (S_TG = B * TG / T_TG) beside it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,19 +44,41 @@ def parse_batched_bench(text: str) -> list[BatchedBenchRow]:
             header = cells
         elif header and len(cells) == len(header) and cells[0].isdigit():
             v = dict(zip(header, cells))
-            rows.append(BatchedBenchRow(int(v["PP"]), int(v["TG"]), int(v["B"]), float(v["T_PP s"]),
-                                        float(v["T_TG s"]), float(v["T s"])))
+            rows.append(
+                BatchedBenchRow(
+                    int(v["PP"]), int(v["TG"]), int(v["B"]), float(v["T_PP s"]), float(v["T_TG s"]), float(v["T s"])
+                )
+            )
     return rows
 
 
-def batched_bench_cmd(binary: Path, gguf: Path, prompt_len: int, gen_len: int, batch_size: int,
-                      threads: int = 2) -> list[str]:
+def batched_bench_cmd(
+    binary: Path, gguf: Path, prompt_len: int, gen_len: int, batch_size: int, threads: int = 2
+) -> list[str]:
     """One batch size per process, so peak RSS and bytes read belong to that row alone.
 
     The context holds exactly the batch's tokens; weights are memory-mapped (llama.cpp's default),
     which is how llama.cpp runs a model larger than RAM.
     """
     n_kv = batch_size * (prompt_len + gen_len)
-    return [str(binary), "-m", str(gguf), "-t", str(threads), "-tb", str(threads),
-            "-c", str(n_kv), "-b", "2048", "-ub", "512", "-npp", str(prompt_len), "-ntg", str(gen_len),
-            "-npl", str(batch_size)]
+    return [
+        str(binary),
+        "-m",
+        str(gguf),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "-c",
+        str(n_kv),
+        "-b",
+        "2048",
+        "-ub",
+        "512",
+        "-npp",
+        str(prompt_len),
+        "-ntg",
+        str(gen_len),
+        "-npl",
+        str(batch_size),
+    ]

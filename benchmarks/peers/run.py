@@ -7,6 +7,7 @@ EOS ignored) at every batch size. Writes benchmarks/results/peers/latest.json (l
 schema) with klotski's traces beside it, archiving the previous result, and prints the table. The
 load average is recorded with every run: the machine is shared.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,16 +70,27 @@ def lower_bound(run: dict, args, config: dict, figures: dict) -> dict:
     io_s = forced / (figures["disk_gbps"] * 1e9)
     compute_s = rig.flops(config, work) / (rig.compute_rate(figures) * 1e9)
     bound = max(io_s, compute_s)
-    return {"bound_s": bound, "bound_io_s": io_s, "bound_compute_s": compute_s, "bytes_must_read": forced,
-            "efficiency": bound / run["wall_s"],
-            "io_efficiency": (run["bytes_read"] or 0) / (figures["disk_gbps"] * 1e9) / run["wall_s"]}
+    return {
+        "bound_s": bound,
+        "bound_io_s": io_s,
+        "bound_compute_s": compute_s,
+        "bytes_must_read": forced,
+        "efficiency": bound / run["wall_s"],
+        "io_efficiency": (run["bytes_read"] or 0) / (figures["disk_gbps"] * 1e9) / run["wall_s"],
+    }
 
 
 def achieved_gbps(runs: list[dict]) -> float:
     """The fastest read rate a klotski run showed (its bytes read / its wall time, itself an underestimate).
     llama.cpp's rows do not count: their block reads include model load and warmup, outside their timing."""
-    return max((r["bytes_read"] / r["wall_s"] / 1e9 for r in runs
-                if r.get("engine") == "klotski" and r.get("bytes_read") and r.get("wall_s")), default=0.0)
+    return max(
+        (
+            r["bytes_read"] / r["wall_s"] / 1e9
+            for r in runs
+            if r.get("engine") == "klotski" and r.get("bytes_read") and r.get("wall_s")
+        ),
+        default=0.0,
+    )
 
 
 def rebound(runs: list[dict], args, config: dict, figures: dict) -> None:
@@ -87,8 +99,11 @@ def rebound(runs: list[dict], args, config: dict, figures: dict) -> None:
     since a lower bound must not assume a disk slower than one an engine was seen to read."""
     figures["disk_gbps_achieved"] = achieved_gbps(runs)
     figures["disk_gbps"] = max(*figures["disk_gbps_samples"], figures["disk_gbps_achieved"])
-    figures["disk_rate_source"] = ("achieved by a klotski run" if figures["disk_gbps"] == figures["disk_gbps_achieved"]
-                                   else "measured (O_DIRECT, one stream)")
+    figures["disk_rate_source"] = (
+        "achieved by a klotski run"
+        if figures["disk_gbps"] == figures["disk_gbps_achieved"]
+        else "measured (O_DIRECT, one stream)"
+    )
     for run in runs:
         if "error" not in run:
             run |= lower_bound(run, args, config, figures)
@@ -113,40 +128,105 @@ def rescore(args) -> int:
     return 0
 
 
-def _run_row(engine: str, schedule: str, batch_size: int, num_batches: int, sequences: int,
-             tokens_per_s: float, bubble: float | None, bytes_read: int | None, wall: float, **extra) -> dict:
-    return {"engine": engine, "schedule": schedule, "batch_size": batch_size, "num_batches": num_batches,
-            "sequences": sequences, "tokens_per_s": tokens_per_s, "bubble_ratio": bubble,
-            "bytes_read": bytes_read, "wall_s": wall, **extra}
+def _run_row(
+    engine: str,
+    schedule: str,
+    batch_size: int,
+    num_batches: int,
+    sequences: int,
+    tokens_per_s: float,
+    bubble: float | None,
+    bytes_read: int | None,
+    wall: float,
+    **extra,
+) -> dict:
+    return {
+        "engine": engine,
+        "schedule": schedule,
+        "batch_size": batch_size,
+        "num_batches": num_batches,
+        "sequences": sequences,
+        "tokens_per_s": tokens_per_s,
+        "bubble_ratio": bubble,
+        "bytes_read": bytes_read,
+        "wall_s": wall,
+        **extra,
+    }
 
 
 def run_llama(binary: Path, model: Path, dtype: str, bs: int, args) -> dict:
     """One llama-batched-bench process at batch size bs, capped; one run row."""
     load = os.getloadavg()
     cgroup.drop_page_cache([model])
-    res = cgroup.run_capped(_timed_cmd(batched_bench_cmd(binary, model, args.prompt_len, args.gen_len, bs)),
-                            args.cap, f"llamacpp-{dtype}-{bs}", timeout=args.timeout)
+    res = cgroup.run_capped(
+        _timed_cmd(batched_bench_cmd(binary, model, args.prompt_len, args.gen_len, bs)),
+        args.cap,
+        f"llamacpp-{dtype}-{bs}",
+        timeout=args.timeout,
+    )
     rows = parse_batched_bench(res.stdout + res.stderr)
     if res.returncode != 0 or not rows:
-        return {"engine": "llama.cpp", "schedule": dtype, "batch_size": bs, "error":
-                f"rc={res.returncode} oom={res.oom_killed}: {res.stderr[-400:]}"}
+        return {
+            "engine": "llama.cpp",
+            "schedule": dtype,
+            "batch_size": bs,
+            "error": f"rc={res.returncode} oom={res.oom_killed}: {res.stderr[-400:]}",
+        }
     row = rows[0]
     rss, read = _time_figures(res.stderr)
-    return _run_row("llama.cpp", dtype, bs, 1, bs, row.tokens_per_s, None, read, row.total_s,
-                    peak_rss_bytes=res.peak_bytes, process_maxrss_bytes=rss, prefill_s=row.prefill_s,
-                    decode_s=row.decode_s, decode_tokens_per_s=row.decode_tokens_per_s, load_avg=load,
-                    oom_killed=res.oom_killed, capped=res.capped)
+    return _run_row(
+        "llama.cpp",
+        dtype,
+        bs,
+        1,
+        bs,
+        row.tokens_per_s,
+        None,
+        read,
+        row.total_s,
+        peak_rss_bytes=res.peak_bytes,
+        process_maxrss_bytes=rss,
+        prefill_s=row.prefill_s,
+        decode_s=row.decode_s,
+        decode_tokens_per_s=row.decode_tokens_per_s,
+        load_avg=load,
+        oom_killed=res.oom_killed,
+        capped=res.capped,
+    )
 
 
-def run_klotski(checkpoint: Path, prompts: int, bs: int | None, n: int | None, schedule: str, args, config: dict,
-                trace: Path | None = None) -> dict:
+def run_klotski(
+    checkpoint: Path,
+    prompts: int,
+    bs: int | None,
+    n: int | None,
+    schedule: str,
+    args,
+    config: dict,
+    trace: Path | None = None,
+) -> dict:
     """`klotski generate` for `prompts` prompts, capped; one run row. bs = n = None: the planner picks."""
     work = Workload("peers", prompts, args.prompt_len, args.gen_len, "the llama.cpp comparison's shape")
     with tempfile.TemporaryDirectory() as tmp:
         prompt_file = write_jsonl(work, config["vocab_size"], Path(tmp) / "prompts.jsonl")
-        cmd = [args.klotski, "generate", "--model", str(checkpoint), "--input", str(prompt_file), "--json",
-               "--ignore-eos", "--max-tokens", str(args.gen_len), "--device-memory", args.device_memory,
-               "--dtype", args.klotski_dtype, "--schedule", schedule]
+        cmd = [
+            args.klotski,
+            "generate",
+            "--model",
+            str(checkpoint),
+            "--input",
+            str(prompt_file),
+            "--json",
+            "--ignore-eos",
+            "--max-tokens",
+            str(args.gen_len),
+            "--device-memory",
+            args.device_memory,
+            "--dtype",
+            args.klotski_dtype,
+            "--schedule",
+            schedule,
+        ]
         if bs is not None:
             cmd += ["--batch-size", str(bs), "--num-batches", str(n)]
         if trace is not None:  # the timeline of each klotski run: where its time goes
@@ -156,24 +236,43 @@ def run_klotski(checkpoint: Path, prompts: int, bs: int | None, n: int | None, s
         res = cgroup.run_capped(_timed_cmd(cmd), args.cap, f"klotski-{prompts}", timeout=args.timeout)
     label = schedule if bs is not None else f"{schedule} (planner)"
     if res.returncode != 0:
-        return {"engine": "klotski", "schedule": label, "batch_size": bs, "num_batches": n,
-                "error": f"rc={res.returncode} oom={res.oom_killed}: {res.stderr[-400:]}"}
+        return {
+            "engine": "klotski",
+            "schedule": label,
+            "batch_size": bs,
+            "num_batches": n,
+            "error": f"rc={res.returncode} oom={res.oom_killed}: {res.stderr[-400:]}",
+        }
     stats = json.loads(res.stdout)["stats"]
     rss, _ = _time_figures(res.stderr)
     read = sum(stats["bytes_read"].values())
     policy = stats["policy"]
-    return _run_row("klotski", label, policy["batch_size"], policy["num_batches"], prompts, stats["tokens_per_s"],
-                    stats["bubble_ratio"], read, stats["wall_s"], peak_rss_bytes=res.peak_bytes,
-                    process_maxrss_bytes=rss,
-                    prefill_s=stats["prefill_s"], decode_s=stats["decode_s"],
-                    # Per decode step, like llama.cpp's S_TG: the first token comes out of the prefill.
-                    decode_tokens_per_s=prompts * (args.gen_len - 1) / stats["decode_s"], load_avg=load,
-                    compute_busy_s=stats["compute_busy_s"], io_busy_s=stats["io_busy_s"],
-                    oom_killed=res.oom_killed, capped=res.capped)
+    return _run_row(
+        "klotski",
+        label,
+        policy["batch_size"],
+        policy["num_batches"],
+        prompts,
+        stats["tokens_per_s"],
+        stats["bubble_ratio"],
+        read,
+        stats["wall_s"],
+        peak_rss_bytes=res.peak_bytes,
+        process_maxrss_bytes=rss,
+        prefill_s=stats["prefill_s"],
+        decode_s=stats["decode_s"],
+        # Per decode step, like llama.cpp's S_TG: the first token comes out of the prefill.
+        decode_tokens_per_s=prompts * (args.gen_len - 1) / stats["decode_s"],
+        load_avg=load,
+        compute_busy_s=stats["compute_busy_s"],
+        io_busy_s=stats["io_busy_s"],
+        oom_killed=res.oom_killed,
+        capped=res.capped,
+    )
 
 
 def _klotski_grid(spec: str) -> list[tuple[int, int | None, int | None]]:
-    """"8x4,plan128" -> [(32, 8, 4), (128, None, None)]: prompts, batch size, number of batches.
+    """ "8x4,plan128" -> [(32, 8, 4), (128, None, None)]: prompts, batch size, number of batches.
 
     "planN" runs N prompts with no --batch-size/--num-batches: the planner's policy.
     """
@@ -189,16 +288,23 @@ def _klotski_grid(spec: str) -> list[tuple[int, int | None, int | None]]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, help="a Mixtral-shaped checkpoint (default: a 2-layer "
-                   "mixtral-8x7b preset with Mixtral's tokenizer, created once in the bench cache)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="a Mixtral-shaped checkpoint (default: a 2-layer "
+        "mixtral-8x7b preset with Mixtral's tokenizer, created once in the bench cache)",
+    )
     p.add_argument("--cap", type=lambda s: int(float(s) * GiB), default=3 * GiB, help="cgroup cap, GiB")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-len", type=int, default=16)
     p.add_argument("--llama-batch-sizes", default="1,8,32,64,128,256")
     p.add_argument("--llama-dtypes", default="f16,bf16", help="GGUF types to run; empty: klotski only")
     p.add_argument("--klotski", default=str(Path(sys.executable).parent / "klotski"))
-    p.add_argument("--klotski-grid", default="1x1,8x1,32x1,64x1,128x1,128x2,plan128",
-                   help="bs x n per klotski run (sequences = bs * n), or planN: N sequences, the planner's bs and n")
+    p.add_argument(
+        "--klotski-grid",
+        default="1x1,8x1,32x1,64x1,128x1,128x2,plan128",
+        help="bs x n per klotski run (sequences = bs * n), or planN: N sequences, the planner's bs and n",
+    )
     p.add_argument("--klotski-dtype", default="bfloat16", help="compute dtype (bf16 matmul is the fast one here)")
     p.add_argument("--schedule", default="klotski")
     p.add_argument("--device-memory", default="2.25GiB", help="klotski's budget inside the cap (as the rig's)")
@@ -206,16 +312,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--keep", type=Path, help="an earlier peers.json whose runs this one adds to (a second pass)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--rescore", action="store_true", help="recompute every bound of --out at the fastest disk "
-                   "rate its runs showed (no engine runs)")
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="recompute every bound of --out at the fastest disk rate its runs showed (no engine runs)",
+    )
     return p
 
 
 def _prepare(args) -> tuple[Path, dict[str, Path]]:
     """llama.cpp built, the checkpoint with its tokenizer, GGUF files converted and read back (all cached)."""
     cache = convert.cache_dir()
-    llama = Path(subprocess.run(["benchmarks/peers/build_llama_cpp.sh"], check=True, capture_output=True,
-                                text=True).stdout.strip().splitlines()[-1])
+    llama = Path(
+        subprocess.run(["benchmarks/peers/build_llama_cpp.sh"], check=True, capture_output=True, text=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     spm = convert.mixtral_tokenizer_model(cache, str(Path(sys.executable).parent / "pip"))
     if args.checkpoint is None:
         args.checkpoint = convert.default_checkpoint(cache, spm, args.klotski)
@@ -238,8 +350,9 @@ def _sweep(args, binary: Path, models: dict[str, Path], config: dict, save) -> l
                 save(runs)
         for prompts, bs, n in _klotski_grid(args.klotski_grid):
             trace = args.out.parent / f"peers-klotski-{f'{bs}x{n}' if bs else f'plan{prompts}'}"
-            runs.append(run_klotski(args.checkpoint, prompts, bs, n, args.schedule, args, config, trace)
-                        | {"repeat": rep})
+            runs.append(
+                run_klotski(args.checkpoint, prompts, bs, n, args.schedule, args, config, trace) | {"repeat": rep}
+            )
             _echo(runs[-1])
             save(runs)
     return runs
@@ -256,19 +369,34 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads((args.checkpoint / "config.json").read_text())
     files = sorted(args.checkpoint.glob("*.safetensors"))
     args.weights_bytes = sum(f.stat().st_size for f in files)
-    figures = machine.describe() | machine.disk_bandwidth(files) | machine.matmul_rate(
-        config["hidden_size"], config["intermediate_size"])
+    figures = (
+        machine.describe()
+        | machine.disk_bandwidth(files)
+        | machine.matmul_rate(config["hidden_size"], config["intermediate_size"])
+    )
     settings = {
-        "checkpoint": str(args.checkpoint), "weights_bytes": args.weights_bytes, "cap_bytes": args.cap,
-        "cgroup": cgroup.available() or "memory cgroup v1", "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+        "checkpoint": str(args.checkpoint),
+        "weights_bytes": args.weights_bytes,
+        "cap_bytes": args.cap,
+        "cgroup": cgroup.available() or "memory cgroup v1",
+        "prompt_len": args.prompt_len,
+        "gen_len": args.gen_len,
         "metric": "generated tokens / (prefill + decode) s",
-        "llama_cpp": {"source": f"llama-cpp-python {convert.LLAMA_CPP_PYTHON} sdist, vendor/llama.cpp",
-                      "tool": "llama-batched-bench", "threads": 2, "mmap": True,
-                      "gguf": {k: str(v) for k, v in models.items()}},
-        "klotski": {"device_memory": args.device_memory, "schedule": args.schedule, "dtype": args.klotski_dtype,
-                    "routing_replay": None,  # llama.cpp cannot replay routing: both route with the weights
-                    "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                             text=True).stdout.strip()}}
+        "llama_cpp": {
+            "source": f"llama-cpp-python {convert.LLAMA_CPP_PYTHON} sdist, vendor/llama.cpp",
+            "tool": "llama-batched-bench",
+            "threads": 2,
+            "mmap": True,
+            "gguf": {k: str(v) for k, v in models.items()},
+        },
+        "klotski": {
+            "device_memory": args.device_memory,
+            "schedule": args.schedule,
+            "dtype": args.klotski_dtype,
+            "routing_replay": None,  # llama.cpp cannot replay routing: both route with the weights
+            "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        },
+    }
 
     def save(runs: list[dict]) -> None:
         args.out.write_text(json.dumps({"machine": figures, "config": settings, "runs": runs}, indent=1) + "\n")
@@ -289,17 +417,21 @@ def markdown(results: dict) -> str:
     for r in results["runs"]:
         if "error" not in r:
             groups.setdefault((r["engine"], r["schedule"], r["batch_size"], r["num_batches"]), []).append(r)
-    lines = ["| engine | dtype / schedule | bs x n | tok/s (gen / total) | decode-only tok/s | prefill s | "
-             "decode s | GB read | peak RSS GB | efficiency | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| engine | dtype / schedule | bs x n | tok/s (gen / total) | decode-only tok/s | prefill s | "
+        "decode s | GB read | peak RSS GB | efficiency | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (engine, schedule, bs, n), rs in groups.items():
         loads = ", ".join(f"{r['load_avg'][0]:.1f}" for r in rs)
+
         def span(key, fmt="{:.2f}", scale=1.0, rs=rs):
             values = [r[key] * scale for r in rs if r.get(key) is not None]
             if not values:
                 return "-"
             lo, hi = min(values), max(values)
             return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}-{fmt.format(hi)}"
+
         lines.append(
             f"| {engine} | {schedule} | {bs} x {n} | {span('tokens_per_s')} | {span('decode_tokens_per_s')} | "
             f"{span('prefill_s', '{:.0f}')} | {span('decode_s', '{:.0f}')} | {span('bytes_read', '{:.0f}', 1e-9)} | "

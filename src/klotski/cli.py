@@ -4,6 +4,7 @@ Every subcommand lives in klotski/commands/ and registers itself here through a
 `register(subparsers)` function; this module only dispatches and turns user errors into
 exit code 2 without a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,13 +102,19 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except MemoryError:
-        print("klotski: error: out of memory; set --device-memory / --host-memory to a budget this machine "
-              "has, or lower --batch-size", file=sys.stderr)
+        print(
+            "klotski: error: out of memory; set --device-memory / --host-memory to a budget this machine "
+            "has, or lower --batch-size",
+            file=sys.stderr,
+        )
         return 2
     except OSError as exc:  # the environment refused (disk full, permissions): not a bug in klotski
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"klotski: error: {_printable(where + (exc.strerror or str(exc)))}; check the path, its "
-              "permissions and free space", file=sys.stderr)
+        print(
+            f"klotski: error: {_printable(where + (exc.strerror or str(exc)))}; check the path, its "
+            "permissions and free space",
+            file=sys.stderr,
+        )
         return 2
 
 

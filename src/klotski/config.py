@@ -1,4 +1,5 @@
 """Frozen configuration: what the user asked for (EngineConfig) and what the planner decided (Policy)."""
+
 from __future__ import annotations
 
 import math
@@ -10,9 +11,22 @@ import torch
 
 from klotski.errors import KlotskiError
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(value: str | int | float | None, what: str = "memory") -> int | None:
@@ -51,9 +65,16 @@ def format_bytes(n: int | float) -> str:
     raise AssertionError("unreachable")
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -90,36 +111,59 @@ class EngineConfig:
 
     model: str  # checkpoint directory
     dtype: str | torch.dtype = _knob(  # compute dtype; weights stay in the checkpoint's dtype until used
-        "auto", "compute dtype: auto (the checkpoint's on CUDA; on CPU whichever of it and float32 measured "
-        "faster here) | float32 | bfloat16 | float16", "dtype")
+        "auto",
+        "compute dtype: auto (the checkpoint's on CUDA; on CPU whichever of it and float32 measured "
+        "faster here) | float32 | bfloat16 | float16",
+        "dtype",
+    )
     device: str = "auto"  # "cuda" when present, else "cpu"
     seed: int = 0  # fallback seed for requests without their own
     device_memory: int | None = _knob(  # bytes of device memory weights + KV may use (None: unlimited)
-        None, "device memory budget, e.g. 20GiB (CPU-only: RAM used as the device)", "budget")
+        None, "device memory budget, e.g. 20GiB (CPU-only: RAM used as the device)", "budget"
+    )
     host_memory: int | None = _knob(  # bytes of host memory for weights (None: 0 on CPU-only, else unlimited)
-        None, "host memory budget, e.g. 64GiB (CPU-only default: 0, the device tier is RAM)", "budget")
+        None, "host memory budget, e.g. 64GiB (CPU-only default: 0, the device tier is RAM)", "budget"
+    )
     offload_dir: str | None = _knob(  # where repacked expert blobs live (disk tier)
-        None, "directory for the repacked expert blobs (disk tier)", "engine")
+        None, "directory for the repacked expert blobs (disk tier)", "engine"
+    )
     schedule: str = _knob(  # the ablation ladder's rung
-        "klotski", "sequential | overlap | multibatch | hot | klotski", "policy")
+        "klotski", "sequential | overlap | multibatch | hot | klotski", "policy"
+    )
     batch_size: int | None = _knob(  # bs: sequences per batch (None: the planner's choice)
-        None, "bs: sequences per batch (default: the planner's)", "policy", type=int)
+        None, "bs: sequences per batch (default: the planner's)", "policy", type=int
+    )
     num_batches: int | None = _knob(  # n: batches per group sharing each loaded layer
-        None, "n: batches sharing each loaded layer (default: the planner's)", "policy", type=int)
+        None, "n: batches sharing each loaded layer (default: the planner's)", "policy", type=int
+    )
     num_hot: int | None = _knob(  # K: hot experts prefetched per layer (None: adaptive)
-        None, "K: hot experts prefetched per layer, the paper's fixed top-K (default: adaptive, the experts "
-        "the group uses with p >= 0.9; 0: none)", "policy", type=int)
+        None,
+        "K: hot experts prefetched per layer, the paper's fixed top-K (default: adaptive, the experts "
+        "the group uses with p >= 0.9; 0: none)",
+        "policy",
+        type=int,
+    )
     prefetch_table: str | None = _knob(  # None: a table beside the model or in its offload dir, else frequencies
-        None, "correlation table (ours, or the authors' JSON) driving hot-expert prefetch", "engine")
+        None, "correlation table (ours, or the authors' JSON) driving hot-expert prefetch", "engine"
+    )
     max_model_len: int | None = _knob(  # cap on prompt + generated tokens (None: the model's)
-        None, "context length: prompt + generated tokens (default: the model's)", "context", type=int)
+        None, "context length: prompt + generated tokens (default: the model's)", "context", type=int
+    )
     routing_replay: str | None = _knob(  # benchmarks only; never on by default
-        None, "benchmarks only: replace the router's choices with routing sampled from a real table "
-        "(mixtral-8x7b | mixtral-8x22b | TABLE.json) or replayed from TRACE.npz", "replay", metavar="SOURCE")
+        None,
+        "benchmarks only: replace the router's choices with routing sampled from a real table "
+        "(mixtral-8x7b | mixtral-8x22b | TABLE.json) or replayed from TRACE.npz",
+        "replay",
+        metavar="SOURCE",
+    )
     record_timeline: bool = True  # keep every op and transfer of a run (LLM.last_timeline, --trace)
     check_weights: bool = _knob(  # weights repacked into the offload dir are checked whatever this says
-        False, "check every weight for NaN / inf as it is loaded (one more pass over the weights; weights "
-        "repacked into the offload dir are always checked)", "engine", action="store_true")
+        False,
+        "check every weight for NaN / inf as it is loaded (one more pass over the weights; weights "
+        "repacked into the offload dir are always checked)",
+        "engine",
+        action="store_true",
+    )
 
     @classmethod
     def create(cls, **kwargs: Any) -> EngineConfig:
@@ -148,8 +192,11 @@ class EngineConfig:
     @staticmethod
     def flags(*groups: str) -> list[tuple[Field, Flag]]:
         """(field, flag) of every field with a command-line flag in these groups, in declaration order."""
-        return [(f, f.metadata["flag"]) for f in fields(EngineConfig)
-                if "flag" in f.metadata and f.metadata["flag"].group in groups]
+        return [
+            (f, f.metadata["flag"])
+            for f in fields(EngineConfig)
+            if "flag" in f.metadata and f.metadata["flag"].group in groups
+        ]
 
     @property
     def budgeted(self) -> bool:
@@ -168,5 +215,10 @@ class Policy:
     placement: dict  # tensor kind -> tier (a summary, for stats and the plan's report)
 
     def to_dict(self) -> dict:
-        return {"batch_size": self.batch_size, "num_batches": self.num_batches, "num_hot": self.num_hot,
-                "schedule": self.schedule, "placement": self.placement}
+        return {
+            "batch_size": self.batch_size,
+            "num_batches": self.num_batches,
+            "num_hot": self.num_hot,
+            "schedule": self.schedule,
+            "placement": self.placement,
+        }

@@ -5,6 +5,7 @@ README.md; scripts/train_default_model.py made it), so `klotski generate` and `m
 language on a fresh machine with no download. Random checkpoints of any shape come from
 `klotski create-model`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,16 +21,20 @@ def default_model_dir() -> Path:
     return Path(__file__).parent / "data" / "default-model"
 
 
-NOTICE = ("note: using the built-in default model, a 5M-parameter Mixtral (8 experts, top-2) trained on "
-          f"Shakespeare (model card: {default_model_dir()}/README.md). Pass --model DIR to run another checkpoint.")
+NOTICE = (
+    "note: using the built-in default model, a 5M-parameter Mixtral (8 experts, top-2) trained on "
+    f"Shakespeare (model card: {default_model_dir()}/README.md). Pass --model DIR to run another checkpoint."
+)
 
 
 def ensure_default_model() -> Path:
     """The default checkpoint's directory (read-only: caches and offload blobs go under home())."""
     path = default_model_dir()
     if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
-        raise KlotskiError(f"the built-in default model is missing from this installation ({path}); "
-                           "reinstall klotski, or pass --model DIR")
+        raise KlotskiError(
+            f"the built-in default model is missing from this installation ({path}); "
+            "reinstall klotski, or pass --model DIR"
+        )
     return path
 
 

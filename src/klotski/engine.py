@@ -3,6 +3,7 @@
 This is the one place that wires the parts together: checkpoint, store, runner, pipeline,
 sampler and tokenizer.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,6 +45,7 @@ class LLM:
         batch_size, num_batches, num_hot, offload_dir, prefetch_table, max_model_len, record_timeline, check_weights."""
         if model is None:
             from klotski.default_model import ensure_default_model
+
             model = str(ensure_default_model())
         self.config = EngineConfig.create(model=str(model), dtype=dtype, seed=seed, **options)
         cfg = self.config
@@ -86,6 +88,7 @@ class LLM:
         placement = None
         if self._planned():
             from klotski.planner.engine_glue import load_placement
+
             placement = load_placement(self.checkpoint, self.config, self.device, self.dtype, self.schedule.name)
         return open_store(self.checkpoint, self.config, self.device, placement)
 
@@ -115,10 +118,19 @@ class LLM:
         self.plan_stats = {}
         if self._planned() and prompt_len is not None:
             from klotski.planner.engine_glue import routing_table, run_policy
+
             policy, self.plan_stats = run_policy(
-                self.checkpoint, self.config, self.device, self.dtype, self.schedule.name,
-                self.store.placement, num_requests, prompt_len, gen_len or 1,
-                routing_table(self.prefetch_table, self.replay, self.spec.top_k))
+                self.checkpoint,
+                self.config,
+                self.device,
+                self.dtype,
+                self.schedule.name,
+                self.store.placement,
+                num_requests,
+                prompt_len,
+                gen_len or 1,
+                routing_table(self.prefetch_table, self.replay, self.spec.top_k),
+            )
             return policy
         cfg, multibatch = self.config, self.schedule.multibatch
         bs = cfg.batch_size or max(1, min(num_requests, 64))
@@ -167,8 +179,9 @@ class LLM:
             sampling_params.validate(self.spec.vocab_size)
             return [sampling_params] * count
         if isinstance(sampling_params, (str, bytes, dict)) or not hasattr(sampling_params, "__len__"):
-            raise ParameterError(f"sampling_params must be a SamplingParams or a list of them, "
-                                 f"got {type(sampling_params).__name__}")
+            raise ParameterError(
+                f"sampling_params must be a SamplingParams or a list of them, got {type(sampling_params).__name__}"
+            )
         if len(sampling_params) != count:
             raise KlotskiError(f"got {len(sampling_params)} SamplingParams for {count} prompts; give one or one each")
         for i, p in enumerate(sampling_params):
@@ -183,16 +196,23 @@ class LLM:
 
         policy = self.policy(len(prompts))
         # A predictor of its own, learning online: scoring leaves the generation runs' predictor as it was.
-        pipeline = Pipeline(self.runner, self.store, self.schedule, Timeline(enabled=False), policy.num_hot,
-                            make_predictor(self.spec, None), self._routing_hooks(),
-                            adaptive_hot=self.config.num_hot is None)
+        pipeline = Pipeline(
+            self.runner,
+            self.store,
+            self.schedule,
+            Timeline(enabled=False),
+            policy.num_hot,
+            make_predictor(self.spec, None),
+            self._routing_hooks(),
+            adaptive_hot=self.config.num_hot is None,
+        )
         seqs = []
         for i, prompt in enumerate(prompts):
             _, ids = self.prompts.parse(prompt, f"prompt {i}")
             seqs.append(self._sequence(i, ids, SamplingParams(max_tokens=1)))
         out: list[torch.Tensor] = []
         for g in range(0, len(seqs), policy.batch_size):
-            batch = GroupBatch(0, seqs[g: g + policy.batch_size])
+            batch = GroupBatch(0, seqs[g : g + policy.batch_size])
             cap = max(len(s.prompt_ids) for s in batch.seqs)
             batch.kv = [self.runner.new_kv(len(batch.seqs), cap) for _ in range(self.spec.num_layers)]
             step = prefill_step(batch, 0)
@@ -200,10 +220,12 @@ class LLM:
             final = g + policy.batch_size >= len(seqs)
             logits = pipeline.forward([step], final=final)[0].cpu()  # [T, V], rows in (sequence, position) order
             if not bool(torch.isfinite(logits).all()):  # a score from NaN is no score: say so
-                raise NumericalError("the model produced non-finite logits (NaN or inf) while scoring prompts "
-                                     f"{g}..{g + len(batch.seqs) - 1}; the weights may hold NaN/inf (run with "
-                                     "--check-weights to find them) or a low-precision dtype overflowed "
-                                     "(try --dtype float32)")
+                raise NumericalError(
+                    "the model produced non-finite logits (NaN or inf) while scoring prompts "
+                    f"{g}..{g + len(batch.seqs) - 1}; the weights may hold NaN/inf (run with "
+                    "--check-weights to find them) or a low-precision dtype overflowed "
+                    "(try --dtype float32)"
+                )
             out += list(logits.split([len(s.prompt_ids) for s in batch.seqs]))
         pipeline.drain()
         return out
@@ -212,8 +234,14 @@ class LLM:
     def _sequence(self, index: int, ids: list[int], params: SamplingParams) -> Sequence:
         seed = derive_seed(self.config.seed, self._requests_seen + index)
         stopper = StopChecker(params, frozenset() if params.ignore_eos else self.eos_token_ids, self.tokenizer, ids)
-        return Sequence(index, ids, params, make_generator(params.seed, seed), stopper,
-                        logprobs=[] if params.logprobs is not None else None)
+        return Sequence(
+            index,
+            ids,
+            params,
+            make_generator(params.seed, seed),
+            stopper,
+            logprobs=[] if params.logprobs is not None else None,
+        )
 
     def make_sequence(self, ids: list[int], params: SamplingParams) -> Sequence:
         """One request's generation state, numbered after every request this engine has seen: its
@@ -223,8 +251,9 @@ class LLM:
         self._requests_seen += 1
         return seq
 
-    def _run(self, requests: list[tuple[str | None, list[int], SamplingParams]],
-             use_tqdm: bool = False) -> list[RequestOutput]:
+    def _run(
+        self, requests: list[tuple[str | None, list[int], SamplingParams]], use_tqdm: bool = False
+    ) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         progress = Progress(len(requests), enabled=use_tqdm) if use_tqdm else None
         for group in self.run_groups(requests):
@@ -235,33 +264,51 @@ class LLM:
             progress.close()
         return outputs
 
-    def run_groups(self, requests: list[tuple[str | None, list[int], SamplingParams]],
-                   policy: Policy | None = None) -> Iterator[list[RequestOutput]]:
+    def run_groups(
+        self, requests: list[tuple[str | None, list[int], SamplingParams]], policy: Policy | None = None
+    ) -> Iterator[list[RequestOutput]]:
         """Run (text, ids, params) requests group by group (bs x n sequences each, in the order given),
         yielding each group's outputs as soon as the group finishes: what a durable job writes before
         the next group starts. policy fixes bs / n / K; else it is chosen for this many requests.
         last_stats covers the whole call once the iterator is exhausted."""
         if policy is None:
-            policy = self.policy(len(requests), max((len(ids) for _, ids, _ in requests), default=1),
-                                 max((p.max_tokens for _, _, p in requests), default=1))
+            policy = self.policy(
+                len(requests),
+                max((len(ids) for _, ids, _ in requests), default=1),
+                max((p.max_tokens for _, _, p in requests), default=1),
+            )
         seqs = [self._sequence(i, ids, p) for i, (_, ids, p) in enumerate(requests)]
         for s in seqs:  # routing traces number sequences across calls
             s.index += self._requests_seen
         self._requests_seen += len(requests)
         timeline = Timeline(enabled=self.record_timeline)
         self.store.timeline = timeline
-        pipeline = Pipeline(self.runner, self.store, self.schedule, timeline, policy.num_hot, self.predictor,
-                            self._routing_hooks(), adaptive_hot=self.config.num_hot is None)
+        pipeline = Pipeline(
+            self.runner,
+            self.store,
+            self.schedule,
+            timeline,
+            policy.num_hot,
+            self.predictor,
+            self._routing_hooks(),
+            adaptive_hot=self.config.num_hot is None,
+        )
         group_size = policy.batch_size * policy.num_batches
         start, steps, prefill_s = time.perf_counter(), 0, 0.0
         for g in range(0, len(seqs), group_size):
-            group = seqs[g: g + group_size]
-            batches = [GroupBatch(i, group[j: j + policy.batch_size])
-                       for i, j in enumerate(range(0, len(group), policy.batch_size))]
+            group = seqs[g : g + group_size]
+            batches = [
+                GroupBatch(i, group[j : j + policy.batch_size])
+                for i, j in enumerate(range(0, len(group), policy.batch_size))
+            ]
             group_steps, group_prefill = run_group(pipeline, self.sampler, batches, self.max_model_len)
             steps, prefill_s = steps + group_steps, prefill_s + group_prefill
-            yield [RequestOutput(request_id=str(s.index), prompt=text, prompt_token_ids=ids, outputs=[s.output()],
-                                 finished=True) for (text, ids, _), s in zip(requests[g: g + group_size], group)]
+            yield [
+                RequestOutput(
+                    request_id=str(s.index), prompt=text, prompt_token_ids=ids, outputs=[s.output()], finished=True
+                )
+                for (text, ids, _), s in zip(requests[g : g + group_size], group)
+            ]
         wall = time.perf_counter() - start
         self.last_timeline = timeline
         self.last_stats = self._stats(seqs, wall, timeline, policy, prefill_s) | {"forward_steps": steps}

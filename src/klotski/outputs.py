@@ -55,6 +55,7 @@ class RequestOutput:
             "prompt_token_ids": list(self.prompt_token_ids),
             "outputs": [o.to_dict() for o in self.outputs],
             "finished": self.finished,
-            "prompt_logprobs": None if self.prompt_logprobs is None else
-            [None if step is None else {str(k): v for k, v in step.items()} for step in self.prompt_logprobs],
+            "prompt_logprobs": None
+            if self.prompt_logprobs is None
+            else [None if step is None else {str(k): v for k, v in step.items()} for step in self.prompt_logprobs],
         }

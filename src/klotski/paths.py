@@ -1,4 +1,5 @@
 """Where klotski keeps what it makes: the default model, repacked offload dirs, machine profiles."""
+
 from __future__ import annotations
 
 import os

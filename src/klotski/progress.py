@@ -4,6 +4,7 @@ On a terminal it is a tqdm bar; anywhere else (CI, nohup, a pipe) one plain line
 `interval` seconds, because a log full of carriage returns is unreadable. `LLM.generate(use_tqdm=True)`
 and `klotski run-batch` share it.
 """
+
 from __future__ import annotations
 
 import sys
@@ -19,8 +20,17 @@ def _clock(seconds: float) -> str:
 class Progress:
     """Counts requests, generated tokens and failures, and shows them."""
 
-    def __init__(self, total: int, *, initial: int = 0, enabled: bool = True, desc: str = "requests",
-                 stream: TextIO | None = None, interval: float = 30.0, tty: bool | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        initial: int = 0,
+        enabled: bool = True,
+        desc: str = "requests",
+        stream: TextIO | None = None,
+        interval: float = 30.0,
+        tty: bool | None = None,
+    ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.tty = (self.stream.isatty() if hasattr(self.stream, "isatty") else False) if tty is None else tty
         self.total, self.initial, self.done, self.tokens, self.failed = total, initial, initial, 0, 0
@@ -30,8 +40,9 @@ class Progress:
         if enabled and self.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="req", file=self.stream,
-                            dynamic_ncols=True, smoothing=0.1)
+            self.bar = tqdm(
+                total=total, initial=initial, desc=desc, unit="req", file=self.stream, dynamic_ncols=True, smoothing=0.1
+            )
 
     def tokens_per_s(self) -> float:
         elapsed = time.monotonic() - self.start
@@ -60,9 +71,11 @@ class Progress:
     def line(self) -> str:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         eta = self.eta_s()
-        return (f"{self.desc}: {self.done}/{self.total} ({pct:.1f}%), {self.failed} failed, "
-                f"{self.tokens_per_s():.1f} tok/s, elapsed {_clock(time.monotonic() - self.start)}, "
-                f"ETA {'?' if eta is None else _clock(eta)}")
+        return (
+            f"{self.desc}: {self.done}/{self.total} ({pct:.1f}%), {self.failed} failed, "
+            f"{self.tokens_per_s():.1f} tok/s, elapsed {_clock(time.monotonic() - self.start)}, "
+            f"ETA {'?' if eta is None else _clock(eta)}"
+        )
 
     def print_line(self) -> None:
         self.last_line = time.monotonic()

@@ -5,6 +5,7 @@ A prompt is a string, {"prompt": str}, {"prompt_token_ids": [int, ...]} (with an
 entry point (LLM.generate, `klotski generate`, the server, run-batch) parses through here, so
 they accept and reject the same inputs with the same messages.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -60,8 +61,10 @@ class PromptParser:
         if not is_utf8(prompt):
             raise ParameterError(f"{where}: the prompt is not valid UTF-8 text; re-encode it as UTF-8")
         if self.tokenizer is None:
-            raise KlotskiError(f"{self.model} has no tokenizer.json: pass prompts as "
-                               "{'prompt_token_ids': [...]} or add the model's tokenizer files")
+            raise KlotskiError(
+                f"{self.model} has no tokenizer.json: pass prompts as "
+                "{'prompt_token_ids': [...]} or add the model's tokenizer files"
+            )
         return TokenizedPrompt(prompt, self.tokenizer.encode(prompt))
 
     def check_length(self, ids: list[int], where: str = "prompt") -> None:
@@ -69,8 +72,10 @@ class PromptParser:
         if not ids:
             raise KlotskiError(f"{where}: the prompt is empty; give at least one token")
         if len(ids) >= self.max_model_len:
-            raise KlotskiError(f"{where}: the prompt has {len(ids)} tokens but the model's context is "
-                               f"{self.max_model_len}; shorten the prompt")
+            raise KlotskiError(
+                f"{where}: the prompt has {len(ids)} tokens but the model's context is "
+                f"{self.max_model_len}; shorten the prompt"
+            )
 
     def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> dict[str, Any]:
         """A conversation rendered with the chat template, as a prompt dict: {"prompt", "prompt_token_ids"}."""

@@ -63,9 +63,17 @@ class SamplingParams:
 
 # (field, kind, default): "int" / "float" / "bool", and whether None is allowed (default None).
 _FIELDS = (
-    ("n", "int", 1), ("temperature", "float", 1.0), ("top_p", "float", 1.0), ("top_k", "int", 0),
-    ("min_p", "float", 0.0), ("seed", "int", None), ("max_tokens", "int", 16), ("min_tokens", "int", 0),
-    ("ignore_eos", "bool", False), ("logprobs", "int", None), ("skip_special_tokens", "bool", True),
+    ("n", "int", 1),
+    ("temperature", "float", 1.0),
+    ("top_p", "float", 1.0),
+    ("top_k", "int", 0),
+    ("min_p", "float", 0.0),
+    ("seed", "int", None),
+    ("max_tokens", "int", 16),
+    ("min_tokens", "int", 0),
+    ("ignore_eos", "bool", False),
+    ("logprobs", "int", None),
+    ("skip_special_tokens", "bool", True),
     ("include_stop_str_in_output", "bool", False),
 )
 _KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
@@ -142,20 +150,35 @@ def _problems(p: SamplingParams, vocab_size: int | None) -> list[tuple[str, str]
         ("top_k", p.top_k >= -1, f"top_k={p.top_k} is invalid: use a positive k, or 0 / -1 to disable it"),
         ("min_p", 0 <= p.min_p <= 1, f"min_p={p.min_p} is outside [0, 1]: use 0.0 to disable it"),
         ("max_tokens", p.max_tokens >= 1, f"max_tokens={p.max_tokens} is below 1: ask for at least one token"),
-        ("min_tokens", 0 <= p.min_tokens <= p.max_tokens,
-         f"min_tokens={p.min_tokens} must lie in [0, max_tokens={p.max_tokens}]"),
-        ("logprobs", p.logprobs is None or p.logprobs >= 0,
-         f"logprobs={p.logprobs} is negative: use None, 0 (sampled token only) or N top tokens"),
-        ("seed", p.seed is None or 0 <= p.seed <= SEED_MAX,
-         f"seed={p.seed} does not fit in 64 bits: use a seed from 0 to 2**64 - 1"),
+        (
+            "min_tokens",
+            0 <= p.min_tokens <= p.max_tokens,
+            f"min_tokens={p.min_tokens} must lie in [0, max_tokens={p.max_tokens}]",
+        ),
+        (
+            "logprobs",
+            p.logprobs is None or p.logprobs >= 0,
+            f"logprobs={p.logprobs} is negative: use None, 0 (sampled token only) or N top tokens",
+        ),
+        (
+            "seed",
+            p.seed is None or 0 <= p.seed <= SEED_MAX,
+            f"seed={p.seed} does not fit in 64 bits: use a seed from 0 to 2**64 - 1",
+        ),
     ]
     if vocab_size is not None:
         checks += [
-            ("logprobs", p.logprobs is None or p.logprobs <= vocab_size,
-             f"logprobs={p.logprobs} is more than the model's vocabulary ({vocab_size} tokens): ask for fewer"),
-            ("stop_token_ids", all(t < vocab_size for t in p.stop_token_ids or ()),
-             f"stop_token_ids {[t for t in p.stop_token_ids or () if t >= vocab_size][:3]} are outside the vocabulary "
-             f"(0..{vocab_size - 1})"),
+            (
+                "logprobs",
+                p.logprobs is None or p.logprobs <= vocab_size,
+                f"logprobs={p.logprobs} is more than the model's vocabulary ({vocab_size} tokens): ask for fewer",
+            ),
+            (
+                "stop_token_ids",
+                all(t < vocab_size for t in p.stop_token_ids or ()),
+                f"stop_token_ids {[t for t in p.stop_token_ids or () if t >= vocab_size][:3]} are outside "
+                f"the vocabulary (0..{vocab_size - 1})",
+            ),
         ]
     return [(name, message) for name, ok, message in checks if not ok]
 
@@ -166,8 +189,7 @@ def derive_seed(engine_seed: int, request_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def make_generator(seed: int | None, fallback_seed: int,
-                   device: str | torch.device = "cpu") -> torch.Generator:
+def make_generator(seed: int | None, fallback_seed: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A request's own generator: its seed, or the engine-derived fallback when seed is None."""
     generator = torch.Generator(device=device)
     generator.manual_seed(fallback_seed if seed is None else seed)
@@ -195,9 +217,13 @@ class SampleResult:
 class Sampler:
     """Picks one token per row: greedy argmax, or temperature/top-k/top-p/min-p sampling."""
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               generators: list[torch.Generator | None],
-               suppress_ids: Sequence[Sequence[int]] | None = None) -> SampleResult:
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        suppress_ids: Sequence[Sequence[int]] | None = None,
+    ) -> SampleResult:
         """Token ids [B] from logits [B, V]; each row's suppress_ids are never picked (min_tokens)."""
         if not (logits.dim() == 2 and len(params) == len(generators) == logits.shape[0]):
             raise ValueError("logits must be [B, V] with one SamplingParams and generator per row")
@@ -265,11 +291,9 @@ def _min_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def _with_logprobs(raw: torch.Tensor, token_ids: torch.Tensor,
-                   params: list[SamplingParams]) -> SampleResult:
+def _with_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> SampleResult:
     """Attach the sampled token's logprob and the top-N pairs for rows that asked for them."""
-    result = SampleResult(token_ids=token_ids, logprobs=[None] * len(params),
-                          top_logprobs=[None] * len(params))
+    result = SampleResult(token_ids=token_ids, logprobs=[None] * len(params), top_logprobs=[None] * len(params))
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not wanted:
         return result

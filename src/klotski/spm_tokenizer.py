@@ -68,12 +68,12 @@ def _fields(buf: bytes):
         if wire == 0:
             value, pos = _varint(buf, pos)
         elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
+            value, pos = buf[pos : pos + 8], pos + 8
         elif wire == 2:
             size, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + size], pos + size
+            value, pos = buf[pos : pos + size], pos + size
         elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
+            value, pos = buf[pos : pos + 4], pos + 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
         yield field, wire, value
@@ -131,27 +131,33 @@ def _merges(pieces: list[Piece]) -> list[tuple[str, str]]:
 def spm_to_tokenizer(spm: SpmModel) -> HFTokenizer:
     """A `tokenizers` Tokenizer that encodes and decodes like the SentencePiece BPE model."""
     if spm.model_type != _BPE or not spm.byte_fallback:
-        raise KlotskiError("only SentencePiece BPE models with byte fallback (the Llama/Mistral kind) "
-                           "convert to tokenizer.json here")
+        raise KlotskiError(
+            "only SentencePiece BPE models with byte fallback (the Llama/Mistral kind) convert to tokenizer.json here"
+        )
     unk = next((p.text for p in spm.pieces if p.kind == _UNKNOWN), None)
     bos = next((p.text for p in spm.pieces if p.text == "<s>" and p.kind == _CONTROL), None)
     vocab = {p.text: i for i, p in enumerate(spm.pieces)}
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=_merges(spm.pieces), unk_token=unk,
-                                 fuse_unk=True, byte_fallback=True))
+    tok = HFTokenizer(
+        models.BPE(vocab=vocab, merges=_merges(spm.pieces), unk_token=unk, fuse_unk=True, byte_fallback=True)
+    )
     # The legacy Llama layout (Mixtral's tokenizer.json): SentencePiece's dummy prefix and visible spaces.
     tok.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), normalizers.Replace(" ", _SPACE)])
-    tok.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     if bos is not None:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
-    tok.add_special_tokens([AddedToken(p.text, normalized=False, special=True)
-                            for p in spm.pieces if p.kind in (_UNKNOWN, _CONTROL)])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+        )
+    tok.add_special_tokens(
+        [AddedToken(p.text, normalized=False, special=True) for p in spm.pieces if p.kind in (_UNKNOWN, _CONTROL)]
+    )
     return tok
 
 
-def write_spm_tokenizer(out_dir: str | Path, model_file: str | Path, vocab_size: int,
-                        chat_template: str | None = None) -> dict[str, int]:
+def write_spm_tokenizer(
+    out_dir: str | Path, model_file: str | Path, vocab_size: int, chat_template: str | None = None
+) -> dict[str, int]:
     """Copy model_file as tokenizer.model and write the matching tokenizer.json + tokenizer_config.json.
 
     The model may have fewer ids than vocab_size; reserved tokens fill the rest so that every id a
@@ -161,15 +167,20 @@ def write_spm_tokenizer(out_dir: str | Path, model_file: str | Path, vocab_size:
     if len(spm.pieces) > vocab_size:
         raise KlotskiError(f"{model_file} has {len(spm.pieces)} ids, more than vocab_size={vocab_size}")
     tok = spm_to_tokenizer(spm)
-    tok.add_tokens([AddedToken(_RESERVED.format(i), normalized=False)
-                    for i in range(len(spm.pieces), vocab_size)])
+    tok.add_tokens([AddedToken(_RESERVED.format(i), normalized=False) for i in range(len(spm.pieces), vocab_size)])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_file, out / "tokenizer.model")
     tok.save(str(out / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-              "unk_token": "<unk>", "legacy": True, "model_max_length": 1 << 20,
-              "clean_up_tokenization_spaces": False}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "legacy": True,
+        "model_max_length": 1 << 20,
+        "clean_up_tokenization_spaces": False,
+    }
     if chat_template is not None:
         config["chat_template"] = chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -3,6 +3,7 @@
 Lanes: "compute", "prefetch" (weight prefetch), "ondemand" (gate-triggered expert fetches),
 "kv_load", "kv_store". A "wait" on the compute lane is a bubble: compute idle on a transfer.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,11 @@ class Timeline:
 
     def busy(self, lane: str, kinds: set[str] | None = None, exclude: set[str] = frozenset()) -> float:
         """Seconds a lane spent on (some kinds of) events; overlapping spans are merged."""
-        spans = sorted((e.start, e.end) for e in self.events
-                       if e.lane == lane and (kinds is None or e.kind in kinds) and e.kind not in exclude)
+        spans = sorted(
+            (e.start, e.end)
+            for e in self.events
+            if e.lane == lane and (kinds is None or e.kind in kinds) and e.kind not in exclude
+        )
         total, cur_s, cur_e = 0.0, None, None
         for s, e in spans:
             if cur_e is None or s > cur_e:
@@ -96,8 +100,17 @@ class Timeline:
         for e in self.events:
             name = e.kind if e.expert is None else f"{e.kind} E{e.expert}"
             args = {k: v for k, v in asdict(e).items() if v not in (None, 0, "") and k not in ("lane", "start", "end")}
-            out.append({"ph": "X", "name": name, "pid": 0, "tid": tid[e.lane], "ts": e.start * 1e6,
-                        "dur": max(e.end - e.start, 0.0) * 1e6, "args": args})
+            out.append(
+                {
+                    "ph": "X",
+                    "name": name,
+                    "pid": 0,
+                    "tid": tid[e.lane],
+                    "ts": e.start * 1e6,
+                    "dur": max(e.end - e.start, 0.0) * 1e6,
+                    "args": args,
+                }
+            )
         return {"traceEvents": out, "displayTimeUnit": "ms"}
 
     def write_chrome_trace(self, path: str) -> None:

@@ -37,8 +37,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise KlotskiError(f"{path} is not valid JSON ({e}): "
-                           "restore it from the original checkpoint") from e
+        raise KlotskiError(f"{path} is not valid JSON ({e}): restore it from the original checkpoint") from e
 
 
 def _token_str(value: Any) -> str | None:
@@ -70,8 +69,9 @@ def _pick_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
 class Tokenizer:
     """Text <-> token ids for one checkpoint, matching transformers' fast tokenizer."""
 
-    def __init__(self, backend: HFTokenizer, config: dict[str, Any],
-                 generation_config: dict[str, Any], chat_template: str | None) -> None:
+    def __init__(
+        self, backend: HFTokenizer, config: dict[str, Any], generation_config: dict[str, Any], chat_template: str | None
+    ) -> None:
         self._tok = backend
         self._config = config
         self.special_tokens = {k: _token_str(config.get(k)) for k in _SPECIAL_KEYS}
@@ -92,16 +92,18 @@ class Tokenizer:
             raise KlotskiError(
                 f"{tokenizer_file} not found: copy the model's tokenizer.json into {directory}, "
                 "or drive the checkpoint with prompt_token_ids instead of text prompts "
-                "(a checkpoint without a tokenizer still generates token ids)")
+                "(a checkpoint without a tokenizer still generates token ids)"
+            )
         config = _read_json(directory / "tokenizer_config.json")
         try:
             backend = HFTokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
-            raise KlotskiError(f"{tokenizer_file} cannot be read ({e}): "
-                               "restore it from the original checkpoint") from None
-        return cls(backend, config,
-                   _read_json(directory / "generation_config.json"),
-                   _pick_chat_template(directory, config))
+            raise KlotskiError(
+                f"{tokenizer_file} cannot be read ({e}): restore it from the original checkpoint"
+            ) from None
+        return cls(
+            backend, config, _read_json(directory / "generation_config.json"), _pick_chat_template(directory, config)
+        )
 
     @property
     def backend(self) -> HFTokenizer:
@@ -134,28 +136,27 @@ class Tokenizer:
             text = _clean_up_tokenization(text)
         return text
 
-    def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Render a chat with the checkpoint's Jinja template, as transformers does (tokenize=False)."""
         if self.chat_template is None:
             raise KlotskiError(
                 "this checkpoint has no chat template (tokenizer_config.json 'chat_template' or "
-                "chat_template.jinja): send plain text prompts, or add a template to the checkpoint")
+                "chat_template.jinja): send plain text prompts, or add a template to the checkpoint"
+            )
         import jinja2
 
         specials = {k: v for k, v in self.special_tokens.items() if v is not None}
         try:
             template = _jinja_env().from_string(self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   tools=None, documents=None, **specials)
+            return template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None, **specials
+            )
         except jinja2.TemplateError as e:  # raise_exception() in the template, or a broken template
             raise KlotskiError(f"chat template: {e}") from None
 
-    def encode_chat(self, messages: list[dict[str, Any]],
-                    add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a rendered chat; the template writes BOS itself, so none is added (as vLLM)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt),
-                           add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
 
     def _is_bpe(self) -> bool:
         """True for BPE models, where transformers skips its space clean-up."""
@@ -177,10 +178,18 @@ class Tokenizer:
         present = {t.content for t in self._tok.get_added_tokens_decoder().values()}
         for entry in (self._config.get("added_tokens_decoder") or {}).values():
             if entry["content"] not in present:
-                self._tok.add_tokens([AddedToken(
-                    entry["content"], single_word=entry.get("single_word", False),
-                    lstrip=entry.get("lstrip", False), rstrip=entry.get("rstrip", False),
-                    normalized=entry.get("normalized", True), special=entry.get("special", False))])
+                self._tok.add_tokens(
+                    [
+                        AddedToken(
+                            entry["content"],
+                            single_word=entry.get("single_word", False),
+                            lstrip=entry.get("lstrip", False),
+                            rstrip=entry.get("rstrip", False),
+                            normalized=entry.get("normalized", True),
+                            special=entry.get("special", False),
+                        )
+                    ]
+                )
                 present.add(entry["content"])
         missing = [t for t in self.special_tokens.values() if t is not None and t not in present]
         if missing:
@@ -189,9 +198,18 @@ class Tokenizer:
 
 def _clean_up_tokenization(text: str) -> str:
     """transformers' clean_up_tokenization: drop spaces before punctuation and contractions."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
-                          (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
-                          (" 're", "'re")):
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(before, after)
     return text
 
@@ -204,22 +222,22 @@ def _jinja_env():
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-               separators: Any = None, sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
         # Jinja's own tojson escapes HTML characters, which would change the prompt text.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
 
 
-def collect_eos_ids(directory: str | Path, config_ids: Sequence[int] = (),
-                    tokenizer: Tokenizer | None = None) -> frozenset[int]:
+def collect_eos_ids(
+    directory: str | Path, config_ids: Sequence[int] = (), tokenizer: Tokenizer | None = None
+) -> frozenset[int]:
     """Every id that ends a sequence: config.json's (`config_ids`), generation_config.json's and the
     tokenizer's EOS token (the tokenizer already read generation_config.json when there is one)."""
     if tokenizer is not None:
@@ -235,11 +253,12 @@ class IncrementalDecoder:
     # Prompt tokens decoded as left context, so the first generated token keeps its leading space.
     CONTEXT_TOKENS = 5
 
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int] = (),
-                 skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int] = (), skip_special_tokens: bool = True
+    ) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        self._context = list(prompt_token_ids)[-self.CONTEXT_TOKENS:]  # ids before the held-back ones
+        self._context = list(prompt_token_ids)[-self.CONTEXT_TOKENS :]  # ids before the held-back ones
         self._stream = decoders.DecodeStream(ids=self._context, skip_special_tokens=skip_special_tokens)
         self._held: list[int] = []  # ids fed whose text is not complete yet
         self.text = ""
@@ -259,18 +278,17 @@ class IncrementalDecoder:
         if not self._held:
             return ""
         prefix = self._tokenizer.decode(self._context, self._skip)
-        delta = self._tokenizer.decode(self._context + self._held, self._skip)[len(prefix):]
+        delta = self._tokenizer.decode(self._context + self._held, self._skip)[len(prefix) :]
         self._advance()
         self.text += delta
         return delta
 
     def _advance(self, *emitted: int) -> None:
-        self._context = (self._context + self._held + list(emitted))[-self.CONTEXT_TOKENS:]
+        self._context = (self._context + self._held + list(emitted))[-self.CONTEXT_TOKENS :]
         self._held = []
 
 
-def find_stop_string(text: str, new_chars: int, stop: Sequence[str],
-                     include_in_output: bool) -> tuple[str, int] | None:
+def find_stop_string(text: str, new_chars: int, stop: Sequence[str], include_in_output: bool) -> tuple[str, int] | None:
     """vLLM's stop-string search over the last new_chars of text: (stop string, cut index or -1)."""
     if not new_chars or not stop:
         return None
@@ -300,16 +318,25 @@ class StopState:
 class StopChecker:
     """One sequence's generated ids, text and vLLM stop rules (EOS, stop ids, stop strings, length)."""
 
-    def __init__(self, params: SamplingParams, eos_token_ids: frozenset[int],
-                 tokenizer: Tokenizer | None = None, prompt_token_ids: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        eos_token_ids: frozenset[int],
+        tokenizer: Tokenizer | None = None,
+        prompt_token_ids: Sequence[int] = (),
+    ) -> None:
         if params.stop and tokenizer is None:
-            raise KlotskiError("stop strings need a tokenizer: use stop_token_ids, "
-                               "or add the model's tokenizer.json to the checkpoint")
+            raise KlotskiError(
+                "stop strings need a tokenizer: use stop_token_ids, or add the model's tokenizer.json to the checkpoint"
+            )
         self.params = params
         self.eos_token_ids = eos_token_ids
         self.token_ids: list[int] = []
-        self._decoder = (IncrementalDecoder(tokenizer, prompt_token_ids, params.skip_special_tokens)
-                         if tokenizer is not None else None)
+        self._decoder = (
+            IncrementalDecoder(tokenizer, prompt_token_ids, params.skip_special_tokens)
+            if tokenizer is not None
+            else None
+        )
         self.text = ""
 
     def append(self, token_id: int) -> StopState:
@@ -320,8 +347,7 @@ class StopChecker:
         decode_it = reason != "stop" or self.params.include_stop_str_in_output
         new_chars = self._detokenize(token_id if decode_it else None, final=reason is not None)
         if self.params.stop and len(self.token_ids) > self.params.min_tokens:
-            hit = find_stop_string(self.text, new_chars, self.params.stop,
-                                   self.params.include_stop_str_in_output)
+            hit = find_stop_string(self.text, new_chars, self.params.stop, self.params.include_stop_str_in_output)
             if hit is not None:
                 stop_reason, cut = hit
                 reason, self.text = "stop", self.text if cut == -1 else self.text[:cut]
@@ -398,19 +424,29 @@ def _train_bpe(vocab_size: int, specials: list[str]) -> HFTokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_CORPUS.splitlines(), trainer)
     return tok
 
 
-def write_tokenizer(out_dir: str | Path, vocab_size: int, bos_token: str = "<s>",
-                    eos_token: str = "</s>",
-                    chat_template: str | None = DEFAULT_CHAT_TEMPLATE) -> dict[str, int]:
+def write_tokenizer(
+    out_dir: str | Path,
+    vocab_size: int,
+    bos_token: str = "<s>",
+    eos_token: str = "</s>",
+    chat_template: str | None = DEFAULT_CHAT_TEMPLATE,
+) -> dict[str, int]:
     """Write tokenizer.json + tokenizer_config.json with exactly vocab_size ids; return special ids."""
     if vocab_size < _MIN_VOCAB:
-        raise KlotskiError(f"vocab_size={vocab_size} is too small for a byte-level tokenizer "
-                           f"(256 bytes + specials): use vocab_size >= {_MIN_VOCAB}")
+        raise KlotskiError(
+            f"vocab_size={vocab_size} is too small for a byte-level tokenizer "
+            f"(256 bytes + specials): use vocab_size >= {_MIN_VOCAB}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = _train_bpe(vocab_size, [bos_token, eos_token, "<unk>"])
@@ -418,11 +454,19 @@ def write_tokenizer(out_dir: str | Path, vocab_size: int, bos_token: str = "<s>"
     first = tok.get_vocab_size()
     tok.add_tokens([AddedToken(_RESERVED.format(i), normalized=False) for i in range(first, vocab_size)])
     tok.save(str(out / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos_token,
-              "eos_token": eos_token, "unk_token": "<unk>", "model_max_length": 1 << 20,
-              "clean_up_tokenization_spaces": False}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos_token,
+        "eos_token": eos_token,
+        "unk_token": "<unk>",
+        "model_max_length": 1 << 20,
+        "clean_up_tokenization_spaces": False,
+    }
     if chat_template is not None:
         config["chat_template"] = chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return {"bos_token_id": tok.token_to_id(bos_token), "eos_token_id": tok.token_to_id(eos_token),
-            "unk_token_id": tok.token_to_id("<unk>")}
+    return {
+        "bos_token_id": tok.token_to_id(bos_token),
+        "eos_token_id": tok.token_to_id(eos_token),
+        "unk_token_id": tok.token_to_id("<unk>"),
+    }

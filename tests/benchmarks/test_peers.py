@@ -1,4 +1,5 @@
 """The llama.cpp peer's pure-Python part: its table parsed, the metric it is scored on, its bounds."""
+
 import pytest
 
 from benchmarks.peers.llama_cpp import batched_bench_cmd, parse_batched_bench
@@ -41,17 +42,27 @@ def test_bounds_use_the_fastest_disk_rate_a_klotski_run_showed():
 
     from benchmarks.peers import run
 
-    config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_local_experts": 4,
-              "num_experts_per_tok": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}
+    config = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 100,
+    }
     args = Namespace(prompt_len=4, gen_len=2, weights_bytes=10e9, cap=4e9)
     figures = {
         "disk_gbps_samples": [1.0, 1.5],
         "matmul_gflops_bfloat16": {"64": 1e3},
         "matmul_gflops_float32": {"64": 1e2},
     }
-    runs = [{"engine": "llama.cpp", "sequences": 1, "bytes_read": 90e9, "wall_s": 10.0},  # load + warmup reads
-            {"engine": "klotski", "sequences": 1, "bytes_read": 20e9, "wall_s": 10.0},
-            {"engine": "klotski", "error": "rc=137"}]
+    runs = [
+        {"engine": "llama.cpp", "sequences": 1, "bytes_read": 90e9, "wall_s": 10.0},  # load + warmup reads
+        {"engine": "klotski", "sequences": 1, "bytes_read": 20e9, "wall_s": 10.0},
+        {"engine": "klotski", "error": "rc=137"},
+    ]
     run.rebound(runs, args, config, figures)
     assert figures["disk_gbps"] == 2.0 and figures["disk_rate_source"] == "achieved by a klotski run"
     forced = run.must_read(config, 10e9, 4e9, 1, 4, 2)
@@ -65,8 +76,14 @@ def test_bounds_use_the_fastest_disk_rate_a_klotski_run_showed():
 def test_bytes_the_cap_forces_follow_the_experts_a_step_uses():
     from benchmarks.peers.run import must_read
 
-    config = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 2, "num_local_experts": 8,
-              "num_experts_per_tok": 2, "torch_dtype": "bfloat16"}
+    config = {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 2,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "torch_dtype": "bfloat16",
+    }
     expert = 3 * 4096 * 14336 * 2
     weights, cap = 16 * expert + 0.7e9, 3 * 2**30
     # 128 sequences use every expert every step: the rig's bound, weights - cap a step.

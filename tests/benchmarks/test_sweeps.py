@@ -1,5 +1,6 @@
 """benchmarks/sweeps.py and benchmarks/results.py: the ladder sweep on a tiny model, and the
 results folder's latest + archive."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,29 @@ from benchmarks import results, sweeps
 def test_ladder_runs_every_schedule_and_prints_them(tmp_path, tiny_mixtral, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs are subprocesses; one thread each on a shared machine
     out = tmp_path / "ladder"
-    assert sweeps.main(["ladder", str(tiny_mixtral), "--replay", "none", "--prompts", "3", "--max-tokens", "2",
-                        "--batch-size", "2", "--num-batches", "2", "--device-memory", "1GiB", "--out", str(out)]) == 0
+    assert (
+        sweeps.main(
+            [
+                "ladder",
+                str(tiny_mixtral),
+                "--replay",
+                "none",
+                "--prompts",
+                "3",
+                "--max-tokens",
+                "2",
+                "--batch-size",
+                "2",
+                "--num-batches",
+                "2",
+                "--device-memory",
+                "1GiB",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (out / "latest.jsonl").read_text().splitlines()]
     assert [r["policy"]["schedule"] for r in rows] == list(sweeps.LADDER)
     assert [r["policy"]["num_batches"] for r in rows] == [1, 1, 2, 2, 2]

@@ -1,4 +1,5 @@
 """Checkpoint reading: clear errors for every kind of broken directory, and sharded checkpoints."""
+
 from __future__ import annotations
 
 import json

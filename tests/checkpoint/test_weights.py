@@ -1,6 +1,7 @@
 """Weights: dtypes the model cannot compute with, tensors config.json does not have, index
 entries naming absent tensors, and NaN / inf found where they are first read (repack path,
 --check-weights) or, failing that, in the logits, before any token is emitted."""
+
 from __future__ import annotations
 
 import json
@@ -131,6 +132,7 @@ def _poison(path: Path, name: str, value: float) -> None:
     def edit(t):
         t[name] = t[name].clone()
         t[name].view(-1)[5] = value
+
     _rewrite(path, edit)
 
 

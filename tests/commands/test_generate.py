@@ -1,4 +1,5 @@
 """`klotski generate`: output formats, the default model, and exit code 2 without a traceback for bad input."""
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,11 @@ def test_json_has_outputs_and_stats(capsys, tiny_mixtral):
 
 
 def test_output_jsonl_rows(capsys, tiny_mixtral, tmp_path):
-    lines = ['{"id": "a", "prompt": "Hello"}', '{"messages": [{"role": "user", "content": "Hi"}]}',
-             '{"prompt_token_ids": [0, 5, 9]}']
+    lines = [
+        '{"id": "a", "prompt": "Hello"}',
+        '{"messages": [{"role": "user", "content": "Hi"}]}',
+        '{"prompt_token_ids": [0, 5, 9]}',
+    ]
     out_file = tmp_path / "out.jsonl"
     code, out, _ = run_cli(
         capsys,
@@ -106,8 +110,19 @@ def test_missing_model_dir(capsys, tmp_path):
 
 
 def test_empty_prompt_is_skipped_and_the_rest_run(capsys, tiny_mixtral):
-    code, out, err = run_cli(capsys, "generate", "--model", str(tiny_mixtral), "--prompt", "", "--prompt", "Hello",
-                             "--max-tokens", "2", "--json")
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_mixtral),
+        "--prompt",
+        "",
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "2",
+        "--json",
+    )
     assert_clean_error(code, err, "prompt is empty")
     assert [row["id"] for row in json.loads(out)["outputs"]] == ["prompt-1"]
 
@@ -120,8 +135,9 @@ def test_max_tokens_below_one(capsys, tiny_mixtral):
 def test_prompt_longer_than_context(capsys, tiny_mixtral, tmp_path):
     context = json.loads((tiny_mixtral / "config.json").read_text())["max_position_embeddings"]
     too_long = json.dumps({"id": "long", "prompt_token_ids": [5] * (context + 1)})
-    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_mixtral),
-                           "--input", write_jsonl(tmp_path / "in.jsonl", [too_long]))
+    code, _, err = run_cli(
+        capsys, "generate", "--model", str(tiny_mixtral), "--input", write_jsonl(tmp_path / "in.jsonl", [too_long])
+    )
     assert_clean_error(code, err, f"the model's context is {context}")
 
 
@@ -133,8 +149,9 @@ def test_malformed_jsonl_line_names_it_and_the_rest_run(capsys, tiny_mixtral, tm
         '["not", "an", "object"]',
     ]
     src, out_file = write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
-    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_mixtral), "--input", src, "--output", str(out_file),
-                           "--max-tokens", "2")
+    code, _, err = run_cli(
+        capsys, "generate", "--model", str(tiny_mixtral), "--input", src, "--output", str(out_file), "--max-tokens", "2"
+    )
     assert_clean_error(code, err, f"{src}:2: not valid JSON")
     assert f"{src}:4:" in err
     assert [json.loads(line)["id"] for line in out_file.read_text().splitlines()] == ["first", "third"]
@@ -153,8 +170,16 @@ def test_bad_device_memory(capsys, tiny_mixtral):
 
 
 def test_unwritable_output_fails_before_generating(capsys, tiny_mixtral, tmp_path):
-    code, out, err = run_cli(capsys, "generate", "--model", str(tiny_mixtral), "--prompt", "Hello",
-                             "--output", str(tmp_path / "no-such-dir" / "out.jsonl"))
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_mixtral),
+        "--prompt",
+        "Hello",
+        "--output",
+        str(tmp_path / "no-such-dir" / "out.jsonl"),
+    )
     assert_clean_error(code, err, "cannot be written")
     assert "tok/s" not in out
 
@@ -165,8 +190,13 @@ def test_subprocess_error_has_no_traceback(tiny_mixtral, tmp_path):
     damage, words = BREAKAGES["truncated-safetensors"]
     damage(path)
     env = os.environ | {"PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "klotski", "generate", "--model", str(path), "--prompt", "Hello"],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "klotski", "generate", "--model", str(path), "--prompt", "Hello"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("klotski: error:") and words in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""

@@ -1,4 +1,5 @@
 """`klotski perplexity`: window arithmetic, agreement with transformers, and clean errors."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,10 @@ from klotski.cli import main
 from klotski.commands.perplexity import windows
 from klotski.errors import KlotskiError
 
-TEXT = ("When the night is long and the candles burn low, the watchmen walk the walls and count the hours. "
-        "Numbers matter: 1, 2, 3 and 42 appear in tables. ") * 6
+TEXT = (
+    "When the night is long and the candles burn low, the watchmen walk the walls and count the hours. "
+    "Numbers matter: 1, 2, 3 and 42 appear in tables. "
+) * 6
 
 
 @pytest.mark.parametrize("n,window,stride", [(2, 2, 1), (10, 4, 3), (10, 4, 1), (11, 5, 2), (100, 16, 15), (7, 50, 49)])
@@ -39,7 +42,7 @@ def _reference_nll(model_dir, ids: list[int], window: int, stride: int) -> float
     with torch.no_grad():
         for start, end, first in windows(len(ids), window, stride):
             logits = model(input_ids=torch.tensor([ids[start:end]])).logits[0]
-            pred = logits[first - start - 1: end - start - 1]
+            pred = logits[first - start - 1 : end - start - 1]
             total += float(torch.nn.functional.cross_entropy(pred, torch.tensor(ids[first:end]), reduction="sum"))
             count += end - first
     return total / count
@@ -51,8 +54,22 @@ def test_matches_transformers(capsys, tiny_mixtral, tmp_path, window, stride):
 
     text_file = tmp_path / "text.txt"
     text_file.write_text(TEXT)
-    code = main(["perplexity", "--model", str(tiny_mixtral), "--input", str(text_file), "--dtype", "float32",
-                 "--window", str(window), "--stride", str(stride), "--json"])
+    code = main(
+        [
+            "perplexity",
+            "--model",
+            str(tiny_mixtral),
+            "--input",
+            str(text_file),
+            "--dtype",
+            "float32",
+            "--window",
+            str(window),
+            "--stride",
+            str(stride),
+            "--json",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert code == 0
     ids = Tokenizer.from_dir(tiny_mixtral).encode(TEXT)
@@ -77,11 +94,14 @@ def test_text_output_and_budgeted_run(capsys, tiny_mixtral, tmp_path):
     assert line.startswith("perplexity ") and "tok/s" in line
 
 
-@pytest.mark.parametrize("make,words", [
-    (lambda p: p / "missing.txt", "does not exist"),
-    (lambda p: (p / "one.txt").write_text("a") and p / "one.txt", "at least 2"),
-    (lambda p: (p / "bin.txt").write_bytes(b"\xff\xfe\x00abc") and p / "bin.txt", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "make,words",
+    [
+        (lambda p: p / "missing.txt", "does not exist"),
+        (lambda p: (p / "one.txt").write_text("a") and p / "one.txt", "at least 2"),
+        (lambda p: (p / "bin.txt").write_bytes(b"\xff\xfe\x00abc") and p / "bin.txt", "not UTF-8"),
+    ],
+)
 def test_bad_input_is_a_clean_error(capsys, tiny_mixtral, tmp_path, make, words):
     code = main(["perplexity", "--model", str(tiny_mixtral), "--input", str(make(tmp_path))])
     err = capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Start `klotski serve` as a real process on 127.0.0.1 for the server tests."""
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,19 @@ class ServerProcess:
         env.setdefault("OMP_NUM_THREADS", "1")
         if home is not None:
             env["KLOTSKI_HOME"] = home
-        cmd = [sys.executable, "-m", "klotski", "serve", "--model", str(model), "--port", str(self.port),
-               "--served-model-name", "tiny", *flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "klotski",
+            "serve",
+            "--model",
+            str(model),
+            "--port",
+            str(self.port),
+            "--served-model-name",
+            "tiny",
+            *flags,
+        ]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def wait_ready(self, timeout: float = 120.0) -> ServerProcess:

@@ -1,4 +1,5 @@
 """`klotski run-batch`: OpenAI batch results, per-line errors, and resumes that equal an uninterrupted run."""
+
 from __future__ import annotations
 
 import json
@@ -54,15 +55,38 @@ def good_lines(count: int) -> list[str]:
         elif kind == 4:
             body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0}  # scoring only
         elif kind == 5:
-            out.append(line(f"req-{i}", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 3,
-                                         "temperature": 0, "logprobs": True, "top_logprobs": 2}, CHAT))
+            out.append(
+                line(
+                    f"req-{i}",
+                    {
+                        "messages": [{"role": "user", "content": prompt}],
+                        "max_tokens": 3,
+                        "temperature": 0,
+                        "logprobs": True,
+                        "top_logprobs": 2,
+                    },
+                    CHAT,
+                )
+            )
             continue
         elif kind == 6:
-            body = {"prompt": [prompt, prompt + " again"], "max_tokens": 2, "temperature": 0.7, "top_p": 0.9,
-                    "seed": 7, "stop": [" the"], "min_tokens": 1}
+            body = {
+                "prompt": [prompt, prompt + " again"],
+                "max_tokens": 2,
+                "temperature": 0.7,
+                "top_p": 0.9,
+                "seed": 7,
+                "stop": [" the"],
+                "min_tokens": 1,
+            }
         else:
-            body = {"prompt": [3, 17, 42, 99][: 1 + i % 4], "max_tokens": 5, "ignore_eos": True, "temperature": 0,
-                    "min_p": 0.05}
+            body = {
+                "prompt": [3, 17, 42, 99][: 1 + i % 4],
+                "max_tokens": 5,
+                "ignore_eos": True,
+                "temperature": 0,
+                "min_p": 0.05,
+            }
         out.append(line(f"req-{i}", body))
     return out
 
@@ -96,8 +120,24 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def batch_args(model, src, dst, *extra) -> list[str]:
-    return ["run-batch", "-i", str(src), "-o", str(dst), "--model", str(model), "--dtype", "float32",
-            "--window", "8", "--batch-size", "2", "--num-batches", "2", *extra]
+    return [
+        "run-batch",
+        "-i",
+        str(src),
+        "-o",
+        str(dst),
+        "--model",
+        str(model),
+        "--dtype",
+        "float32",
+        "--window",
+        "8",
+        "--batch-size",
+        "2",
+        "--num-batches",
+        "2",
+        *extra,
+    ]
 
 
 # -- results ---------------------------------------------------------------------------------------------
@@ -124,8 +164,10 @@ def test_every_body_validates_with_openai_types(capsys, tiny_mixtral, tmp_path):
             assert parsed.usage.completion_tokens == 0
             assert len(parsed.choices[0].logprobs.token_logprobs) == parsed.usage.prompt_tokens
         if request["body"].get("n") == 2 and request["body"].get("temperature", 1) > 0:
-            assert parsed.choices[0].text != parsed.choices[1].text or parsed.choices[0].logprobs != \
-                parsed.choices[1].logprobs  # two samples, two seeds
+            assert (
+                parsed.choices[0].text != parsed.choices[1].text
+                or parsed.choices[0].logprobs != parsed.choices[1].logprobs
+            )  # two samples, two seeds
     meta = json.loads(sidecar_path(dst).read_text())
     assert meta["grouping"] == {"batch_size": 2, "num_batches": 2} and meta["settings"]["compute_dtype"] == "float32"
 
@@ -135,15 +177,21 @@ def test_seeded_result_matches_the_python_api(capsys, tiny_mixtral, tmp_path):
     from klotski.engine import LLM
     from klotski.sampling import SamplingParams
 
-    src = write(tmp_path / "in.jsonl", [line("a", {"prompt": "The river", "max_tokens": 5, "temperature": 0.8,
-                                                   "seed": 123}),
-                                        line("b", {"prompt": "The river", "max_tokens": 5, "temperature": 0})])
+    src = write(
+        tmp_path / "in.jsonl",
+        [
+            line("a", {"prompt": "The river", "max_tokens": 5, "temperature": 0.8, "seed": 123}),
+            line("b", {"prompt": "The river", "max_tokens": 5, "temperature": 0}),
+        ],
+    )
     dst = tmp_path / "out.jsonl"
     assert run_cli(capsys, *batch_args(tiny_mixtral, src, dst))[0] == 0
     texts = {r["custom_id"]: r["response"]["body"]["choices"][0]["text"] for r in results(dst)}
     llm = LLM(model=str(tiny_mixtral), dtype="float32")
-    sampled, greedy = llm.generate(["The river"] * 2, [SamplingParams(max_tokens=5, temperature=0.8, seed=123),
-                                                       SamplingParams(max_tokens=5, temperature=0)])
+    sampled, greedy = llm.generate(
+        ["The river"] * 2,
+        [SamplingParams(max_tokens=5, temperature=0.8, seed=123), SamplingParams(max_tokens=5, temperature=0)],
+    )
     assert texts == {"a": sampled.outputs[0].text, "b": greedy.outputs[0].text}
 
 
@@ -280,8 +328,12 @@ def test_mismatched_resume_is_refused(capsys, tiny_mixtral, tmp_path):
 
 
 # -- resume ------------------------------------------------------------------------------------------------
-KILL_LINES = good_lines(30)[:12] + [BAD_LINES["malformed JSON"][0], BAD_LINES["negative temperature"][0]] + \
-    good_lines(30)[12:] + [line("req-3", {"prompt": "dup"})]
+KILL_LINES = (
+    good_lines(30)[:12]
+    + [BAD_LINES["malformed JSON"][0], BAD_LINES["negative temperature"][0]]
+    + good_lines(30)[12:]
+    + [line("req-3", {"prompt": "dup"})]
+)
 
 
 @pytest.fixture(scope="module")
@@ -317,15 +369,24 @@ def test_resume_repairs_a_torn_line(capsys, tiny_mixtral, tmp_path, reference):
 
 def start(model, src, dst, tmp_path, stall: str | None, hold: bool = False) -> tuple[subprocess.Popen, Path]:
     flag = tmp_path / f"stalled-{time.monotonic_ns()}"
-    env = os.environ | {"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-                        "KLOTSKI_BATCH_STALL_FILE": str(flag)}
+    env = os.environ | {
+        "PYTHONPATH": str(REPO / "src"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "KLOTSKI_BATCH_STALL_FILE": str(flag),
+    }
     env.pop("KLOTSKI_BATCH_STALL", None)
     if stall:
         env["KLOTSKI_BATCH_STALL"] = stall
     if hold:
         env["KLOTSKI_BATCH_STALL_HOLD"] = "1"
-    proc = subprocess.Popen([sys.executable, "-m", "klotski", *batch_args(model, src, dst)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "klotski", *batch_args(model, src, dst)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return proc, flag
 
 
@@ -348,8 +409,9 @@ def test_sigkill_at_chosen_moments_then_resume_equals_an_uninterrupted_run(tiny_
     # The first kill lands in the first group (nothing computed is written), one tears a line in two;
     # the rest are drawn: any stall point, at its first few occurrences.
     plan = ["group:1", f"torn:{rng.randint(2, 4)}"]
-    plan += [f"{rng.choice(['window', 'group', 'computed', 'line', 'torn', 'fsync'])}:{rng.randint(1, 3)}"
-             for _ in range(4)]
+    plan += [
+        f"{rng.choice(['window', 'group', 'computed', 'line', 'torn', 'fsync'])}:{rng.randint(1, 3)}" for _ in range(4)
+    ]
     kills = 0
     for stall in plan:
         proc, flag = start(tiny_mixtral, src, dst, tmp_path, stall)
@@ -411,8 +473,9 @@ def test_progress_lines_when_not_a_terminal(capsys, tiny_mixtral, tmp_path):
     code, out, err = run_cli(capsys, *batch_args(tiny_mixtral, src, dst, "--progress-interval", "0"))
     assert code == 0 and "run-batch: 6/6 (100.0%), 0 failed" in err and "tok/s" in err and "ETA" in err
     assert "tokens generated" in out and "read; results in" in out
-    code, out, err = run_cli(capsys, *batch_args(tiny_mixtral, src, tmp_path / "o2.jsonl", "--progress-interval", "0",
-                                                 "--no-progress"))
+    code, out, err = run_cli(
+        capsys, *batch_args(tiny_mixtral, src, tmp_path / "o2.jsonl", "--progress-interval", "0", "--no-progress")
+    )
     assert code == 0 and "run-batch: 6/6" not in err
 
 
@@ -475,7 +538,26 @@ def test_generate_output_is_written_as_groups_finish(capsys, tiny_mixtral, tmp_p
 
     monkeypatch.setattr(LLM, "run_groups", crash_after_first)
     dst = tmp_path / "out.jsonl"
-    code = main(["generate", "--model", str(tiny_mixtral), "--prompt", "a", "--prompt", "b", "--prompt", "c",
-                 "--batch-size", "1", "--num-batches", "1", "--max-tokens", "2", "--output", str(dst)])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_mixtral),
+            "--prompt",
+            "a",
+            "--prompt",
+            "b",
+            "--prompt",
+            "c",
+            "--batch-size",
+            "1",
+            "--num-batches",
+            "1",
+            "--max-tokens",
+            "2",
+            "--output",
+            str(dst),
+        ]
+    )
     assert code == 130
     assert [json.loads(x)["id"] for x in dst.read_text().splitlines()] == ["prompt-0"]

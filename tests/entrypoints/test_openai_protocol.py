@@ -19,44 +19,91 @@ def error_of(fn, *args) -> ProtocolError:
 
 # -- request bodies ------------------------------------------------------------------------------------
 def test_completion_body_fields_parse():
-    req = op.parse_request(COMPLETIONS_URL, {"model": "m", "prompt": "Hi", "max_tokens": 5, "temperature": 0,
-                                             "top_p": 0.9, "top_k": 4, "min_p": 0.1, "seed": 3, "stop": ["\n"],
-                                             "n": 2, "logprobs": 2, "echo": True, "ignore_eos": True,
-                                             "min_tokens": 1, "user": "someone", "frequency_penalty": 0})
+    req = op.parse_request(
+        COMPLETIONS_URL,
+        {
+            "model": "m",
+            "prompt": "Hi",
+            "max_tokens": 5,
+            "temperature": 0,
+            "top_p": 0.9,
+            "top_k": 4,
+            "min_p": 0.1,
+            "seed": 3,
+            "stop": ["\n"],
+            "n": 2,
+            "logprobs": 2,
+            "echo": True,
+            "ignore_eos": True,
+            "min_tokens": 1,
+            "user": "someone",
+            "frequency_penalty": 0,
+        },
+    )
     assert isinstance(req, op.CompletionRequest) and req.n == 2 and req.echo and req.logprobs == 2
     assert op.request_prompts(req) == [{"prompt": "Hi"}]
     assert op.request_prompts(op.parse_request(COMPLETIONS_URL, {"prompt": [1, 2]})) == [{"prompt_token_ids": [1, 2]}]
-    assert op.request_prompts(op.parse_request(COMPLETIONS_URL, {"prompt": ["a", "b"]})) == [{"prompt": "a"},
-                                                                                              {"prompt": "b"}]
+    assert op.request_prompts(op.parse_request(COMPLETIONS_URL, {"prompt": ["a", "b"]})) == [
+        {"prompt": "a"},
+        {"prompt": "b"},
+    ]
 
 
 def test_chat_body_fields_parse():
-    req = op.parse_request(CHAT_URL, {"model": "m", "messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}],
-        "max_completion_tokens": 4, "logprobs": True, "top_logprobs": 3})
+    req = op.parse_request(
+        CHAT_URL,
+        {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+            ],
+            "max_completion_tokens": 4,
+            "logprobs": True,
+            "top_logprobs": 3,
+        },
+    )
     assert isinstance(req, op.ChatCompletionRequest)
     [prompt] = op.request_prompts(req)
     assert prompt["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
 
 
-@pytest.mark.parametrize("url, body, code, param, words", [
-    (COMPLETIONS_URL, {"prompt": "x", "temprature": 1}, "unknown_field", "temprature", "unknown field 'temprature'"),
-    (CHAT_URL, {"messages": [{"role": "user", "content": "x", "colour": 1}]}, "unknown_field", "messages[0].colour",
-     "unknown field"),
-    (COMPLETIONS_URL, {"prompt": "x", "logit_bias": {"5": 3}}, "unsupported_field", "logit_bias", "not supported"),
-    (COMPLETIONS_URL, {"prompt": "x", "presence_penalty": 0.5}, "unsupported_field", "presence_penalty",
-     "not supported"),
-    (COMPLETIONS_URL, {"max_tokens": 3}, "missing_field", "prompt", "'prompt' is required"),
-    (COMPLETIONS_URL, {"prompt": 5}, "invalid_type", "prompt", "a string, a list of token ids"),
-    (COMPLETIONS_URL, {"prompt": ["a", [1]]}, "invalid_type", "prompt", "a list of strings"),
-    (COMPLETIONS_URL, {"prompt": "x", "temperature": "hot"}, "invalid_type", "temperature", "valid number"),
-    (COMPLETIONS_URL, {"prompt": "x", "max_tokens": True}, "invalid_type", "max_tokens", "valid integer"),
-    (CHAT_URL, {"messages": []}, "invalid_value", "messages", "at least 1"),
-    (CHAT_URL, {"messages": [{"role": "robot", "content": "x"}]}, "invalid_value", "messages[0].role", "role"),
-    ("/v1/embeddings", {"input": "x"}, "unknown_url", "url", "not served"),
-    (COMPLETIONS_URL, ["not", "an", "object"], "invalid_type", "body", "JSON object"),
-])
+@pytest.mark.parametrize(
+    "url, body, code, param, words",
+    [
+        (
+            COMPLETIONS_URL,
+            {"prompt": "x", "temprature": 1},
+            "unknown_field",
+            "temprature",
+            "unknown field 'temprature'",
+        ),
+        (
+            CHAT_URL,
+            {"messages": [{"role": "user", "content": "x", "colour": 1}]},
+            "unknown_field",
+            "messages[0].colour",
+            "unknown field",
+        ),
+        (COMPLETIONS_URL, {"prompt": "x", "logit_bias": {"5": 3}}, "unsupported_field", "logit_bias", "not supported"),
+        (
+            COMPLETIONS_URL,
+            {"prompt": "x", "presence_penalty": 0.5},
+            "unsupported_field",
+            "presence_penalty",
+            "not supported",
+        ),
+        (COMPLETIONS_URL, {"max_tokens": 3}, "missing_field", "prompt", "'prompt' is required"),
+        (COMPLETIONS_URL, {"prompt": 5}, "invalid_type", "prompt", "a string, a list of token ids"),
+        (COMPLETIONS_URL, {"prompt": ["a", [1]]}, "invalid_type", "prompt", "a list of strings"),
+        (COMPLETIONS_URL, {"prompt": "x", "temperature": "hot"}, "invalid_type", "temperature", "valid number"),
+        (COMPLETIONS_URL, {"prompt": "x", "max_tokens": True}, "invalid_type", "max_tokens", "valid integer"),
+        (CHAT_URL, {"messages": []}, "invalid_value", "messages", "at least 1"),
+        (CHAT_URL, {"messages": [{"role": "robot", "content": "x"}]}, "invalid_value", "messages[0].role", "role"),
+        ("/v1/embeddings", {"input": "x"}, "unknown_url", "url", "not served"),
+        (COMPLETIONS_URL, ["not", "an", "object"], "invalid_type", "body", "JSON object"),
+    ],
+)
 def test_bad_bodies_name_the_problem(url, body, code, param, words):
     err = error_of(op.parse_request, url, body)
     assert (err.code, err.param, err.status_code) == (code, param, 400)
@@ -65,8 +112,16 @@ def test_bad_bodies_name_the_problem(url, body, code, param, words):
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted():
-    req = op.parse_request(CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "tools": [],
-                                      "response_format": {"type": "text"}, "presence_penalty": 0, "metadata": {"a": 1}})
+    req = op.parse_request(
+        CHAT_URL,
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [],
+            "response_format": {"type": "text"},
+            "presence_penalty": 0,
+            "metadata": {"a": 1},
+        },
+    )
     assert isinstance(req, op.ChatCompletionRequest)
 
 
@@ -88,9 +143,24 @@ def settings(url, body, prompt_lens=(3,), max_model_len=64):
 
 
 def test_sampling_settings_map_every_field():
-    s = settings(COMPLETIONS_URL, {"prompt": "x", "max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "top_k": 4,
-                                   "min_p": 0.1, "seed": 3, "stop": "\n", "n": 2, "logprobs": 2, "echo": True,
-                                   "ignore_eos": True, "min_tokens": 1})
+    s = settings(
+        COMPLETIONS_URL,
+        {
+            "prompt": "x",
+            "max_tokens": 5,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "top_k": 4,
+            "min_p": 0.1,
+            "seed": 3,
+            "stop": "\n",
+            "n": 2,
+            "logprobs": 2,
+            "echo": True,
+            "ignore_eos": True,
+            "min_tokens": 1,
+        },
+    )
     p = s.params
     assert (p.temperature, p.top_p, p.top_k, p.min_p, p.seed, p.max_tokens, p.min_tokens) == (0.5, 0.9, 4, 0.1, 3, 5, 1)
     assert p.stop == ("\n",) and p.ignore_eos and p.logprobs == 2
@@ -104,8 +174,12 @@ def test_sampling_settings_map_every_field():
     )
     chat = settings(CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, prompt_lens=(10,))
     assert chat.max_tokens == 54 and chat.logprobs == 0  # up to the context, as vLLM
-    assert settings(CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
-                               "max_completion_tokens": 7}).max_tokens == 7
+    assert (
+        settings(
+            CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "max_completion_tokens": 7}
+        ).max_tokens
+        == 7
+    )
 
 
 def test_echo_with_zero_tokens_only_scores():
@@ -114,20 +188,23 @@ def test_echo_with_zero_tokens_only_scores():
     assert [o.finish_reason for o in op.score_only_outputs(s)] == ["length"]
 
 
-@pytest.mark.parametrize("body, prompt_lens, code, param", [
-    ({"prompt": "x", "n": 0}, (3,), "invalid_value", "n"),
-    ({"prompt": "x", "n": 1000}, (3,), "invalid_value", "n"),
-    ({"prompt": "x", "logprobs": 21}, (3,), "invalid_value", "logprobs"),
-    ({"prompt": "x", "max_tokens": 0}, (3,), "invalid_value", "max_tokens"),
-    ({"prompt": "x", "max_tokens": -2, "echo": True}, (3,), "invalid_value", "max_tokens"),
-    ({"prompt": "x", "temperature": -1}, (3,), "invalid_value", "temperature"),
-    ({"prompt": "x", "top_p": 1.5}, (3,), "invalid_value", "top_p"),
-    ({"prompt": "x", "min_tokens": 9, "max_tokens": 4}, (3,), "invalid_value", "min_tokens"),
-    ({"prompt": "x", "max_tokens": 60}, (10,), "context_length_exceeded", "max_tokens"),
-    ({"prompt": "x"}, (64,), "context_length_exceeded", "prompt"),
-    ({"prompt": "x"}, (0,), "invalid_prompt", "prompt"),
-    ({"prompt": "x", "stream": True}, (3,), "invalid_value", "stream"),
-])
+@pytest.mark.parametrize(
+    "body, prompt_lens, code, param",
+    [
+        ({"prompt": "x", "n": 0}, (3,), "invalid_value", "n"),
+        ({"prompt": "x", "n": 1000}, (3,), "invalid_value", "n"),
+        ({"prompt": "x", "logprobs": 21}, (3,), "invalid_value", "logprobs"),
+        ({"prompt": "x", "max_tokens": 0}, (3,), "invalid_value", "max_tokens"),
+        ({"prompt": "x", "max_tokens": -2, "echo": True}, (3,), "invalid_value", "max_tokens"),
+        ({"prompt": "x", "temperature": -1}, (3,), "invalid_value", "temperature"),
+        ({"prompt": "x", "top_p": 1.5}, (3,), "invalid_value", "top_p"),
+        ({"prompt": "x", "min_tokens": 9, "max_tokens": 4}, (3,), "invalid_value", "min_tokens"),
+        ({"prompt": "x", "max_tokens": 60}, (10,), "context_length_exceeded", "max_tokens"),
+        ({"prompt": "x"}, (64,), "context_length_exceeded", "prompt"),
+        ({"prompt": "x"}, (0,), "invalid_prompt", "prompt"),
+        ({"prompt": "x", "stream": True}, (3,), "invalid_value", "stream"),
+    ],
+)
 def test_out_of_range_settings(body, prompt_lens, code, param):
     err = error_of(settings, COMPLETIONS_URL, body, prompt_lens)
     assert (err.code, err.param) == (code, param), err.message
@@ -186,17 +263,27 @@ def run_completion(llm, body):
     return req, s, outputs
 
 
-@pytest.mark.parametrize("body", [
-    {"prompt": "The river", "max_tokens": 4, "temperature": 0},
-    {"prompt": "The river", "max_tokens": 4, "logprobs": 3, "seed": 1, "n": 2},
-    {"prompt": "The river ran", "max_tokens": 3, "logprobs": 2, "echo": True, "temperature": 0},
-    {"prompt": "The river ran", "max_tokens": 0, "logprobs": 1, "echo": True},
-    {"prompt": ["Hello", "The river ran"], "max_tokens": 2, "n": 2, "seed": 4, "logprobs": 0},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "The river", "max_tokens": 4, "temperature": 0},
+        {"prompt": "The river", "max_tokens": 4, "logprobs": 3, "seed": 1, "n": 2},
+        {"prompt": "The river ran", "max_tokens": 3, "logprobs": 2, "echo": True, "temperature": 0},
+        {"prompt": "The river ran", "max_tokens": 0, "logprobs": 1, "echo": True},
+        {"prompt": ["Hello", "The river ran"], "max_tokens": 2, "n": 2, "seed": 4, "logprobs": 0},
+    ],
+)
 def test_completion_bodies_validate_with_openai_types(llm, body):
     req, s, outputs = run_completion(llm, body)
-    built = op.completion_body(outputs, s, model="tiny", id=op.response_id(req, "k"), created=1700000000,
-                               token_text=token_text(llm), system_fingerprint="fp")
+    built = op.completion_body(
+        outputs,
+        s,
+        model="tiny",
+        id=op.response_id(req, "k"),
+        created=1700000000,
+        token_text=token_text(llm),
+        system_fingerprint="fp",
+    )
     parsed = Completion.model_validate(built)
     n_prompts = len(op.request_prompts(req))
     assert len(parsed.choices) == n_prompts * s.n and [c.index for c in parsed.choices] == list(
@@ -216,12 +303,23 @@ def test_completion_bodies_validate_with_openai_types(llm, body):
         assert all(v <= 0 for v in lp.token_logprobs) and lp.text_offset == sorted(lp.text_offset)
     if s.echo:  # the prompt's own logprobs: the first token is given (0.0), the rest are the model's
         lp = parsed.choices[0].logprobs
-        assert lp.token_logprobs[0] == 0.0 and all(v < 0 for v in lp.token_logprobs[1:len(outputs[0].prompt_token_ids)])
+        assert lp.token_logprobs[0] == 0.0 and all(
+            v < 0 for v in lp.token_logprobs[1 : len(outputs[0].prompt_token_ids)]
+        )
 
 
 def test_chat_body_validates_with_openai_types(llm):
-    req = op.parse_request(CHAT_URL, {"messages": [{"role": "user", "content": "Name a river."}], "max_tokens": 4,
-                                      "logprobs": True, "top_logprobs": 2, "n": 2, "seed": 9})
+    req = op.parse_request(
+        CHAT_URL,
+        {
+            "messages": [{"role": "user", "content": "Name a river."}],
+            "max_tokens": 4,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "n": 2,
+            "seed": 9,
+        },
+    )
     [prompt] = op.request_prompts(req)
     rendered = llm.chat_prompt(prompt["messages"], prompt["add_generation_prompt"])
     s = op.sampling_settings(req, [len(rendered["prompt_token_ids"])], llm.max_model_len)
@@ -248,8 +346,12 @@ def test_chat_body_validates_with_openai_types(llm):
 def test_batch_output_lines():
     body = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m", "choices": []}
     ok = op.batch_result_line("r1", body, id="batch_req_1", request_id="req_1")
-    assert ok == {"id": "batch_req_1", "custom_id": "r1",
-                  "response": {"status_code": 200, "request_id": "req_1", "body": body}, "error": None}
+    assert ok == {
+        "id": "batch_req_1",
+        "custom_id": "r1",
+        "response": {"status_code": 200, "request_id": "req_1", "body": body},
+        "error": None,
+    }
     err = ProtocolError("bad", code="invalid_json")
     line = op.batch_error_line(None, err, id="batch_req_2", request_id="req_2", line=7)
     assert line["response"]["status_code"] == 400 and line["response"]["body"]["error"]["code"] == "invalid_json"

@@ -1,4 +1,5 @@
 """The server's step loop: requests that join and leave a running group get exactly what they get alone."""
+
 from __future__ import annotations
 
 import threading

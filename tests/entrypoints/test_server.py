@@ -1,5 +1,6 @@
 """`klotski serve` under load, through the official `openai` client: every answer is the one its request
 gets alone through LLM.generate, streamed or not, whatever shares the group."""
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,9 @@ class Spec:
         top = 2 if self.logprobs else None
         if self.seed is None:
             return SamplingParams(temperature=0.0, max_tokens=self.max_tokens, stop=list(self.stop), logprobs=top)
-        return SamplingParams(temperature=0.8, top_p=0.9, seed=seed, max_tokens=self.max_tokens,
-                              stop=list(self.stop), logprobs=top)
+        return SamplingParams(
+            temperature=0.8, top_p=0.9, seed=seed, max_tokens=self.max_tokens, stop=list(self.stop), logprobs=top
+        )
 
     def body(self) -> dict:
         b: dict = {"model": "tiny", "max_tokens": self.max_tokens, "n": self.n}
@@ -63,9 +65,17 @@ class Spec:
 def _specs() -> list[Spec]:
     out = []
     for i in range(24):
-        out.append(Spec(chat=i % 3 == 2, prompt=f"{PROMPTS[i % len(PROMPTS)]} {i}", max_tokens=2 + i % 6,
-                        seed=None if i % 2 == 0 else 1000 + i, stop=("e",) if i % 5 == 0 else (),
-                        logprobs=i % 7 == 1, n=2 if i % 8 == 3 else 1))
+        out.append(
+            Spec(
+                chat=i % 3 == 2,
+                prompt=f"{PROMPTS[i % len(PROMPTS)]} {i}",
+                max_tokens=2 + i % 6,
+                seed=None if i % 2 == 0 else 1000 + i,
+                stop=("e",) if i % 5 == 0 else (),
+                logprobs=i % 7 == 1,
+                n=2 if i % 8 == 3 else 1,
+            )
+        )
     return out
 
 
@@ -91,8 +101,16 @@ def reference(tiny_mixtral):
 @pytest.fixture(scope="module")
 def server(tiny_mixtral, tmp_path_factory):
     # bs 8 x n 4: at most 32 sequences run, so most requests wait and join as others leave.
-    proc = ServerProcess(tiny_mixtral, "--batch-size", "8", "--num-batches", "4", "--max-wait-ms", "20",
-                         home=str(tmp_path_factory.mktemp("serve-home")))
+    proc = ServerProcess(
+        tiny_mixtral,
+        "--batch-size",
+        "8",
+        "--num-batches",
+        "4",
+        "--max-wait-ms",
+        "20",
+        home=str(tmp_path_factory.mktemp("serve-home")),
+    )
     try:
         yield proc.wait_ready()
     finally:
@@ -180,8 +198,8 @@ def test_echo_with_logprobs_scores_the_prompt(server, tiny_mixtral):
     # max_tokens 0 with echo only scores the prompt (what harnesses do for multiple choice)
     score = client.completions.create(model="tiny", prompt=prompt, echo=True, logprobs=0, max_tokens=0)
     assert score.choices[0].text == prompt and score.usage.completion_tokens == 0
-    assert score.choices[0].logprobs.token_logprobs[1:] == pytest.approx(choice.logprobs.token_logprobs[1:len(ids)],
-                                                                         abs=1e-5)
-    stream = client.completions.create(model="tiny", prompt=prompt, echo=True, max_tokens=3, temperature=0,
-                                       stream=True)
+    assert score.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        choice.logprobs.token_logprobs[1 : len(ids)], abs=1e-5
+    )
+    stream = client.completions.create(model="tiny", prompt=prompt, echo=True, max_tokens=3, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream) == prompt + alone.text

@@ -1,5 +1,6 @@
 """`klotski serve` at its limits: invalid bodies, a full queue, a wrong key, clients that go away, SIGTERM,
 a model still loading."""
+
 from __future__ import annotations
 
 import asyncio
@@ -22,8 +23,20 @@ LONG = {"model": "tiny", "prompt": "We measured the time", "max_tokens": 3000, "
 @pytest.fixture(scope="module")
 def server(tiny_mixtral, tmp_path_factory):
     # One sequence runs at a time and two may wait: the queue fills at once.
-    proc = ServerProcess(tiny_mixtral, "--batch-size", "1", "--num-batches", "1", "--max-queue", "2",
-                         "--max-wait-ms", "0", "--api-key", KEY, home=str(tmp_path_factory.mktemp("serve-home")))
+    proc = ServerProcess(
+        tiny_mixtral,
+        "--batch-size",
+        "1",
+        "--num-batches",
+        "1",
+        "--max-queue",
+        "2",
+        "--max-wait-ms",
+        "0",
+        "--api-key",
+        KEY,
+        home=str(tmp_path_factory.mktemp("serve-home")),
+    )
     try:
         yield proc.wait_ready()
     finally:
@@ -33,8 +46,9 @@ def server(tiny_mixtral, tmp_path_factory):
 def _post(server, path, body, key=KEY, raw: bytes | None = None, **kw):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if raw is not None:
-        return httpx.post(server.url + path, content=raw, headers=headers | {"content-type": "application/json"},
-                          timeout=60, **kw)
+        return httpx.post(
+            server.url + path, content=raw, headers=headers | {"content-type": "application/json"}, timeout=60, **kw
+        )
     return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kw)
 
 
@@ -60,7 +74,7 @@ INVALID = [  # (path, body or raw bytes, status, param or None, words the messag
     (C, {"model": "tiny", "prompt": "x", "n": 100000}, 400, "n", "n=100000"),
     (C, {"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "at least one"),
     (C, {"model": "tiny", "prompt": "x", "max_tokens": -3}, 400, "max_tokens", "max_tokens"),
-    (C, {"model": "tiny", "prompt": "x", "max_tokens": 10 ** 6}, 400, "max_tokens", "context"),
+    (C, {"model": "tiny", "prompt": "x", "max_tokens": 10**6}, 400, "max_tokens", "context"),
     (C, {"model": "tiny", "prompt": "hello " * 5000}, 400, "prompt", "context"),
     (C, {"model": "tiny", "prompt": "x", "logprobs": 50}, 400, "logprobs", "logprobs"),
     (C, {"model": "tiny", "prompt": "x", "min_tokens": 20, "max_tokens": 5}, 400, "min_tokens", "min_tokens"),
@@ -123,14 +137,21 @@ def test_api_key_is_required_on_v1(server):
 
 def test_full_queue_answers_429_and_loses_no_accepted_request(server, tiny_mixtral):
     _wait_idle(server)
-    body = {"model": "tiny", "prompt": "She asked the librarian", "max_tokens": 12, "temperature": 0,
-            "ignore_eos": True}
-    alone = LLM(str(tiny_mixtral)).generate(["She asked the librarian"],
-                                            SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    body = {
+        "model": "tiny",
+        "prompt": "She asked the librarian",
+        "max_tokens": 12,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    alone = LLM(str(tiny_mixtral)).generate(
+        ["She asked the librarian"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    )[0]
 
     async def burst():
-        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
-                                     timeout=120) as client:
+        async with httpx.AsyncClient(
+            base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+        ) as client:
             return await asyncio.gather(*(client.post(C, json=body) for _ in range(24)))
 
     replies = asyncio.run(burst())
@@ -172,8 +193,14 @@ def test_sigterm_finishes_running_requests_and_exits_0(tiny_mixtral, tmp_path):
         got: dict = {}
 
         def stream():
-            body = {"model": "tiny", "prompt": "Good plans", "max_tokens": 200, "ignore_eos": True,
-                    "temperature": 0, "stream": True}
+            body = {
+                "model": "tiny",
+                "prompt": "Good plans",
+                "max_tokens": 200,
+                "ignore_eos": True,
+                "temperature": 0,
+                "stream": True,
+            }
             text, done = "", False
             with httpx.stream("POST", proc.url + C, json=body, timeout=60) as r:
                 for line in r.iter_lines():

@@ -1,4 +1,5 @@
 """YaRN inverse frequencies and attention factor against transformers' implementation."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,12 +11,15 @@ from klotski.models.common import rope_from_config
 YARN = dict(rope_type="yarn", rope_theta=10000.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1)
 
 
-@pytest.mark.parametrize("params", [
-    YARN | dict(factor=40.0, mscale=0.707, mscale_all_dim=0.707),  # DeepSeek-V2-Lite
-    YARN | dict(factor=40.0, mscale=1.0, mscale_all_dim=0.8),
-    YARN | dict(factor=4.0),
-    YARN | dict(factor=None, truncate=False),  # factor from max_position_embeddings / original
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        YARN | dict(factor=40.0, mscale=0.707, mscale_all_dim=0.707),  # DeepSeek-V2-Lite
+        YARN | dict(factor=40.0, mscale=1.0, mscale_all_dim=0.8),
+        YARN | dict(factor=4.0),
+        YARN | dict(factor=None, truncate=False),  # factor from max_position_embeddings / original
+    ],
+)
 def test_yarn_matches_reference(params):
     from transformers import DeepseekV3Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

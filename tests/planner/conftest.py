@@ -1,4 +1,5 @@
 """Planner fixtures: a tiny model's shape, and an I/O-bound profile where bubbles are visible."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,18 @@ def tiny_shape():
 @pytest.fixture(scope="session")
 def io_bound() -> HardwareProfile:
     """A CPU-like profile whose disk is slow next to compute (expert reads dominate)."""
-    return HardwareProfile("io-bound test", "test", "cpu", disk_gbps=0.01, host_to_device_gbps=None,
-                           peak_tflops=0.01, efficiency=1.0, memory_gbps=5.0, op_overhead_s=1e-4, io_latency_s=0.0)
+    return HardwareProfile(
+        "io-bound test",
+        "test",
+        "cpu",
+        disk_gbps=0.01,
+        host_to_device_gbps=None,
+        peak_tflops=0.01,
+        efficiency=1.0,
+        memory_gbps=5.0,
+        op_overhead_s=1e-4,
+        io_latency_s=0.0,
+    )
 
 
 @pytest.fixture(scope="session")

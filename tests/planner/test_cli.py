@@ -1,4 +1,5 @@
 """`klotski plan` and `klotski profile` from the command line."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,22 @@ def model_dir(tmp_path_factory):
 
 
 def test_plan_json_keys(model_dir, capsys):
-    rc = main(["plan", "--model", str(model_dir), "--device-memory", "1MB", "--prompt-len", "16", "--gen-len", "4",
-               "--num-prompts", "8", "--json"])
+    rc = main(
+        [
+            "plan",
+            "--model",
+            str(model_dir),
+            "--device-memory",
+            "1MB",
+            "--prompt-len",
+            "16",
+            "--gen-len",
+            "4",
+            "--num-prompts",
+            "8",
+            "--json",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert rc == 0
     assert PLAN_KEYS <= set(out)
@@ -32,8 +47,26 @@ def test_plan_json_keys(model_dir, capsys):
 
 def test_plan_text_and_trace(model_dir, capsys, tmp_path):
     trace = tmp_path / "plan.json"
-    assert main(["plan", "--model", str(model_dir), "--device-memory", "1MB", "--prompt-len", "16", "--gen-len", "4",
-                 "--hardware", "env1", "--trace", str(trace)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                str(model_dir),
+                "--device-memory",
+                "1MB",
+                "--prompt-len",
+                "16",
+                "--gen-len",
+                "4",
+                "--hardware",
+                "env1",
+                "--trace",
+                str(trace),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     for word in ("policy:", "memory:", "predicted:", "binding:", "estimate from public figures"):
         assert word in text
@@ -47,15 +80,48 @@ def test_plan_infeasible_exits_2(model_dir, capsys):
 
 
 def test_plan_huge_model_from_preset_is_instant(capsys):
-    assert main(["plan", "--preset", "mixtral-8x22b", "--hardware", "env2", "--device-memory", "80GiB",
-                 "--host-memory", "800GiB", "--prompt-len", "64", "--gen-len", "2", "--batch-size", "4",
-                 "--num-batches", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--preset",
+                "mixtral-8x22b",
+                "--hardware",
+                "env2",
+                "--device-memory",
+                "80GiB",
+                "--host-memory",
+                "800GiB",
+                "--prompt-len",
+                "64",
+                "--gen-len",
+                "2",
+                "--batch-size",
+                "4",
+                "--num-batches",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["memory"]["weights"]["host"] > 0
 
 
 def test_profile_measures_then_reuses_the_cache(model_dir, capsys, tmp_path):
-    args = ["profile", "--model", str(model_dir), "--reps", "1", "--disk-size", "8MiB", "--disk-dir", str(tmp_path),
-            "--out", str(tmp_path / "p.json")]
+    args = [
+        "profile",
+        "--model",
+        str(model_dir),
+        "--reps",
+        "1",
+        "--disk-size",
+        "8MiB",
+        "--disk-dir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "p.json"),
+    ]
     assert main(args) == 0
     first = capsys.readouterr()
     profile = json.loads(first.out)
@@ -66,6 +132,21 @@ def test_profile_measures_then_reuses_the_cache(model_dir, capsys, tmp_path):
     assert main(args) == 0
     assert "cached profile" in capsys.readouterr().err
     # plan picks the cached measurement up by itself
-    assert main(["plan", "--model", str(model_dir), "--device-memory", "1MB", "--prompt-len", "16", "--gen-len", "4",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                str(model_dir),
+                "--device-memory",
+                "1MB",
+                "--prompt-len",
+                "16",
+                "--gen-len",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["profile"]["from"].startswith("cached:")

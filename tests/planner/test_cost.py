@@ -1,4 +1,5 @@
 """The cost model: each constraint term, routing statistics, and memory against the store's own peak."""
+
 from __future__ import annotations
 
 import math

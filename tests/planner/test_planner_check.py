@@ -1,4 +1,5 @@
 """benchmarks/planner_check.py on a tiny model (docs/planner.md has its table on the 8x7B-shaped checkpoint)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,9 +17,27 @@ def test_planner_check_runs_on_a_tiny_model(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("planner_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    rows = module.main(["--model", str(model), "--configs", "600KB:2", "--num-prompts", "4", "--prompt-len", "4",
-                        "--max-tokens", "2", "--sweep", "1,2", "--routing-replay", "", "--in-process",
-                        "--offload-dir", str(tmp_path / "off")])
+    rows = module.main(
+        [
+            "--model",
+            str(model),
+            "--configs",
+            "600KB:2",
+            "--num-prompts",
+            "4",
+            "--prompt-len",
+            "4",
+            "--max-tokens",
+            "2",
+            "--sweep",
+            "1,2",
+            "--routing-replay",
+            "",
+            "--in-process",
+            "--offload-dir",
+            str(tmp_path / "off"),
+        ]
+    )
     (row,) = rows
     predicted, measured, sweep = row["predicted_tokens_per_s"], row["measured_tokens_per_s"], row["sweep"]
     assert predicted > 0 and measured > 0 and row["profile"]  # a plan was made, and the run measured

@@ -1,4 +1,5 @@
 """The simulator drives the real Pipeline and run_group on a virtual clock."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ def _run(shape, costs, schedule, bs=4, n=4, budget=None, table=None):
 def test_schedule_switches_order_the_bubble(tiny_shape, io_costs):
     """I/O-bound, real routing, a group that leaves some experts unused: klotski <= hot <= multibatch bubble."""
     table = bundled_table("mixtral-8x7b")
-    bubble = {s: _run(tiny_shape, io_costs, s, bs=2, n=2, table=table).summary["bubble_s"]
-              for s in ("multibatch", "hot", "klotski")}
+    bubble = {
+        s: _run(tiny_shape, io_costs, s, bs=2, n=2, table=table).summary["bubble_s"]
+        for s in ("multibatch", "hot", "klotski")
+    }
     eps = 1e-9  # equal bubbles may differ in the last bit of a float sum
     assert bubble["klotski"] <= bubble["hot"] + eps <= bubble["multibatch"] + 2 * eps
     assert bubble["klotski"] < bubble["multibatch"]

@@ -1,4 +1,5 @@
 """The solver: smallest n meeting the constraints, memory limits, and infeasible budgets."""
+
 from __future__ import annotations
 
 import dataclasses

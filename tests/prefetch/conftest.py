@@ -1,4 +1,5 @@
 """Shared fixtures for the prefetcher tests: small real-table traces, built once."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Replay and metrics: hand-built traces with known answers, grouping, real-table comparison."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,7 @@ class Fixed(Predictor):
         super().__init__(len(scores[0]))
         self.scores = np.array(scores)
 
-    def token_scores(self, layer: int, prev_experts: np.ndarray | None,
-                     num_tokens: int) -> np.ndarray:
+    def token_scores(self, layer: int, prev_experts: np.ndarray | None, num_tokens: int) -> np.ndarray:
         return np.broadcast_to(self.scores[layer], (num_tokens, self.num_experts))
 
 
@@ -36,11 +36,13 @@ def test_metrics_with_known_answers() -> None:
     report = evaluate(two_token_trace(), table, group_size=2, predictors={"fixed": fixed})
     r = report["predictors"]["fixed"]
     layer0, layer1 = r["per_layer"]
-    assert layer0 == dict(layer=0, precision=0.0, recall=0.0, hot_accuracy=0.0,
-                          token_accuracy=0.0, coverage=0.0, oracle_coverage=1.0)
+    assert layer0 == dict(
+        layer=0, precision=0.0, recall=0.0, hot_accuracy=0.0, token_accuracy=0.0, coverage=0.0, oracle_coverage=1.0
+    )
     # Layer 1: {1} of used {1, 2}, a tie so still a true top-1; token a right, token b wrong.
-    assert layer1 == dict(layer=1, precision=1.0, recall=0.5, hot_accuracy=1.0,
-                          token_accuracy=0.5, coverage=0.5, oracle_coverage=0.5)
+    assert layer1 == dict(
+        layer=1, precision=1.0, recall=0.5, hot_accuracy=1.0, token_accuracy=0.5, coverage=0.5, oracle_coverage=0.5
+    )
     assert (r["precision"], r["recall"], r["hot_accuracy"]) == (0.5, 0.25, 0.5)
     assert (r["token_accuracy"], r["coverage"], r["oracle_coverage"]) == (0.25, 0.25, 0.75)
     assert report["config"]["num_groups"] == 1 and report["config"]["k"] == 1
@@ -67,8 +69,7 @@ def test_groups_are_decode_steps_across_sequences() -> None:
     assert how == "consecutive" and [len(g) for g in groups] == [2, 2, 1]
 
 
-def test_online_updates_run_during_replay(mixtral_table: CorrelationTable,
-                                          markov_trace: RoutingTrace) -> None:
+def test_online_updates_run_during_replay(mixtral_table: CorrelationTable, markov_trace: RoutingTrace) -> None:
     # An empty table learns only from the replay, so it must end up well above random.
     empty = CorrelationTable.empty(32, 8, top_k=2)
     r = evaluate(markov_trace.subset(np.arange(200)), empty, 8)["predictors"]
@@ -76,8 +77,7 @@ def test_online_updates_run_during_replay(mixtral_table: CorrelationTable,
 
 
 @pytest.mark.parametrize("group_size", [1, 8])
-def test_correlation_beats_frequency_on_held_out_markov_trace(
-        markov_trace: RoutingTrace, group_size: int) -> None:
+def test_correlation_beats_frequency_on_held_out_markov_trace(markov_trace: RoutingTrace, group_size: int) -> None:
     train, held = split(markov_trace, 0.5, seed=0)
     table = CorrelationTable.from_trace(train)
     r = evaluate(held, table, group_size)["predictors"]

@@ -1,4 +1,5 @@
 """Predictors: the paper's correlation sum, ordering and ties, online updates, baselines."""
+
 from __future__ import annotations
 
 import numpy as np

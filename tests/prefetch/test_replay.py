@@ -1,4 +1,5 @@
 """Routing replay: schedule-independent tokens, the table's frequencies, traces replayed exactly."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """The prefetcher as the pipeline sees it: hot experts, and the experts a whole group will use."""
+
 from __future__ import annotations
 
 import torch

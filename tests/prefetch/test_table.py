@@ -1,4 +1,5 @@
 """CorrelationTable: authors' import, own format round trip, counting from traces, bad files."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,7 @@ TABLES = Path(__file__).resolve().parents[2] / "src/klotski/data/klotski-tables"
 
 def tiny_trace() -> RoutingTrace:
     """Two tokens, three layers, top-2, four experts."""
-    ids = np.array([[[0, 1], [2, 3], [0, 2]],
-                    [[0, 2], [2, 1], [3, 0]]])
+    ids = np.array([[[0, 1], [2, 3], [0, 2]], [[0, 2], [2, 1], [3, 0]]])
     return RoutingTrace(ids, [0, 0], [0, 1], [False, False], num_experts=4)
 
 
@@ -61,8 +61,7 @@ def test_save_load_round_trip(tmp_path: Path, l: int) -> None:
     t = CorrelationTable.from_trace(tiny_trace(), l=l, model="tiny", calibrated_on="unit test")
     t.save(tmp_path / "t.json")
     back = CorrelationTable.load(tmp_path / "t.json")
-    assert (back.path_length, back.model, back.calibrated_on, back.top_k) == (l, "tiny",
-                                                                            "unit test", 2)
+    assert (back.path_length, back.model, back.calibrated_on, back.top_k) == (l, "tiny", "unit test", 2)
     assert all(np.array_equal(a, b) for a, b in zip(t.counts, back.counts))
     assert load_table(tmp_path / "t.json").path_length == l
 
@@ -74,12 +73,15 @@ def test_load_table_detects_authors_format(tmp_path: Path) -> None:
     assert t.counts[1].tolist() == [[1, 2], [0, 0]]
 
 
-@pytest.mark.parametrize("text, words", [
-    ("{not json", "not valid JSON"),
-    ('{"format": "something-else"}', "not a Klotski correlation table"),
-    ('{"format": "klotski-correlation-table", "version": 9}', "version"),
-    ('{"format": "klotski-correlation-table", "version": 1, "top_k": 2}', "missing"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"format": "something-else"}', "not a Klotski correlation table"),
+        ('{"format": "klotski-correlation-table", "version": 9}', "version"),
+        ('{"format": "klotski-correlation-table", "version": 1, "top_k": 2}', "missing"),
+    ],
+)
 def test_bad_files_name_the_problem(tmp_path: Path, text: str, words: str) -> None:
     (tmp_path / "bad.json").write_text(text)
     with pytest.raises(KlotskiError, match=words):

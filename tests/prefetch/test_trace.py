@@ -1,4 +1,5 @@
 """RoutingTrace save/load/validation, RoutingRecorder assembly, Markov sampling, splits."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,7 +66,8 @@ def test_recorder_refuses_incomplete_rows() -> None:
 
 
 def test_markov_trace_is_distinct_deterministic_and_realistic(
-        mixtral_table: CorrelationTable, markov_trace: RoutingTrace) -> None:
+    mixtral_table: CorrelationTable, markov_trace: RoutingTrace
+) -> None:
     ids = markov_trace.expert_ids
     assert ids.shape == (800, 32, 2)
     assert (ids[:, :, 0] != ids[:, :, 1]).all()

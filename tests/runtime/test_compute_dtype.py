@@ -1,4 +1,5 @@
 """dtype="auto" on CPU: the faster of native low precision and fp32-upcast, measured once and cached."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The pipeline's prefetch decisions: what it starts for the next step, and when it starts nothing."""
+
 from __future__ import annotations
 
 import pytest
@@ -50,8 +51,15 @@ def test_the_next_steps_first_layer_is_prefetched_unless_the_step_is_final(llm):
     gate0 = {}
     for final in (False, True):
         store = Recorder(llm.store)
-        pipe = Pipeline(llm.runner, store, get_schedule("klotski"), Timeline(enabled=False), 2,
-                        make_predictor(llm.spec, None), adaptive_hot=True)
+        pipe = Pipeline(
+            llm.runner,
+            store,
+            get_schedule("klotski"),
+            Timeline(enabled=False),
+            2,
+            make_predictor(llm.spec, None),
+            adaptive_hot=True,
+        )
         with torch.no_grad():
             pipe.forward([_step(llm)], final=final)
         gate0[final] = store.fetches.count((WeightKey(0, MOE), "prefetch"))
@@ -64,8 +72,15 @@ def test_adaptive_hot_prefetches_every_expert_a_large_group_uses(llm):
     """16 sequences x 3 tokens pick every expert of the tiny model; adaptive K prefetches them all."""
     for adaptive, want in ((False, 2), (True, llm.spec.num_experts)):
         store = Recorder(llm.store)
-        pipe = Pipeline(llm.runner, store, get_schedule("klotski"), Timeline(enabled=False), 2,
-                        make_predictor(llm.spec, None), adaptive_hot=adaptive)
+        pipe = Pipeline(
+            llm.runner,
+            store,
+            get_schedule("klotski"),
+            Timeline(enabled=False),
+            2,
+            make_predictor(llm.spec, None),
+            adaptive_hot=adaptive,
+        )
         with torch.no_grad():
             pipe.forward([_step(llm)], final=False)  # step 1 learns the routing
             store.fetches.clear()

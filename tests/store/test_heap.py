@@ -1,4 +1,5 @@
 """store/heap.py: freed activations go back to the OS under a budget (measured in a fresh process)."""
+
 import json
 import os
 import subprocess

@@ -1,6 +1,7 @@
 """The offload directory is safe to share and to lose: one subdirectory and lock per model, every
 read verified, a blob changed mid-run stops the run, vanished blobs are repacked on the next run,
 and a full disk during a repack leaves nothing the next run trusts."""
+
 from __future__ import annotations
 
 import errno
@@ -93,13 +94,16 @@ def test_two_processes_with_different_models_on_one_dir(models, tmp_path):
     off = tmp_path / "shared"
     solo = {}
     for m in models:
-        proc = subprocess.run(_cli(m, tmp_path / f"solo-{m.name}"), capture_output=True, text=True, timeout=300,
-                              env=_env())
+        proc = subprocess.run(
+            _cli(m, tmp_path / f"solo-{m.name}"), capture_output=True, text=True, timeout=300, env=_env()
+        )
         assert proc.returncode == 0, proc.stderr
         solo[m] = [row["token_ids"] for row in json.loads(proc.stdout)["outputs"]]
     assert solo[models[0]] != solo[models[1]]  # the test can tell whose weights were used
-    procs = [subprocess.Popen(_cli(m, off), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-             for m in models]
+    procs = [
+        subprocess.Popen(_cli(m, off), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        for m in models
+    ]
     for m, proc in zip(models, procs):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
@@ -142,8 +146,22 @@ def test_a_lock_held_too_long_is_a_clear_error(capsys, models, tmp_path, monkeyp
     assert lock.try_exclusive()
     monkeypatch.setattr(offload, "LOCK_WAIT_S", 0.2)
     try:
-        code, _, err = run_cli(capsys, "generate", "--model", str(model), "--offload-dir", str(off), "--prompt", "Hi",
-                               "--device-memory", "420KB", "--batch-size", "1", "--num-batches", "1")
+        code, _, err = run_cli(
+            capsys,
+            "generate",
+            "--model",
+            str(model),
+            "--offload-dir",
+            str(off),
+            "--prompt",
+            "Hi",
+            "--device-memory",
+            "420KB",
+            "--batch-size",
+            "1",
+            "--num-batches",
+            "1",
+        )
     finally:
         lock.close()
     assert_one_error(code, err, "locked by another klotski process", "give another --offload-dir")
@@ -199,8 +217,9 @@ def _overwrite_after_first_read(monkeypatch, key: WeightKey, how: str):
     return seen
 
 
-@pytest.mark.parametrize("how,words", [("overwrite", "fails its checksum"), ("vanish-blob", "has vanished"),
-                                       ("vanish-dir", "has vanished")])
+@pytest.mark.parametrize(
+    "how,words", [("overwrite", "fails its checksum"), ("vanish-blob", "has vanished"), ("vanish-dir", "has vanished")]
+)
 def test_damage_mid_run_stops_it_and_the_next_run_repacks(models, alone, tmp_path, monkeypatch, how, words):
     model, off = models[0], tmp_path / "off"
     seen = _overwrite_after_first_read(monkeypatch, EXPERT, how)
@@ -234,6 +253,7 @@ def test_an_embedding_row_changed_mid_run_is_caught(models, tmp_path, monkeypatc
             with open(self.path / self.blobs[embed].file, "r+b") as f:
                 f.seek(table.offset + 5 * row)  # token 5 is in every prompt... and generated tokens follow
                 f.write(b"\x33" * row)
+
     hook.done = False
     monkeypatch.setattr(OffloadDir, "after_read", hook)
     llm = LLM(str(models[0]), offload_dir=str(tmp_path / "off"), device_memory="300KB", batch_size=1, num_batches=1)
@@ -250,9 +270,28 @@ def test_cli_blob_overwritten_mid_run_one_line_and_earlier_results_intact(capsys
     out_file = tmp_path / "out.jsonl"
     out_file.write_text('{"id": "earlier"}\n')
     _overwrite_after_first_read(monkeypatch, EXPERT, "overwrite")
-    code, out, err = run_cli(capsys, "generate", "--model", str(model), "--offload-dir", str(off), "--prompt", "Hello",
-                             "--prompt", "The river", "--device-memory", "420KB", "--batch-size", "1",
-                             "--num-batches", "2", "--max-tokens", "4", "--output", str(out_file))
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(model),
+        "--offload-dir",
+        str(off),
+        "--prompt",
+        "Hello",
+        "--prompt",
+        "The river",
+        "--device-memory",
+        "420KB",
+        "--batch-size",
+        "1",
+        "--num-batches",
+        "2",
+        "--max-tokens",
+        "4",
+        "--output",
+        str(out_file),
+    )
     assert_one_error(code, err, "fails its checksum", "next run repacks it")
     assert out_file.read_text() == '{"id": "earlier"}\n' and "tok/s" not in out
 
@@ -300,10 +339,29 @@ def test_full_disk_during_repack(capsys, models, alone, tmp_path, monkeypatch, f
         return real_write(fd, data)
 
     monkeypatch.setattr(offload, "_os_write", write)
-    code, out, err = run_cli(capsys, "generate", "--model", str(model), "--offload-dir", str(off), "--prompt", "Hello",
-                             "--device-memory", "420KB", "--batch-size", "1", "--num-batches", "1")
-    assert_one_error(code, err, "ran out of disk space or inodes", "nothing half-written is kept",
-                     "free space or choose another --offload-dir")
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(model),
+        "--offload-dir",
+        str(off),
+        "--prompt",
+        "Hello",
+        "--device-memory",
+        "420KB",
+        "--batch-size",
+        "1",
+        "--num-batches",
+        "1",
+    )
+    assert_one_error(
+        code,
+        err,
+        "ran out of disk space or inodes",
+        "nothing half-written is kept",
+        "free space or choose another --offload-dir",
+    )
     sub = _subdir(model, off)
     assert not list(sub.glob("*.tmp")) and not (sub / "manifest.json").exists()
     monkeypatch.setattr(offload, "_os_write", real_write)
@@ -335,8 +393,22 @@ def test_too_little_room_is_said_before_writing(capsys, models, tmp_path, monkey
             return 1 if name == field else getattr(self._st, name)
 
     monkeypatch.setattr(offload.os, "statvfs", lambda p: Fake(real(p)))
-    code, _, err = run_cli(capsys, "generate", "--model", str(models[0]), "--offload-dir", str(tmp_path / "off"),
-                           "--prompt", "Hello", "--device-memory", "420KB", "--batch-size", "1", "--num-batches", "1")
+    code, _, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(models[0]),
+        "--offload-dir",
+        str(tmp_path / "off"),
+        "--prompt",
+        "Hello",
+        "--device-memory",
+        "420KB",
+        "--batch-size",
+        "1",
+        "--num-batches",
+        "1",
+    )
     line = assert_one_error(code, err, words, "--offload-dir")
     assert "0.00" not in line
     assert not list((tmp_path / "off").glob("*/*.bin"))
@@ -367,8 +439,22 @@ def test_an_old_subdirectory_in_use_is_not_pruned(models, tmp_path):
 def test_an_unusable_offload_dir_is_one_line(capsys, models, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code, _, err = run_cli(capsys, "generate", "--model", str(models[0]), "--offload-dir", str(blocker / "sub"),
-                           "--prompt", "Hello", "--device-memory", "420KB", "--batch-size", "1", "--num-batches", "1")
+    code, _, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(models[0]),
+        "--offload-dir",
+        str(blocker / "sub"),
+        "--prompt",
+        "Hello",
+        "--device-memory",
+        "420KB",
+        "--batch-size",
+        "1",
+        "--num-batches",
+        "1",
+    )
     assert_one_error(code, err, "is not writable", "choose another --offload-dir")
 
 

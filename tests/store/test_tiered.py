@@ -1,4 +1,5 @@
 """The tiered store and the pipeline over it: schedule-independent results, hard budgets, clean failures."""
+
 from __future__ import annotations
 
 import os
@@ -81,8 +82,14 @@ def test_every_schedule_gets_the_same_placement(model, tmp_path):
     """Ladder rungs differ in scheduling only: one budget gives one placement whatever the schedule."""
     placements = []
     for schedule in SCHEDULES:
-        llm = LLM(str(model), offload_dir=str(tmp_path / "offload"), device_memory="900KB", schedule=schedule,
-                  batch_size=2, num_batches=2)
+        llm = LLM(
+            str(model),
+            offload_dir=str(tmp_path / "offload"),
+            device_memory="900KB",
+            schedule=schedule,
+            batch_size=2,
+            num_batches=2,
+        )
         placements.append(dict(llm.store.placement))
         llm.store.close()
     assert all(p == placements[0] for p in placements)
@@ -193,9 +200,15 @@ def _manual_store(model, tmp_path, room_of):
     ckpt = Checkpoint.open(model)
     offload = OffloadDir.prepare(ckpt, tmp_path / "off")
     lanes = {"prefetch": ManualLane(), "ondemand": ManualLane()}
-    store = TieredStore(ckpt, offload, {k: "disk" for k in ckpt.spec.weight_keys()},
-                        TierPool("device", offload.blobs[room_of].padded), TierPool("host", 0), Timeline(enabled=False),
-                        lanes=lanes)
+    store = TieredStore(
+        ckpt,
+        offload,
+        {k: "disk" for k in ckpt.spec.weight_keys()},
+        TierPool("device", offload.blobs[room_of].padded),
+        TierPool("host", 0),
+        Timeline(enabled=False),
+        lanes=lanes,
+    )
     return store, lanes, ckpt
 
 
@@ -278,6 +291,7 @@ def test_reader_pool_runs_two_reads_at_once_and_on_demand_first():
                 fn()
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
+
         return run
 
     prefetch.submit(guarded(blocker))
@@ -410,9 +424,11 @@ def test_blobs_read_in_parts_give_the_same_tokens(model, resident_tokens, tmp_pa
     monkeypatch.setattr(tiered, "SPLIT_MIN", 1)  # every blob of two pages or more is split
     parts = []
     read_part = tiered.TieredStore._read_part
-    monkeypatch.setattr(tiered.TieredStore, "_read_part",
-                        lambda self, entry, lo, hi: (parts.append(hi - lo), read_part(self, entry, lo, hi)))
+    monkeypatch.setattr(
+        tiered.TieredStore,
+        "_read_part",
+        lambda self, entry, lo, hi: (parts.append(hi - lo), read_part(self, entry, lo, hi)),
+    )
     tokens, stats = _run(model, tmp_path, schedule=schedule, device_memory="500KB", batch_size=2, num_batches=2)
     assert tokens == resident_tokens
     assert parts and 0 < sum(parts) <= stats["bytes_read"]["disk"]  # blobs came in parts (and rows too)
-

@@ -1,5 +1,6 @@
 """Random-weight checkpoints of any family and shape, with a tokenizer (`klotski create-model`,
 the built-in default model, tests and benchmarks)."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,17 @@ from klotski.config import DTYPES
 from klotski.errors import KlotskiError
 
 
-def create_model(out: str | Path, family: str, preset: str | None = None, layers: int | None = None,
-                 dtype: str = "bfloat16", seed: int = 0, progress: bool = False,
-                 tokenizer_model: str | Path | None = None, **overrides) -> Path:
+def create_model(
+    out: str | Path,
+    family: str,
+    preset: str | None = None,
+    layers: int | None = None,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    progress: bool = False,
+    tokenizer_model: str | Path | None = None,
+    **overrides,
+) -> Path:
     """Write config.json, generation_config.json, safetensors weights and a tokenizer to `out`."""
     from klotski.checkpoint.writer import write_checkpoint
     from klotski.models.presets import preset_config

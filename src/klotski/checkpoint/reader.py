@@ -5,6 +5,7 @@ Nothing here loads tensor data until asked: `Checkpoint.open(dir)` parses only t
 `TensorRef` (file, byte offset, dtype, shape), and the model's tensor-name table groups them into
 weight units (`WeightKey`), the pieces the store moves.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,15 @@ from klotski.models import ModelSpec, WeightKey, spec_from_config
 from klotski.models.spec import EMBED, EXPERT, HEAD
 
 DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -74,12 +82,16 @@ def _tensor_ref(path: Path, size: int, base: int, name: str, info) -> TensorRef:
             f"{path}: the header entry of tensor {name} is corrupt ({info!r}); re-download it"
         ) from None
     if dtype_name not in DTYPES:
-        raise CheckpointError(f"{path}: tensor {name} has dtype {dtype_name}, which klotski does not run "
-                              f"(weights must be {WEIGHT_DTYPE_NAMES}); convert the checkpoint to bf16 first")
+        raise CheckpointError(
+            f"{path}: tensor {name} has dtype {dtype_name}, which klotski does not run "
+            f"(weights must be {WEIGHT_DTYPE_NAMES}); convert the checkpoint to bf16 first"
+        )
     dtype = DTYPES[dtype_name]
     if not 0 <= start <= end or end - start != math.prod(shape) * dtype.itemsize:
-        raise CheckpointError(f"{path}: tensor {name} has byte range [{start}, {end}) that does not fit its "
-                              f"shape {list(shape)} and dtype {dtype_name}; the file is corrupt, re-download it")
+        raise CheckpointError(
+            f"{path}: tensor {name} has byte range [{start}, {end}) that does not fit its "
+            f"shape {list(shape)} and dtype {dtype_name}; the file is corrupt, re-download it"
+        )
     if base + end > size:
         raise CheckpointError(
             f"{path} is truncated: tensor {name} ends at byte {base + end} but the file has {size} bytes; "
@@ -106,8 +118,10 @@ def check_finite(tensor: torch.Tensor, name: str, path: str) -> None:
         return
     bad = int((~torch.isfinite(tensor)).sum())
     if bad:
-        raise CheckpointError(f"weight {name} (in {path}) holds {bad} non-finite values (NaN or inf); the checkpoint "
-                              "is corrupt or was saved after a diverged training step: re-download or re-export it")
+        raise CheckpointError(
+            f"weight {name} (in {path}) holds {bad} non-finite values (NaN or inf); the checkpoint "
+            "is corrupt or was saved after a diverged training step: re-download or re-export it"
+        )
 
 
 def _pread_into(f, buf: bytearray, offset: int) -> int:
@@ -148,8 +162,10 @@ class Checkpoint:
         for file in safetensors_files(path):
             for name, ref in read_header(file).items():
                 if name in tensors:
-                    raise CheckpointError(f"tensor {name} is in both {tensors[name].path} and {ref.path}; "
-                                          "the checkpoint's shards overlap, re-download it")
+                    raise CheckpointError(
+                        f"tensor {name} is in both {tensors[name].path} and {ref.path}; "
+                        "the checkpoint's shards overlap, re-download it"
+                    )
                 tensors[name] = ref
         check_index(path, tensors)
         units = group_units(spec, tensors)
@@ -204,8 +220,10 @@ def spec_of(config: dict, path: Path) -> ModelSpec:
     except KlotskiError:
         raise
     except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path / 'config.json'} has a field of the wrong type or value "
-                              f"({type(exc).__name__}: {exc}); restore the checkpoint's config.json") from None
+        raise CheckpointError(
+            f"{path / 'config.json'} has a field of the wrong type or value "
+            f"({type(exc).__name__}: {exc}); restore the checkpoint's config.json"
+        ) from None
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -297,11 +315,15 @@ def check_index(path: Path, tensors: dict[str, TensorRef]) -> None:
     for name, file in weight_map.items():
         ref = tensors.get(name)
         if ref is None:
-            raise CheckpointError(f"{index} lists tensor {name} in {file}, but no shard holds it; "
-                                  "the checkpoint is incomplete, re-download it")
+            raise CheckpointError(
+                f"{index} lists tensor {name} in {file}, but no shard holds it; "
+                "the checkpoint is incomplete, re-download it"
+            )
         if Path(ref.path).name != Path(file).name:
-            raise CheckpointError(f"{index} lists tensor {name} in {file}, but it is in {Path(ref.path).name}; "
-                                  "the index and the shards disagree, re-download it")
+            raise CheckpointError(
+                f"{index} lists tensor {name} in {file}, but it is in {Path(ref.path).name}; "
+                "the index and the shards disagree, re-download it"
+            )
 
 
 def check_units(spec: ModelSpec, units: dict[WeightKey, dict[str, TensorRef]], path: Path) -> None:
@@ -309,8 +331,10 @@ def check_units(spec: ModelSpec, units: dict[WeightKey, dict[str, TensorRef]], p
     model computes with, and no unit belongs to a layer or expert config.json does not have."""
     expected_keys = set(spec.weight_keys())
     for key in sorted(set(units) - expected_keys, key=str):
-        raise CheckpointError(f"{path}: the checkpoint has weights for {_describe(key)}, which config.json does not "
-                              f"have ({_config_counts(spec)}); the config and the weights disagree")
+        raise CheckpointError(
+            f"{path}: the checkpoint has weights for {_describe(key)}, which config.json does not "
+            f"have ({_config_counts(spec)}); the config and the weights disagree"
+        )
     for key in spec.weight_keys():
         expected = spec.unit_shapes(key)
         got = units.get(key, {})
@@ -328,9 +352,11 @@ def check_units(spec: ModelSpec, units: dict[WeightKey, dict[str, TensorRef]], p
         for local, ref in got.items():
             if ref.dtype not in WEIGHT_DTYPES:
                 name = next((n for n, t in DTYPES.items() if t == ref.dtype), str(ref.dtype))
-                raise CheckpointError(f"{path}: weight {key}.{local} is stored as {name}; klotski runs "
-                                      f"{WEIGHT_DTYPE_NAMES} weights (quantized checkpoints are not supported): "
-                                      "use the model's bf16 release or dequantize it")
+                raise CheckpointError(
+                    f"{path}: weight {key}.{local} is stored as {name}; klotski runs "
+                    f"{WEIGHT_DTYPE_NAMES} weights (quantized checkpoints are not supported): "
+                    "use the model's bf16 release or dequantize it"
+                )
 
 
 def _describe(key: WeightKey) -> str:
@@ -341,8 +367,9 @@ def _describe(key: WeightKey) -> str:
 
 def _config_counts(spec: ModelSpec) -> str:
     dense = [i for i, moe in enumerate(spec.moe_layers) if not moe]
-    return (f"{spec.num_layers} layers, {spec.num_experts} experts per MoE layer"
-            + (f", dense layers {dense}" if dense else ""))
+    return f"{spec.num_layers} layers, {spec.num_experts} experts per MoE layer" + (
+        f", dense layers {dense}" if dense else ""
+    )
 
 
 def dominant_dtype(units: dict[WeightKey, dict[str, TensorRef]]) -> torch.dtype:

@@ -4,6 +4,7 @@ Used by `klotski create-model`, the tests and the benchmarks. The safetensors li
 only whole in-memory state dicts; a multi-GB checkpoint must stream, so the (simple) format is
 written here: an 8-byte header length, a JSON header, then the tensors' bytes in order.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,8 +78,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def write_checkpoint(out: str | os.PathLike, config: dict, dtype: torch.dtype, seed: int = 0,
-                     progress=None) -> Path:
+def write_checkpoint(out: str | os.PathLike, config: dict, dtype: torch.dtype, seed: int = 0, progress=None) -> Path:
     """Write config.json and random weights (sharded safetensors + index) for `config`."""
     out = Path(out)
     spec = spec_from_config(config)
@@ -87,8 +87,10 @@ def write_checkpoint(out: str | os.PathLike, config: dict, dtype: torch.dtype, s
     out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out).free
     if free < total:
-        raise KlotskiError(f"{out} has {format_bytes(free)} free but the checkpoint needs {format_bytes(total)}; "
-                           "free space or choose another --out")
+        raise KlotskiError(
+            f"{out} has {format_bytes(free)} free but the checkpoint needs {format_bytes(total)}; "
+            "free space or choose another --out"
+        )
     shards = _shards(tensors, dtype)
     weight_map = {}
     for i, shard in enumerate(shards):

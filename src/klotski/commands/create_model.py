@@ -1,4 +1,5 @@
 """`klotski create-model`: write a random-weight checkpoint of any family and shape, with a tokenizer."""
+
 from __future__ import annotations
 
 import sys
@@ -15,15 +16,26 @@ def register(sub) -> None:
     p.add_argument("--layers", type=int, help="number of layers (default: the preset's)")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
     p.add_argument("--seed", type=int, default=0, help="weights are a deterministic function of the seed")
-    p.add_argument("--tokenizer-model", help="a SentencePiece BPE tokenizer.model to ship (e.g. Mixtral's, "
-                   "from the mistral-common package) instead of the built-in byte-level BPE; llama.cpp's "
-                   "GGUF converter needs one")
+    p.add_argument(
+        "--tokenizer-model",
+        help="a SentencePiece BPE tokenizer.model to ship (e.g. Mixtral's, "
+        "from the mistral-common package) instead of the built-in byte-level BPE; llama.cpp's "
+        "GGUF converter needs one",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    out = create_model(args.out, args.family, args.preset, args.layers, args.dtype, args.seed,
-                       progress=sys.stderr.isatty(), tokenizer_model=args.tokenizer_model)
+    out = create_model(
+        args.out,
+        args.family,
+        args.preset,
+        args.layers,
+        args.dtype,
+        args.seed,
+        progress=sys.stderr.isatty(),
+        tokenizer_model=args.tokenizer_model,
+    )
     print(f"wrote {args.family} checkpoint ({args.preset or 'tiny'}, {args.dtype}, random weights) to {out}")
     return 0

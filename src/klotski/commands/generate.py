@@ -1,4 +1,5 @@
 """`klotski generate`: prompts in (flags or a JSONL file), completions and throughput out."""
+
 from __future__ import annotations
 
 import contextlib
@@ -107,9 +108,17 @@ def run(args) -> int:
     from klotski.sampling import SamplingParams
 
     with flag_names():
-        params = SamplingParams(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
-                                ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            min_tokens=args.min_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=args.stop,
+            ignore_eos=args.ignore_eos,
+            logprobs=args.logprobs,
+        )
     items, errors = [], []
     for i, text in enumerate(args.prompt):
         items.append((f"prompt-{i}", {"prompt": text}))
@@ -124,13 +133,17 @@ def run(args) -> int:
         _check_writable(getattr(args, flag), "--" + flag.replace("_", "-"))
     if args.timeline:
         from klotski.runtime.plot import require_matplotlib
+
         require_matplotlib()
     llm = LLM(model=args.model, dtype=args.dtype, routing_replay=args.routing_replay, **engine_kwargs(args))
     with flag_names():
         params.validate(llm.spec.vocab_size)  # logprobs, stop ids against this model's vocabulary
     if llm.replay is not None:
-        print(f"klotski: routing replay ON ({llm.replay.describe()}): the router's choices are replaced; "
-              "text is not the model's", file=sys.stderr)
+        print(
+            f"klotski: routing replay ON ({llm.replay.describe()}): the router's choices are replaced; "
+            "text is not the model's",
+            file=sys.stderr,
+        )
     recording = llm.record_routing() if args.record_routing else None
     prompts, ids = _prompts(llm, items, errors)
     outputs = _generate_durably(llm, prompts, ids, params, args.output)
@@ -217,7 +230,7 @@ def _generate_durably(llm, prompts: list[dict], ids: list[str], params, output: 
             if output:
                 if f is None:
                     f = stack.enter_context(open(output, "w"))
-                f.write("".join(json.dumps(output_row(rid, o)) + "\n" for rid, o in zip(ids[len(outputs):], group)))
+                f.write("".join(json.dumps(output_row(rid, o)) + "\n" for rid, o in zip(ids[len(outputs) :], group)))
                 f.flush()
                 os.fsync(f.fileno())
             outputs += group
@@ -241,10 +254,12 @@ def _write_outputs(args, ids, outputs, stats) -> None:
 def format_stats(stats: dict) -> str:
     """A short human summary of a run."""
     pol = stats.get("policy", {})
-    return (f"{stats['generated_tokens']} tokens in {stats['wall_s']:.2f} s = {stats['tokens_per_s']:.2f} tok/s "
-            f"(prefill {stats['prefill_s']:.2f} s, decode {stats['decode_s']:.2f} s; bubble ratio "
-            f"{stats['bubble_ratio']:.3f}; schedule {pol.get('schedule')}, bs {pol.get('batch_size')}, "
-            f"n {pol.get('num_batches')}, {stats['dtype']} on {stats['device']})")
+    return (
+        f"{stats['generated_tokens']} tokens in {stats['wall_s']:.2f} s = {stats['tokens_per_s']:.2f} tok/s "
+        f"(prefill {stats['prefill_s']:.2f} s, decode {stats['decode_s']:.2f} s; bubble ratio "
+        f"{stats['bubble_ratio']:.3f}; schedule {pol.get('schedule')}, bs {pol.get('batch_size')}, "
+        f"n {pol.get('num_batches')}, {stats['dtype']} on {stats['device']})"
+    )
 
 
 def _write_timeline(args, llm) -> None:
@@ -252,4 +267,5 @@ def _write_timeline(args, llm) -> None:
         llm.last_timeline.write_chrome_trace(args.trace)
     if args.timeline and llm.last_timeline is not None:
         from klotski.runtime.plot import plot_timeline
+
         plot_timeline(llm.last_timeline, args.timeline)

@@ -4,6 +4,7 @@ The text is tokenized once and cut into windows of the model's context; windows 
 pipeline in batch groups (`LLM.prompt_logits`), under the same budget and placement flags as
 `generate`, so a quantized or offloaded run is scored by the code that serves it.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,12 @@ def register(sub) -> None:
     p.add_argument("--model", help="checkpoint directory (default: the built-in model)")
     p.add_argument("--input", required=True, help="a UTF-8 text file to score")
     p.add_argument("--window", type=int, help="tokens per window (default: the model's context - 1)")
-    p.add_argument("--stride", type=int, help="tokens between window starts (default: window - 1, so every "
-                   "token after the first is scored once; smaller strides give scored tokens more context)")
+    p.add_argument(
+        "--stride",
+        type=int,
+        help="tokens between window starts (default: window - 1, so every "
+        "token after the first is scored once; smaller strides give scored tokens more context)",
+    )
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the file")
     add_config_flags(p, "dtype")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -59,12 +64,12 @@ def score(llm, ids: list[int], window: int, stride: int) -> dict:
     nll, count, fed = 0.0, 0, 0
     start = time.perf_counter()
     for c in range(0, len(spans), per_call):
-        chunk = spans[c: c + per_call]
+        chunk = spans[c : c + per_call]
         logits = llm.prompt_logits([{"prompt_token_ids": ids[s:e]} for s, e, _ in chunk])
         for (s, e, first), rows in zip(chunk, logits):
             targets = torch.tensor(ids[first:e])
             # row j predicts token s + j + 1, so target t comes from row t - s - 1
-            pred = rows[first - s - 1: e - s - 1].float()
+            pred = rows[first - s - 1 : e - s - 1].float()
             nll += float(torch.nn.functional.cross_entropy(pred, targets, reduction="sum"))
             count += len(targets)
             fed += e - s
@@ -95,20 +100,31 @@ def run(args) -> int:
         raise KlotskiError(f"--input {args.input} has {len(ids)} token(s); perplexity needs at least 2")
     window = args.window or llm.max_model_len - 1  # a prompt must leave room for one more position
     if window >= llm.max_model_len:
-        raise KlotskiError(f"--window {window} does not fit the model's context {llm.max_model_len}; "
-                           f"use at most {llm.max_model_len - 1}")
+        raise KlotskiError(
+            f"--window {window} does not fit the model's context {llm.max_model_len}; "
+            f"use at most {llm.max_model_len - 1}"
+        )
     stride = args.stride or window - 1
     result = score(llm, ids, window, stride)
     mean = result["nll"] / result["scored_tokens"]
-    result |= {"model": llm.config.model, "input": str(path), "window": window, "stride": stride,
-               "loss": mean, "perplexity": math.exp(mean), "dtype": str(llm.dtype).removeprefix("torch."),
-               "tokens_per_s": result["tokens_fed"] / result["wall_s"] if result["wall_s"] > 0 else 0.0}
+    result |= {
+        "model": llm.config.model,
+        "input": str(path),
+        "window": window,
+        "stride": stride,
+        "loss": mean,
+        "perplexity": math.exp(mean),
+        "dtype": str(llm.dtype).removeprefix("torch."),
+        "tokens_per_s": result["tokens_fed"] / result["wall_s"] if result["wall_s"] > 0 else 0.0,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"perplexity {result['perplexity']:.3f} (loss {mean:.4f} nats/token) over {result['scored_tokens']} "
-              f"tokens of {path.name}: {result['windows']} windows of {window}, stride {stride}, "
-              f"{result['dtype']}; {result['tokens_fed']} tokens in {result['wall_s']:.2f} s = "
-              f"{result['tokens_per_s']:.1f} tok/s")
+        print(
+            f"perplexity {result['perplexity']:.3f} (loss {mean:.4f} nats/token) over {result['scored_tokens']} "
+            f"tokens of {path.name}: {result['windows']} windows of {window}, stride {stride}, "
+            f"{result['dtype']}; {result['tokens_fed']} tokens in {result['wall_s']:.2f} s = "
+            f"{result['tokens_per_s']:.1f} tok/s"
+        )
     sys.stdout.flush()
     return 0

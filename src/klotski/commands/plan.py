@@ -1,4 +1,5 @@
 """`klotski profile` (measure this machine) and `klotski plan` (the policy, before loading anything)."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,11 @@ def _register_plan(sub) -> None:
     p.add_argument("--hardware", help="profile JSON (klotski profile --out), or env1 / env2 (the paper's, estimated)")
     p.add_argument("--routing", help="correlation table for routing statistics (a file, mixtral-8x7b, mixtral-8x22b)")
     add_policy_flags(p)
-    p.add_argument("--kv-offload", action="store_true", help="plan the KV cache in host memory, as the paper does "
-                                                                 "(the runtime keeps it on the device)")
+    p.add_argument(
+        "--kv-offload",
+        action="store_true",
+        help="plan the KV cache in host memory, as the paper does (the runtime keeps it on the device)",
+    )
     p.add_argument("--trace", help="write the simulated timeline as Chrome trace JSON")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--paper-table", action="store_true", help="simulate the paper's ablation ladder (Table 3)")
@@ -104,12 +108,17 @@ def run_profile(args) -> int:
             # Reads as the store issues them: one pread of a whole expert blob at a time.
             chunk = max(-(-shape.expert_bytes() // 4096) * 4096, 1 << 20)
             size = max(parse_bytes(args.disk_size, "--disk-size"), 2 * chunk)
-            contention = [measure_contention(expert_call(shape, dtype, device, t), args.disk_dir, size, chunk)
-                          for t in CONTENTION_TOKENS]
+            contention = [
+                measure_contention(expert_call(shape, dtype, device, t), args.disk_dir, size, chunk)
+                for t in CONTENTION_TOKENS
+            ]
             profile.compute_slowdown_under_io = float(np.mean([c["compute_slowdown_under_io"] for c in contention]))
             profile.disk_gbps_beside_compute = float(np.mean([c["disk_gbps_beside_compute"] for c in contention]))
-            print(f"beside compute: ops x{profile.compute_slowdown_under_io:.2f} slower while reading, "
-                  f"disk {profile.disk_gbps_beside_compute:.2f} GB/s (two lanes)", file=sys.stderr)
+            print(
+                f"beside compute: ops x{profile.compute_slowdown_under_io:.2f} slower while reading, "
+                f"disk {profile.disk_gbps_beside_compute:.2f} GB/s (two lanes)",
+                file=sys.stderr,
+            )
         path = cache_path(shape.shape_key(), dtype, device)
         profile.save(path)
         print(f"measured in {time.perf_counter() - start:.1f} s; cached at {path}", file=sys.stderr)
@@ -123,11 +132,19 @@ def _measured(shape, dtype, device, disk, method, h2d, ops, machine, cls):
     """A measured profile: fits at these shapes, plus peak figures derived from the expert fit."""
     expert = ops.get("expert", {"a": 1e-3, "b": 1e-3})
     flops_per_token = shape.expert_flops(1) or 1.0
-    return cls(name=socket.gethostname(), source="measured", device=device, disk_gbps=disk,
-               host_to_device_gbps=h2d, peak_tflops=flops_per_token / max(expert["b"], 1e-12) / 1e12,
-               efficiency=1.0, memory_gbps=shape.expert_bytes() / max(expert["a"], 1e-9) / 1e9,
-               machine=machine, ops={f"{shape.shape_key()}|{str(dtype).removeprefix('torch.')}": ops},
-               notes=f"disk read with {method}; op times fitted at {shape.name}'s shapes")
+    return cls(
+        name=socket.gethostname(),
+        source="measured",
+        device=device,
+        disk_gbps=disk,
+        host_to_device_gbps=h2d,
+        peak_tflops=flops_per_token / max(expert["b"], 1e-12) / 1e12,
+        efficiency=1.0,
+        memory_gbps=shape.expert_bytes() / max(expert["a"], 1e-9) / 1e9,
+        machine=machine,
+        ops={f"{shape.shape_key()}|{str(dtype).removeprefix('torch.')}": ops},
+        notes=f"disk read with {method}; op times fitted at {shape.name}'s shapes",
+    )
 
 
 # -- plan ---------------------------------------------------------------------------------------
@@ -156,29 +173,53 @@ def plan_from_args(args):
     shape = _shape(args)
     given = load_profile(args.hardware) if args.hardware else None
     device = given.device if given else _device("auto")
-    dtype = compute_dtype(shape, device) if args.dtype == "auto" else resolve_dtype(args.dtype, shape.weight_dtype,
-                                                                                      torch.device("cpu"))
+    dtype = (
+        compute_dtype(shape, device)
+        if args.dtype == "auto"
+        else resolve_dtype(args.dtype, shape.weight_dtype, torch.device("cpu"))
+    )
     profile, source = pick_profile(shape, dtype, device, given, args.hardware or "")
     table = load_table(args.routing) if args.routing else (find_model_table(args.model) if args.model else None)
     host = parse_bytes(args.host_memory, "host memory")
     budgets = Budgets(parse_bytes(args.device_memory, "device memory"), host)
     work = Workload(args.prompt_len, args.gen_len, args.num_prompts)
-    return make_plan(shape, profile, budgets, work, dtype, profile_from=source, table=table, schedule=args.schedule,
-                     kv_tier="host" if args.kv_offload else "device", batch_size=args.batch_size,
-                     num_batches=args.num_batches, num_hot=args.num_hot)
+    return make_plan(
+        shape,
+        profile,
+        budgets,
+        work,
+        dtype,
+        profile_from=source,
+        table=table,
+        schedule=args.schedule,
+        kv_tier="host" if args.kv_offload else "device",
+        batch_size=args.batch_size,
+        num_batches=args.num_batches,
+        num_hot=args.num_hot,
+    )
 
 
 def format_report(report) -> str:
     """The plan for a human: policy, memory per tier, prediction, constraints."""
     d, gib = report.to_dict(), lambda b: f"{(b or 0) / 2**30:.2f} GiB"
     m, lines = d["memory"], []
-    lines.append(f"policy: schedule {d['schedule']}, bs {d['batch_size']}, n {d['num_batches']} "
-                 f"(a group of {d['batch_size'] * d['num_batches']} sequences), K {d['num_hot']}")
-    lines.append("placement: " + "; ".join(f"{kind} " + ", ".join(f"{t} {v['units']}" for t, v in tiers.items())
-                                           for kind, tiers in d["placement"].items()
-                                           if kind not in ("kv_cache", "expert_layers")))
-    lines.append("  expert layers: " + ", ".join(f"{t} {r}" for t, r in d["placement"]["expert_layers"].items())
-                 + f"; KV cache on {m['kv_tier']}")
+    lines.append(
+        f"policy: schedule {d['schedule']}, bs {d['batch_size']}, n {d['num_batches']} "
+        f"(a group of {d['batch_size'] * d['num_batches']} sequences), K {d['num_hot']}"
+    )
+    lines.append(
+        "placement: "
+        + "; ".join(
+            f"{kind} " + ", ".join(f"{t} {v['units']}" for t, v in tiers.items())
+            for kind, tiers in d["placement"].items()
+            if kind not in ("kv_cache", "expert_layers")
+        )
+    )
+    lines.append(
+        "  expert layers: "
+        + ", ".join(f"{t} {r}" for t, r in d["placement"]["expert_layers"].items())
+        + f"; KV cache on {m['kv_tier']}"
+    )
     budget = d["budgets"]
     lines.append(
         f"memory: device peak {gib(m['device_peak'])} of {gib(budget['device']) if budget['device'] else 'unlimited'} "
@@ -187,15 +228,20 @@ def format_report(report) -> str:
         f"host {gib(m['host_peak'])}; disk {gib(m['weights']['disk'])}"
     )
     if "predicted_tokens_per_s" in d:
-        lines.append(f"predicted: {d['predicted_tokens_per_s']:.3f} tok/s; {d['predicted_wall_s']:.2f} s "
-                     f"(prefill {d['predicted_prefill_s']:.2f} s); bubble ratio {d['predicted_bubble_ratio']:.3f} "
-                     f"({d['predicted_bubble_s']:.2f} s of compute waiting; compute busy "
-                     f"{d['predicted_compute_busy_s']:.2f} s; I/O busy "
-                     + ", ".join(f"{k} {v:.2f} s" for k, v in d["predicted_io_busy_s_per_lane"].items()) + ")")
+        lines.append(
+            f"predicted: {d['predicted_tokens_per_s']:.3f} tok/s; {d['predicted_wall_s']:.2f} s "
+            f"(prefill {d['predicted_prefill_s']:.2f} s); bubble ratio {d['predicted_bubble_ratio']:.3f} "
+            f"({d['predicted_bubble_s']:.2f} s of compute waiting; compute busy "
+            f"{d['predicted_compute_busy_s']:.2f} s; I/O busy "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in d["predicted_io_busy_s_per_lane"].items())
+            + ")"
+        )
     slack = ", ".join(f"{k} {v * 1e3:+.2f} ms" for k, v in d["constraints_slack_s"].items())
     lines.append(f"constraints (slack at the worst MoE layer, decode): {slack}")
     lines.append(f"binding: {', '.join(d['binding_constraints']) or 'none'}")
     p = d["profile"]
-    lines.append(f"profile: {p['name']} ({p['source']}; {p['from'] or 'given'}; op costs from {p['op_costs']}); "
-                 f"routing: {d['routing']}")
+    lines.append(
+        f"profile: {p['name']} ({p['source']}; {p['from'] or 'given'}; op costs from {p['op_costs']}); "
+        f"routing: {d['routing']}"
+    )
     return "\n".join(lines)

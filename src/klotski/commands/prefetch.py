@@ -1,4 +1,5 @@
 """Subcommands `calibrate`, `prefetch-eval`, `make-trace` and `split-trace`."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,12 @@ def _register_calibrate(subparsers: Any) -> None:
     p.add_argument("--from-trace", type=Path, help="a routing trace (.npz) to count")
     p.add_argument("--model", type=Path, help="model directory to run the prompts through")
     p.add_argument("--input", type=Path, help="prompts (.jsonl) for --model")
-    p.add_argument("--out", type=Path, help=f"where to write the table (with --model: "
-                                            f"MODEL/{TABLE_FILENAME}, picked up automatically)")
-    p.add_argument("--path-length", type=int, default=1,
-                   help="previous layers that key each row (the paper uses 1)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help=f"where to write the table (with --model: MODEL/{TABLE_FILENAME}, picked up automatically)",
+    )
+    p.add_argument("--path-length", type=int, default=1, help="previous layers that key each row (the paper uses 1)")
     p.add_argument("--num-experts", type=int, help="experts per layer if the trace lacks it")
     p.add_argument("--model-name", default="", help="model name recorded in the table")
     p.set_defaults(handler=run_calibrate)
@@ -44,11 +47,11 @@ def _register_eval(subparsers: Any) -> None:
     p = subparsers.add_parser("prefetch-eval", help="replay a trace and score expert predictors")
     p.add_argument("--table", required=True, help=TABLE_HELP)
     p.add_argument("--trace", required=True, type=Path, help="routing trace (.npz) to replay")
-    p.add_argument("--group-size", type=int, default=1,
-                   help="tokens per batch group (sequences per decode step)")
+    p.add_argument("--group-size", type=int, default=1, help="tokens per batch group (sequences per decode step)")
     p.add_argument("--k", type=int, help="experts prefetched per layer (default: top_k)")
-    p.add_argument("--scoring", choices=("raw", "rows"), default="raw",
-                   help="sum raw count rows or per-row distributions")
+    p.add_argument(
+        "--scoring", choices=("raw", "rows"), default="raw", help="sum raw count rows or per-row distributions"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(handler=run_prefetch_eval)
@@ -61,8 +64,7 @@ def _register_make_trace(subparsers: Any) -> None:
     p.add_argument("--tokens", type=int, required=True, help="tokens per sequence")
     p.add_argument("--prompt-len", type=int, default=0, help="leading tokens marked as prefill")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--flatten", type=float, default=0.0,
-                   help="mix routing toward uniform: 0 = the table, 1 = uniform")
+    p.add_argument("--flatten", type=float, default=0.0, help="mix routing toward uniform: 0 = the table, 1 = uniform")
     p.add_argument("--top-k", type=int, default=2, help="top_k for an authors' table")
     p.add_argument("--out", required=True, type=Path, help="trace file to write (.npz)")
     p.set_defaults(handler=run_make_trace)
@@ -90,12 +92,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
     else:
         if args.out is None:
             raise KlotskiError("calibrate --from-trace needs --out TABLE.json")
-        table = calibrate.calibrate_from_trace(args.from_trace, args.path_length,
-                                               args.num_experts, args.model_name)
+        table = calibrate.calibrate_from_trace(args.from_trace, args.path_length, args.num_experts, args.model_name)
         out = args.out
     table.save(out)
-    print(f"wrote {out}: {table.num_layers} layers x {table.num_experts} experts, "
-          f"path length {table.path_length}, {table.calibrated_on}")
+    print(
+        f"wrote {out}: {table.num_layers} layers x {table.num_experts} experts, "
+        f"path length {table.path_length}, {table.calibrated_on}"
+    )
     return 0
 
 
@@ -117,11 +120,12 @@ def run_prefetch_eval(args: argparse.Namespace) -> int:
 def run_make_trace(args: argparse.Namespace) -> int:
     """`klotski make-trace`: sample a Markov routing trace and save it."""
     table = load_table(args.table, args.top_k)
-    trace = sample_markov_trace(table, args.num_seqs, args.tokens, args.seed, args.prompt_len,
-                                args.flatten)
+    trace = sample_markov_trace(table, args.num_seqs, args.tokens, args.seed, args.prompt_len, args.flatten)
     trace.save(args.out)
-    print(f"wrote {args.out}: {trace.num_tokens} tokens x {trace.num_layers} layers x "
-          f"top-{trace.top_k} (flatten {args.flatten}, seed {args.seed})")
+    print(
+        f"wrote {args.out}: {trace.num_tokens} tokens x {trace.num_layers} layers x "
+        f"top-{trace.top_k} (flatten {args.flatten}, seed {args.seed})"
+    )
     return 0
 
 
@@ -130,25 +134,25 @@ def run_split_trace(args: argparse.Namespace) -> int:
     train, held = split(RoutingTrace.load(args.trace), args.held_out, args.seed)
     train.save(args.train_out)
     held.save(args.held_out_out)
-    print(f"wrote {args.train_out} ({train.num_tokens} tokens) and "
-          f"{args.held_out_out} ({held.num_tokens} tokens)")
+    print(f"wrote {args.train_out} ({train.num_tokens} tokens) and {args.held_out_out} ({held.num_tokens} tokens)")
     return 0
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The overall figures as an aligned text table, one row per predictor."""
     c = report["config"]
-    lines = [f"group size {c['group_size']} ({c['grouping']}, {c['num_groups']} groups, "
-             f"{c['mean_group_tokens']:.1f} tokens each), K = {c['k']}, "
-             f"{c['num_layers']} layers x {c['num_experts']} experts, top-{c['top_k']}",
-             f"{'predictor':<12}" + "".join(f"{m:>16}" for m in METRICS)]
+    lines = [
+        f"group size {c['group_size']} ({c['grouping']}, {c['num_groups']} groups, "
+        f"{c['mean_group_tokens']:.1f} tokens each), K = {c['k']}, "
+        f"{c['num_layers']} layers x {c['num_experts']} experts, top-{c['top_k']}",
+        f"{'predictor':<12}" + "".join(f"{m:>16}" for m in METRICS),
+    ]
     for name, figures in report["predictors"].items():
         lines.append(f"{name:<12}" + "".join(f"{figures[m]:>16.4f}" for m in METRICS))
     return "\n".join(lines)
 
 
-def calibrate_from_model(model_dir: str | Path, input_path: str | Path,
-                         path_length: int = 1) -> CorrelationTable:
+def calibrate_from_model(model_dir: str | Path, input_path: str | Path, path_length: int = 1) -> CorrelationTable:
     """Run the prompts of `input_path` through the model (prefill only), recording routing into a table."""
     from klotski.engine import LLM
     from klotski.sampling import SamplingParams
@@ -161,5 +165,10 @@ def calibrate_from_model(model_dir: str | Path, input_path: str | Path,
     prompts = [llm.chat_prompt(r["messages"]) if "messages" in r else r for _, r in records]
     llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0))
     trace = recording.recorder.to_trace(drop_incomplete=True)
-    return CorrelationTable.from_trace(trace, path_length, llm.spec.num_experts, model=llm.spec.architecture,
-                                       calibrated_on=f"{Path(input_path).name} ({trace.num_tokens} tokens)")
+    return CorrelationTable.from_trace(
+        trace,
+        path_length,
+        llm.spec.num_experts,
+        model=llm.spec.architecture,
+        calibrated_on=f"{Path(input_path).name} ({trace.num_tokens} tokens)",
+    )

@@ -1,4 +1,5 @@
 """`klotski serve`: an OpenAI-compatible HTTP server whose concurrent requests share batch groups."""
+
 from __future__ import annotations
 
 import signal
@@ -17,14 +18,30 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 endpoints")
-    p.add_argument("--max-queue", type=int, default=1024,
-                   help="sequences that may wait to join the running group; more get 429 (default 1024)")
-    p.add_argument("--max-wait-ms", type=float, default=50.0,
-                   help="how long the first requests of an idle server wait for company (default 50)")
-    p.add_argument("--max-num-seqs", type=int, default=256,
-                   help="the group is planned (bs x n) as for this many sequences (default 256)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds running requests get to finish before they are cancelled")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        help="sequences that may wait to join the running group; more get 429 (default 1024)",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=50.0,
+        help="how long the first requests of an idle server wait for company (default 50)",
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=256,
+        help="the group is planned (bs x n) as for this many sequences (default 256)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds running requests get to finish before they are cancelled",
+    )
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     p.set_defaults(handler=run)
 
@@ -51,20 +68,40 @@ def run(args) -> int:
     _check(args)
     if args.model is None:
         from klotski.default_model import NOTICE
+
         print(NOTICE, file=sys.stderr)
 
     def load():
         from klotski.engine import LLM
-        return LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, record_timeline=False,
-                   **engine_kwargs(args))
 
-    config = ServerConfig(served_model_name=args.served_model_name or args.model or "default",
-                          api_key=args.api_key, max_queue=args.max_queue, max_wait_ms=args.max_wait_ms,
-                          max_num_seqs=args.max_num_seqs, shutdown_timeout=args.shutdown_timeout)
+        return LLM(
+            model=args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            record_timeline=False,
+            **engine_kwargs(args),
+        )
+
+    config = ServerConfig(
+        served_model_name=args.served_model_name or args.model or "default",
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        max_wait_ms=args.max_wait_ms,
+        max_num_seqs=args.max_num_seqs,
+        shutdown_timeout=args.shutdown_timeout,
+    )
     state = EngineState(load, config)
     app = create_app(state)
-    server = _make_server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                    timeout_graceful_shutdown=args.shutdown_timeout), state)
+    server = _make_server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.shutdown_timeout,
+        ),
+        state,
+    )
 
     def load_failed(message: str) -> None:
         server.should_exit = True
@@ -73,8 +110,12 @@ def run(args) -> int:
     # uvicorn re-raises the signal it shut down on once it is done; by then the shutdown is complete
     # and clean, so the process ends with 0 instead of dying of the re-raised SIGTERM.
     signal.signal(signal.SIGTERM, lambda sig, frame: None)
-    print(f"klotski: serving {config.served_model_name!r} on http://{args.host}:{args.port}/v1 "
-          "(loading the model; /health answers 200 once ready)", file=sys.stderr, flush=True)
+    print(
+        f"klotski: serving {config.served_model_name!r} on http://{args.host}:{args.port}/v1 "
+        "(loading the model; /health answers 200 once ready)",
+        file=sys.stderr,
+        flush=True,
+    )
     server.run()
     if state.error is not None:
         raise KlotskiError(state.error)

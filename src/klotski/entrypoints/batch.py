@@ -19,6 +19,7 @@ How it survives (docs/batch.md says the same for users):
 Resume keys: a result line is keyed by its custom_id; a line-level error (bad bytes or JSON, no usable
 custom_id, a duplicate custom_id) by its input line number, which its error record carries as "line".
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,8 +48,9 @@ EXIT_JOB = 2  # the job could not run (the CLI's code for every user error)
 SIDECAR_SUFFIX = ".meta.json"
 SIDECAR_FORMAT = 1
 # Errors keyed by input line number (their custom_id is missing, unreadable or not theirs alone).
-LINE_KEYED = frozenset({"invalid_utf8", "invalid_json", "invalid_unicode", "invalid_line", "invalid_custom_id",
-                        "duplicate_custom_id"})
+LINE_KEYED = frozenset(
+    {"invalid_utf8", "invalid_json", "invalid_unicode", "invalid_line", "invalid_custom_id", "duplicate_custom_id"}
+)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}")
 
 
@@ -138,8 +140,14 @@ class IdSet:
 
 
 # -- model fingerprint and sidecar ---------------------------------------------------------------------
-_SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "chat_template.jinja", "model.safetensors.index.json")
+_SMALL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "model.safetensors.index.json",
+)
 _SAMPLE = 1 << 16
 
 
@@ -224,8 +232,10 @@ def scan_output(path: Path) -> OutputScan:
                     bad_at = number
             else:
                 if bad_at is not None:
-                    raise JobError(f"{path} line {bad_at} is not a run-batch result line, but lines after it are: "
-                                   "OUT is damaged or not ours; choose another --output")
+                    raise JobError(
+                        f"{path} line {bad_at} is not a run-batch result line, but lines after it are: "
+                        "OUT is damaged or not ours; choose another --output"
+                    )
                 _note_done(scan, record)
                 good_end = offset + len(raw)
             offset += len(raw)
@@ -283,16 +293,21 @@ def decode_line(number: int, raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ProtocolError(f"line {number} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}); "
-                            "write the file as UTF-8", code="invalid_utf8") from None
+        raise ProtocolError(
+            f"line {number} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}); "
+            "write the file as UTF-8",
+            code="invalid_utf8",
+        ) from None
     try:
         record = json.loads(text, parse_constant=_no_constants)
     except json.JSONDecodeError as exc:
-        raise ProtocolError(f"line {number} is not valid JSON ({exc.msg} at column {exc.colno})",
-                            code="invalid_json") from None
+        raise ProtocolError(
+            f"line {number} is not valid JSON ({exc.msg} at column {exc.colno})", code="invalid_json"
+        ) from None
     except ProtocolError:
-        raise ProtocolError(f"line {number} is not valid JSON (NaN and Infinity are not JSON numbers)",
-                            code="invalid_json") from None
+        raise ProtocolError(
+            f"line {number} is not valid JSON (NaN and Infinity are not JSON numbers)", code="invalid_json"
+        ) from None
     except RecursionError:
         raise ProtocolError(f"line {number} nests too deeply to read", code="invalid_json") from None
     # json accepts "\ud800" escapes; such a string cannot be tokenized or written as UTF-8.
@@ -300,8 +315,11 @@ def decode_line(number: int, raw: bytes) -> Any:
         try:
             json.dumps(record, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise ProtocolError(f"line {number} has a string with an unpaired surrogate (a lone \\ud800-\\udfff "
-                                "escape): it is not text; fix the producer", code="invalid_unicode") from None
+            raise ProtocolError(
+                f"line {number} has a string with an unpaired surrogate (a lone \\ud800-\\udfff "
+                "escape): it is not text; fix the producer",
+                code="invalid_unicode",
+            ) from None
     return record
 
 
@@ -390,8 +408,12 @@ class BatchJob:
 
     def _settings(self, model_dir: str) -> dict[str, Any]:
         """What changes results: the model, and the flags whose change would change a request's output."""
-        return {"model_fingerprint": model_fingerprint(model_dir), "seed": self.o.seed,
-                "max_model_len": self.o.max_model_len, "routing_replay": self.o.routing_replay}
+        return {
+            "model_fingerprint": model_fingerprint(model_dir),
+            "seed": self.o.seed,
+            "max_model_len": self.o.max_model_len,
+            "routing_replay": self.o.routing_replay,
+        }
 
     def _load_sidecar(self, settings: dict[str, Any]) -> dict[str, Any]:
         """The sidecar to continue (checked against settings), or a new one; OUT truncated when starting over."""
@@ -400,13 +422,21 @@ class BatchJob:
             if self.o.overwrite and self.output.exists():
                 with open(self.output, "r+b") as f:
                     f.truncate(0)
-            meta = {"format": SIDECAR_FORMAT, "input": str(self.input.resolve()), "window": self.o.window,
-                    "settings": settings, "grouping": None, "started": int(time.time())}
+            meta = {
+                "format": SIDECAR_FORMAT,
+                "input": str(self.input.resolve()),
+                "window": self.o.window,
+                "settings": settings,
+                "grouping": None,
+                "started": int(time.time()),
+            }
             _write_json_atomic(self.sidecar, meta)
             return meta
         if not self.sidecar.is_file():
-            raise JobError(f"{self.output} already has lines but no {self.sidecar.name} beside it, so it was not made "
-                           "by run-batch (or its sidecar was removed): choose another --output, or --overwrite")
+            raise JobError(
+                f"{self.output} already has lines but no {self.sidecar.name} beside it, so it was not made "
+                "by run-batch (or its sidecar was removed): choose another --output, or --overwrite"
+            )
         try:
             meta = json.loads(self.sidecar.read_text())
         except (OSError, ValueError) as exc:
@@ -420,8 +450,10 @@ class BatchJob:
         for key, value in new.items():
             if key in old and old[key] != value:
                 what = "model" if key == "model_fingerprint" else key.replace("_", "-")
-                raise JobError(f"{self.output} was made with a different {what} ({old[key]!r}, now {value!r}): "
-                               "resuming would mix results; use the same flags, another --output, or --overwrite")
+                raise JobError(
+                    f"{self.output} was made with a different {what} ({old[key]!r}, now {value!r}): "
+                    "resuming would mix results; use the same flags, another --output, or --overwrite"
+                )
 
     # -- the run --
     def run(self) -> Summary:
@@ -431,15 +463,24 @@ class BatchJob:
         meta = self._load_sidecar(settings)
         scan = scan_output(self.output)
         if scan.repaired_bytes:
-            print(f"klotski: {self.output} ended in a torn line ({scan.repaired_bytes} bytes); cut it off, its request "
-                  "runs again", file=self.err_stream)
+            print(
+                f"klotski: {self.output} ended in a torn line ({scan.repaired_bytes} bytes); cut it off, its request "
+                "runs again",
+                file=self.err_stream,
+            )
         self.summary.already_done, self.summary.failed_before = scan.lines, scan.failed
         self.summary.repaired_bytes = scan.repaired_bytes
 
         from klotski.engine import LLM
 
-        self.llm = LLM(model=model_dir, dtype=self.o.dtype, seed=self.o.seed, max_model_len=self.o.max_model_len,
-                       routing_replay=self.o.routing_replay, **self.o.engine)
+        self.llm = LLM(
+            model=model_dir,
+            dtype=self.o.dtype,
+            seed=self.o.seed,
+            max_model_len=self.o.max_model_len,
+            routing_replay=self.o.routing_replay,
+            **self.o.engine,
+        )
         compute = {"compute_dtype": str(self.llm.dtype).removeprefix("torch.")}
         self._check_same(meta["settings"], compute)
         if "compute_dtype" not in meta["settings"]:
@@ -449,12 +490,20 @@ class BatchJob:
         self.fingerprint = "klotski-" + settings["model_fingerprint"][:12]
         self.window = int(meta.get("window") or self.o.window)
         if self.window != self.o.window:
-            print(f"klotski: resuming with the job's --window {self.window} (it fixes how requests were grouped)",
-                  file=self.err_stream)
+            print(
+                f"klotski: resuming with the job's --window {self.window} (it fixes how requests were grouped)",
+                file=self.err_stream,
+            )
 
         self.summary.total_lines = count_requests(self.input)
-        self.progress = Progress(self.summary.total_lines, initial=scan.lines, enabled=self.o.progress,
-                                 desc="run-batch", stream=self.err_stream, interval=self.o.progress_interval)
+        self.progress = Progress(
+            self.summary.total_lines,
+            initial=scan.lines,
+            enabled=self.o.progress,
+            desc="run-batch",
+            stream=self.err_stream,
+            interval=self.o.progress_interval,
+        )
         start = time.perf_counter()
         try:
             with self.signals, open(self.input, "rb") as fin, open(self.output, "ab") as fout:
@@ -479,8 +528,10 @@ class BatchJob:
                 raise
             # The engine failed (a vanished offload directory, a weight it cannot read): what is written stays.
             reason = exc if isinstance(exc, KlotskiError) else f"{exc.strerror or exc}: {exc.filename or ''}"
-            raise JobError(f"{reason}; the requests finished so far are in {self.output}: fix this and run the same "
-                           "command again to resume") from None
+            raise JobError(
+                f"{reason}; the requests finished so far are in {self.output}: fix this and run the same "
+                "command again to resume"
+            ) from None
         self.progress.close()
         self.summary.wall_s = time.perf_counter() - start
         return self.summary
@@ -513,11 +564,18 @@ class BatchJob:
                 if not isinstance(record, dict):
                     raise ProtocolError(f"line {number} is not a JSON object", code="invalid_line")
                 value = record.get("custom_id")
-                raise ProtocolError(f"line {number} has no usable custom_id (got {value!r}); give each request a "
-                                    "unique non-empty string", code="invalid_custom_id", param="custom_id")
+                raise ProtocolError(
+                    f"line {number} has no usable custom_id (got {value!r}); give each request a "
+                    "unique non-empty string",
+                    code="invalid_custom_id",
+                    param="custom_id",
+                )
             if custom_id in seen:
-                raise ProtocolError(f"custom_id {custom_id!r} (line {number}) appeared on an earlier line; each "
-                                    "request needs its own", code="duplicate_custom_id", param="custom_id")
+                raise ProtocolError(
+                    f"custom_id {custom_id!r} (line {number}) appeared on an earlier line; each request needs its own",
+                    code="duplicate_custom_id",
+                    param="custom_id",
+                )
         except ProtocolError as exc:
             if number in scan.done_lines:
                 return None
@@ -529,8 +587,12 @@ class BatchJob:
         try:
             parsed = op.parse_batch_request(record)
             prompts = [self._tokenize(p) for p in op.request_prompts(parsed.request)]
-            settings = op.sampling_settings(parsed.request, [len(ids) for _, ids in prompts], self.llm.max_model_len,
-                                            vocab_size=self.llm.spec.vocab_size)
+            settings = op.sampling_settings(
+                parsed.request,
+                [len(ids) for _, ids in prompts],
+                self.llm.max_model_len,
+                vocab_size=self.llm.spec.vocab_size,
+            )
         except KlotskiError as exc:
             return None if done else Failure(custom_id, op.as_protocol_error(exc, code="invalid_value"), None)
         if settings.echo:
@@ -548,8 +610,11 @@ class BatchJob:
         except ProtocolError:
             raise
         except KlotskiError as exc:
-            raise ProtocolError(str(exc).removeprefix("prompt: "), code="invalid_prompt",
-                                param="messages" if "messages" in prompt else "prompt") from None
+            raise ProtocolError(
+                str(exc).removeprefix("prompt: "),
+                code="invalid_prompt",
+                param="messages" if "messages" in prompt else "prompt",
+            ) from None
 
     def _decode(self, ids: list[int]) -> str:
         tok = self.llm.tokenizer
@@ -570,8 +635,12 @@ class BatchJob:
         if self.policy is not None:
             return self.policy
         # Scoring-only prompts count as one-token generations.
-        seqs = [(len(ids), it.settings.max_tokens or 1) for it in items for _, ids in it.prompts
-                for _ in range(it.settings.n)]
+        seqs = [
+            (len(ids), it.settings.max_tokens or 1)
+            for it in items
+            for _, ids in it.prompts
+            for _ in range(it.settings.n)
+        ]
         if not seqs:
             return None
         policy = self.llm.policy(len(seqs), max(n for n, _ in seqs), max(t for _, t in seqs))
@@ -579,9 +648,11 @@ class BatchJob:
         if grouping:
             asked = (self.o.engine.get("batch_size"), self.o.engine.get("num_batches"))
             if any(a is not None and a != grouping[k] for a, k in zip(asked, ("batch_size", "num_batches"))):
-                print(f"klotski: resuming with the job's bs {grouping['batch_size']} x n {grouping['num_batches']} "
-                      "(they fix how requests were grouped); --batch-size / --num-batches apply to a new output",
-                      file=self.err_stream)
+                print(
+                    f"klotski: resuming with the job's bs {grouping['batch_size']} x n {grouping['num_batches']} "
+                    "(they fix how requests were grouped); --batch-size / --num-batches apply to a new output",
+                    file=self.err_stream,
+                )
             policy = replace(policy, batch_size=grouping["batch_size"], num_batches=grouping["num_batches"])
         else:
             self.meta["grouping"] = {"batch_size": policy.batch_size, "num_batches": policy.num_batches}
@@ -591,10 +662,17 @@ class BatchJob:
 
     def _score(self, items: list[Item], group: int) -> None:
         """Requests that only score their prompt (echo, max_tokens 0): prompt logits in chunks of a group."""
-        seqs = sorted(((len(ids), it.line, p, it) for it in items if not it.sample_params
-                       for p, (_, ids) in enumerate(it.prompts)), key=lambda s: s[:3])
+        seqs = sorted(
+            (
+                (len(ids), it.line, p, it)
+                for it in items
+                if not it.sample_params
+                for p, (_, ids) in enumerate(it.prompts)
+            ),
+            key=lambda s: s[:3],
+        )
         for g in range(0, len(seqs), group):
-            chunk = seqs[g: g + group]
+            chunk = seqs[g : g + group]
             if all(it.done for *_, it in chunk):
                 continue
             self.hooks.stall("group")
@@ -616,9 +694,16 @@ class BatchJob:
     def _generate(self, items: list[Item], group: int, policy) -> None:
         """Sequences sorted by prompt length (a batch pads little), in groups of bs x n; each group's finished
         requests are written before the next group runs."""
-        seqs = sorted(((len(ids), it.line, p, j, it) for it in items for p, (_, ids) in enumerate(it.prompts)
-                       for j in range(len(it.sample_params))), key=lambda s: s[:4])
-        groups = [seqs[g: g + group] for g in range(0, len(seqs), group)]
+        seqs = sorted(
+            (
+                (len(ids), it.line, p, j, it)
+                for it in items
+                for p, (_, ids) in enumerate(it.prompts)
+                for j in range(len(it.sample_params))
+            ),
+            key=lambda s: s[:4],
+        )
+        groups = [seqs[g : g + group] for g in range(0, len(seqs), group)]
         # A group runs whole when any of its requests is missing from OUT, so it is batched as it was.
         run_index = [gi for gi, g in enumerate(groups) if not all(it.done for *_, it in g)]
         if not run_index:
@@ -661,12 +746,26 @@ class BatchJob:
     def _result_line(self, it: Item) -> bytes:
         outputs = []
         for p, (text, ids) in enumerate(it.prompts):
-            outputs.append(RequestOutput(request_id=it.custom_id, prompt=text, prompt_token_ids=ids,
-                                         outputs=list(it.samples[p]), finished=True,
-                                         prompt_logprobs=it.prompt_logprobs[p]))
-        body = op.response_body(it.request, outputs, it.settings, model=it.request.model or self.model_name,
-                                id=op.response_id(it.request, it.custom_id), created=int(time.time()),
-                                token_text=self._token_text, system_fingerprint=self.fingerprint)
+            outputs.append(
+                RequestOutput(
+                    request_id=it.custom_id,
+                    prompt=text,
+                    prompt_token_ids=ids,
+                    outputs=list(it.samples[p]),
+                    finished=True,
+                    prompt_logprobs=it.prompt_logprobs[p],
+                )
+            )
+        body = op.response_body(
+            it.request,
+            outputs,
+            it.settings,
+            model=it.request.model or self.model_name,
+            id=op.response_id(it.request, it.custom_id),
+            created=int(time.time()),
+            token_text=self._token_text,
+            system_fingerprint=self.fingerprint,
+        )
         line = op.batch_result_line(it.custom_id, body, id=_line_id(it.custom_id), request_id=_request_id(it.custom_id))
         return _dump(line)
 
@@ -684,7 +783,7 @@ class BatchJob:
                     self.fout.write(line[: len(line) // 2])
                     self.fout.flush()
                     self.hooks.wait()
-                    self.fout.write(line[len(line) // 2:])
+                    self.fout.write(line[len(line) // 2 :])
                 else:
                     self.fout.write(line)
                 if self.hooks.hit("line"):
@@ -694,8 +793,10 @@ class BatchJob:
             self.hooks.stall("fsync")
             os.fsync(self.fout.fileno())
         except OSError as exc:
-            raise JobError(f"cannot write {self.output} ({exc.strerror}); the lines before this are safe: free "
-                           "the space or fix the path and run the same command again to resume") from None
+            raise JobError(
+                f"cannot write {self.output} ({exc.strerror}); the lines before this are safe: free "
+                "the space or fix the path and run the same command again to resume"
+            ) from None
         finally:
             self.signals.writing = False
         if failed:
@@ -710,10 +811,12 @@ class BatchJob:
         s = self.summary
         rate = s.tokens / s.wall_s if s.wall_s > 0 else 0.0
         ran = s.ok + s.failed
-        return (f"run-batch: {s.total_lines} requests in {self.input} ({s.already_done} already in the output): "
-                f"{ran} run now, {s.ok} ok, {s.failed} failed"
-                f"{f' (+{s.failed_before} failed before)' if s.failed_before else ''}; {s.tokens} tokens generated "
-                f"in {s.wall_s:.1f} s = {rate:.1f} tok/s; {_size(s.bytes_read)} read; results in {self.output}")
+        return (
+            f"run-batch: {s.total_lines} requests in {self.input} ({s.already_done} already in the output): "
+            f"{ran} run now, {s.ok} ok, {s.failed} failed"
+            f"{f' (+{s.failed_before} failed before)' if s.failed_before else ''}; {s.tokens} tokens generated "
+            f"in {s.wall_s:.1f} s = {rate:.1f} tok/s; {_size(s.bytes_read)} read; results in {self.output}"
+        )
 
 
 def request_seed(engine_seed: int, custom_id: str) -> int:
@@ -798,8 +901,7 @@ class _StallHooks:
     group's lines flushed, not yet fsynced). KLOTSKI_BATCH_STALL_HOLD=1 keeps waiting after a signal
     (to test that a second one aborts)."""
 
-    def __init__(self, point: str | None, count: int, path: str | None, signals: _Signals,
-                 hold: bool = False) -> None:
+    def __init__(self, point: str | None, count: int, path: str | None, signals: _Signals, hold: bool = False) -> None:
         self.point, self.count, self.path, self.signals, self.hold = point, count, path, signals, hold
         self.seen: dict[str, int] = {}
 
@@ -809,8 +911,13 @@ class _StallHooks:
         if not spec:
             return cls(None, 0, None, signals)
         point, _, count = spec.partition(":")
-        return cls(point, int(count or 1), os.environ.get("KLOTSKI_BATCH_STALL_FILE"), signals,
-                   os.environ.get("KLOTSKI_BATCH_STALL_HOLD") == "1")
+        return cls(
+            point,
+            int(count or 1),
+            os.environ.get("KLOTSKI_BATCH_STALL_FILE"),
+            signals,
+            os.environ.get("KLOTSKI_BATCH_STALL_HOLD") == "1",
+        )
 
     def hit(self, point: str) -> bool:
         """Count one arrival at point; True when it is the chosen one (the caller then calls wait())."""

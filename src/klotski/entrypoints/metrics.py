@@ -4,6 +4,7 @@ The engine's figures (queue depth, running sequences, tokens, tok/s, bubble rati
 are read from the scheduler and the store at each scrape; request counts and latencies are recorded
 as requests end.
 """
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -32,8 +33,7 @@ class _EngineCollector:
             "klotski_running_sequences": ("sequences in the running group", s["running"]),
             "klotski_running_batches": ("batches in the running group", s["batches"]),
             "klotski_tokens_per_second": ("generated tokens per second over the last 10 s", s["tokens_per_s"]),
-            "klotski_bubble_ratio": ("share of step time compute waited on a transfer, since start",
-                                     s["bubble_ratio"]),
+            "klotski_bubble_ratio": ("share of step time compute waited on a transfer, since start", s["bubble_ratio"]),
         }
         policy = s["policy"] or {}
         gauges["klotski_group_batch_size"] = ("bs of the running (or last) group's plan", policy.get("batch_size", 0))
@@ -64,12 +64,26 @@ class Metrics:
     def __init__(self, state):
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(state))
-        self.requests = Counter("klotski_requests", "HTTP generation requests by endpoint and status",
-                                ["endpoint", "status"], registry=self.registry)
-        self.ttft = Histogram("klotski_time_to_first_token_seconds", "seconds from arrival to the first token",
-                              ["endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.latency = Histogram("klotski_request_seconds", "seconds from arrival to the last token",
-                                 ["endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "klotski_requests",
+            "HTTP generation requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "klotski_time_to_first_token_seconds",
+            "seconds from arrival to the first token",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "klotski_request_seconds",
+            "seconds from arrival to the last token",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     def first_token(self, endpoint: str, seconds: float) -> None:
         self.ttft.labels(endpoint).observe(seconds)

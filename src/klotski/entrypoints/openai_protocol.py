@@ -15,6 +15,7 @@ Only the fields that make sense for an offline engine are accepted. OpenAI field
 not implement (penalties, logit_bias, tools, ...) are accepted at their neutral value and refused
 otherwise, with a message that says so, rather than silently ignored.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,15 @@ Float = Annotated[float, Strict()]  # strict: "0.5" (a string) is an error, 1 (a
 class ProtocolError(KlotskiError):
     """A request the OpenAI API would answer with an error: status, code, message, param."""
 
-    def __init__(self, message: str, *, code: str = "invalid_value", param: str | None = None,
-                 status_code: int = 400, type: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "invalid_value",
+        param: str | None = None,
+        status_code: int = 400,
+        type: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.message, self.code, self.param, self.status_code, self.type = message, code, param, status_code, type
 
@@ -151,15 +159,16 @@ _IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
 _EXPECTED = {
     "prompt": "a string, a list of token ids, a list of strings or a list of token-id lists",
     "stop": "a string or a list of strings",
-    "content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts",
+    "content": 'a string or a list of {"type": "text", "text": ...} parts',
 }
 
 
 def parse_request(url: str, body: Any) -> Request:
     """Validate a request body for url; raises ProtocolError naming the first problem."""
     if url not in _MODELS:
-        raise ProtocolError(f"url {url!r} is not served: use {COMPLETIONS_URL!r} or {CHAT_URL!r}",
-                            code="unknown_url", param="url")
+        raise ProtocolError(
+            f"url {url!r} is not served: use {COMPLETIONS_URL!r} or {CHAT_URL!r}", code="unknown_url", param="url"
+        )
     if not isinstance(body, dict):
         raise ProtocolError(
             f"the body must be a JSON object, got {_json_type(body)}", code="invalid_type", param="body"
@@ -170,8 +179,11 @@ def parse_request(url: str, body: Any) -> Request:
             del body[name]
         elif name in _NEUTRAL:
             if not _NEUTRAL[name](body[name]):
-                raise ProtocolError(f"'{name}' is not supported by klotski; remove it (or give its neutral value)",
-                                    code="unsupported_field", param=name)
+                raise ProtocolError(
+                    f"'{name}' is not supported by klotski; remove it (or give its neutral value)",
+                    code="unsupported_field",
+                    param=name,
+                )
             del body[name]
     model = _MODELS[url]
     try:
@@ -190,14 +202,16 @@ def _validation_error(exc: ValidationError, url: str, model: type[_Body]) -> Pro
     field = next((str(p) for p in reversed(loc) if isinstance(p, str)), param)
     if first["type"] == "extra_forbidden":
         allowed = ", ".join(sorted(_allowed_fields(model, loc)))
-        return ProtocolError(f"unknown field '{param}' in a {url} body; accepted fields: {allowed}",
-                             code="unknown_field", param=param)
+        return ProtocolError(
+            f"unknown field '{param}' in a {url} body; accepted fields: {allowed}", code="unknown_field", param=param
+        )
     if first["type"] == "missing":
         return ProtocolError(f"'{param}' is required in a {url} body", code="missing_field", param=param)
     same_field = [e for e in errors if e["loc"][:1] == first["loc"][:1]]
     if len(same_field) > 1 and field in _EXPECTED:
-        return ProtocolError(f"'{param}' must be {_EXPECTED[field]}, got {_short(first['input'])}",
-                             code="invalid_type", param=param)
+        return ProtocolError(
+            f"'{param}' must be {_EXPECTED[field]}, got {_short(first['input'])}", code="invalid_type", param=param
+        )
     code = "invalid_type" if first["type"].endswith("_type") else "invalid_value"
     return ProtocolError(f"'{param}': {first['msg'].lower()}, got {_short(first['input'])}", code=code, param=param)
 
@@ -222,8 +236,15 @@ def _short(value: Any) -> str:
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 # -- batch input lines ---------------------------------------------------------------------------------
@@ -260,7 +281,7 @@ def parse_batch_request(line: Any) -> BatchRequest:
         first = exc.errors()[0]
         param = _param(list(first["loc"]))
         if first["type"] == "extra_forbidden":
-            message = (f"unknown field '{param}' in a batch line; a line has custom_id, method, url and body")
+            message = f"unknown field '{param}' in a batch line; a line has custom_id, method, url and body"
             return_code = "unknown_field"
         elif first["type"] == "missing":
             message, return_code = f"a batch line needs '{param}'", "missing_field"
@@ -269,8 +290,11 @@ def parse_batch_request(line: Any) -> BatchRequest:
             return_code = "invalid_type" if first["type"].endswith("_type") else "invalid_value"
         raise ProtocolError(message, code=return_code, param=param) from None
     if head.method.upper() != "POST":
-        raise ProtocolError(f"method {head.method!r} is not supported: batch requests are POST",
-                            code="unsupported_method", param="method")
+        raise ProtocolError(
+            f"method {head.method!r} is not supported: batch requests are POST",
+            code="unsupported_method",
+            param="method",
+        )
     return BatchRequest(head.custom_id, head.url, parse_request(head.url, head.body))
 
 
@@ -285,8 +309,11 @@ def request_prompts(request: Request) -> list[dict[str, Any]]:
     if isinstance(request, ChatCompletionRequest):
         messages = []
         for m in request.messages:
-            content = m.content if isinstance(m.content, str) or m.content is None else \
-                "".join(part.text for part in m.content)
+            content = (
+                m.content
+                if isinstance(m.content, str) or m.content is None
+                else "".join(part.text for part in m.content)
+            )
             messages.append({"role": m.role, "content": content or ""})
         return [{"messages": messages, "add_generation_prompt": request.add_generation_prompt}]
     prompt = request.prompt
@@ -341,8 +368,14 @@ def sample_seed(seed: int, sample: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def sampling_settings(request: Request, prompt_lens: list[int], max_model_len: int, *,
-                      allow_stream: bool = False, vocab_size: int | None = None) -> RequestSettings:
+def sampling_settings(
+    request: Request,
+    prompt_lens: list[int],
+    max_model_len: int,
+    *,
+    allow_stream: bool = False,
+    vocab_size: int | None = None,
+) -> RequestSettings:
     """THE mapping from a body to SamplingParams + n / echo / logprobs; raises ProtocolError.
 
     prompt_lens are the token counts of request_prompts(request) (the context check needs them).
@@ -351,8 +384,9 @@ def sampling_settings(request: Request, prompt_lens: list[int], max_model_len: i
     """
     chat = isinstance(request, ChatCompletionRequest)
     if request.stream and not allow_stream:
-        raise ProtocolError("stream=true is not available here: batch results are whole responses",
-                            code="invalid_value", param="stream")
+        raise ProtocolError(
+            "stream=true is not available here: batch results are whole responses", code="invalid_value", param="stream"
+        )
     if not 1 <= request.n <= MAX_N:
         raise ProtocolError(f"n={request.n} is outside [1, {MAX_N}]", param="n")
     for i, length in enumerate(prompt_lens):
@@ -360,8 +394,11 @@ def sampling_settings(request: Request, prompt_lens: list[int], max_model_len: i
         if length == 0:
             raise ProtocolError("the prompt is empty; give at least one token", code="invalid_prompt", param=where)
         if length >= max_model_len:
-            raise ProtocolError(f"the prompt has {length} tokens but the model's context is {max_model_len}; "
-                                "shorten the prompt", code="context_length_exceeded", param=where)
+            raise ProtocolError(
+                f"the prompt has {length} tokens but the model's context is {max_model_len}; shorten the prompt",
+                code="context_length_exceeded",
+                param=where,
+            )
     longest = max(prompt_lens, default=0)
     if chat:
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
@@ -381,12 +418,19 @@ def sampling_settings(request: Request, prompt_lens: list[int], max_model_len: i
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise ProtocolError(f"{logprobs_param}={logprobs} is outside [0, {MAX_LOGPROBS}]", param=logprobs_param)
     if max_tokens < 0 or (max_tokens == 0 and not echo):
-        raise ProtocolError(f"{tokens_param}={max_tokens} is below 1: ask for at least one token "
-                            "(0 only with echo=true, to score the prompt)", param=tokens_param)
+        raise ProtocolError(
+            f"{tokens_param}={max_tokens} is below 1: ask for at least one token "
+            "(0 only with echo=true, to score the prompt)",
+            param=tokens_param,
+        )
     if longest + max_tokens > max_model_len:
-        raise ProtocolError(f"this model's context is {max_model_len} tokens, but {longest + max_tokens} were "
-                            f"requested ({longest} in the prompt, {max_tokens} to generate); lower {tokens_param} "
-                            "or shorten the prompt", code="context_length_exceeded", param=tokens_param)
+        raise ProtocolError(
+            f"this model's context is {max_model_len} tokens, but {longest + max_tokens} were "
+            f"requested ({longest} in the prompt, {max_tokens} to generate); lower {tokens_param} "
+            "or shorten the prompt",
+            code="context_length_exceeded",
+            param=tokens_param,
+        )
     params = None
     if max_tokens > 0:
         stop = request.stop if request.stop is None or isinstance(request.stop, str) else tuple(request.stop)
@@ -396,9 +440,17 @@ def sampling_settings(request: Request, prompt_lens: list[int], max_model_len: i
                 1.0 if request.top_p is None else request.top_p,
                 0 if request.top_k is None else request.top_k,
                 0.0 if request.min_p is None else request.min_p,
-                request.seed, max_tokens, request.min_tokens, stop,
-                None if request.stop_token_ids is None else tuple(request.stop_token_ids), request.ignore_eos,
-                logprobs, request.skip_special_tokens, request.include_stop_str_in_output, vocab_size)
+                request.seed,
+                max_tokens,
+                request.min_tokens,
+                stop,
+                None if request.stop_token_ids is None else tuple(request.stop_token_ids),
+                request.ignore_eos,
+                logprobs,
+                request.skip_special_tokens,
+                request.include_stop_str_in_output,
+                vocab_size,
+            )
         except KlotskiError as exc:
             raise as_protocol_error(exc) from None
     elif request.min_tokens:
@@ -408,16 +460,39 @@ def sampling_settings(request: Request, prompt_lens: list[int], max_model_len: i
 
 
 @functools.lru_cache(maxsize=4096)
-def _sampling_params(temperature, top_p, top_k, min_p, seed, max_tokens, min_tokens, stop, stop_token_ids, ignore_eos,
-                     logprobs, skip_special_tokens, include_stop_str_in_output, vocab_size) -> SamplingParams:
+def _sampling_params(
+    temperature,
+    top_p,
+    top_k,
+    min_p,
+    seed,
+    max_tokens,
+    min_tokens,
+    stop,
+    stop_token_ids,
+    ignore_eos,
+    logprobs,
+    skip_special_tokens,
+    include_stop_str_in_output,
+    vocab_size,
+) -> SamplingParams:
     """One validated SamplingParams per distinct setting: a batch file's requests mostly share theirs, and
     validating costs more per request than the rest of the mapping. Shared instances are never mutated."""
     params = SamplingParams(
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens,
-        min_tokens=min_tokens, stop=list(stop) if isinstance(stop, tuple) else stop,
-        stop_token_ids=None if stop_token_ids is None else list(stop_token_ids), ignore_eos=ignore_eos,
-        logprobs=logprobs, skip_special_tokens=skip_special_tokens,
-        include_stop_str_in_output=include_stop_str_in_output)
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        seed=seed,
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
+        stop=list(stop) if isinstance(stop, tuple) else stop,
+        stop_token_ids=None if stop_token_ids is None else list(stop_token_ids),
+        ignore_eos=ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=skip_special_tokens,
+        include_stop_str_in_output=include_stop_str_in_output,
+    )
     if vocab_size is not None:
         params.validate(vocab_size)
     return params
@@ -464,28 +539,47 @@ def _entry_logprob(entry: dict[int, float] | None, token: int) -> tuple[float, d
     return entry[token], entry
 
 
-def completion_body(outputs: list[RequestOutput], settings: RequestSettings, *, model: str, id: str, created: int,
-                    token_text: TokenText, system_fingerprint: str | None = None) -> dict[str, Any]:
+def completion_body(
+    outputs: list[RequestOutput],
+    settings: RequestSettings,
+    *,
+    model: str,
+    id: str,
+    created: int,
+    token_text: TokenText,
+    system_fingerprint: str | None = None,
+) -> dict[str, Any]:
     """A Completion body: one choice per (prompt, sample), index = prompt * n + sample."""
     choices = []
     for out in outputs:
         for sample in out.outputs:
-            choice: dict[str, Any] = {"index": len(choices), "text": sample.text,
-                                      "finish_reason": sample.finish_reason or "length", "logprobs": None}
+            choice: dict[str, Any] = {
+                "index": len(choices),
+                "text": sample.text,
+                "finish_reason": sample.finish_reason or "length",
+                "logprobs": None,
+            }
             if settings.echo:
                 choice["text"] = (out.prompt or "") + sample.text
             if settings.logprobs is not None:
                 choice["logprobs"] = _completion_logprobs(out, sample, settings, token_text)
             choices.append(choice)
-    body = {"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": _usage(outputs)}
+    body = {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": _usage(outputs),
+    }
     if system_fingerprint is not None:
         body["system_fingerprint"] = system_fingerprint
     return body
 
 
-def _completion_logprobs(out: RequestOutput, sample: CompletionOutput, settings: RequestSettings,
-                         token_text: TokenText) -> dict[str, Any]:
+def _completion_logprobs(
+    out: RequestOutput, sample: CompletionOutput, settings: RequestSettings, token_text: TokenText
+) -> dict[str, Any]:
     """OpenAI's legacy logprobs: tokens, token_logprobs, top_logprobs and text_offset into the choice's text.
     top_logprobs holds the N most likely tokens plus the chosen one, as vLLM reports them."""
     pairs: list[tuple[int, dict[int, float] | None]] = []
@@ -505,21 +599,45 @@ def _completion_logprobs(out: RequestOutput, sample: CompletionOutput, settings:
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-def chat_completion_body(outputs: list[RequestOutput], settings: RequestSettings, *, model: str, id: str,
-                         created: int, token_text: TokenText, system_fingerprint: str | None = None) -> dict[str, Any]:
+def chat_completion_body(
+    outputs: list[RequestOutput],
+    settings: RequestSettings,
+    *,
+    model: str,
+    id: str,
+    created: int,
+    token_text: TokenText,
+    system_fingerprint: str | None = None,
+) -> dict[str, Any]:
     """A ChatCompletion body: one assistant message per sample."""
     choices = []
     for out in outputs:
         for sample in out.outputs:
             logprobs = None
             if settings.logprobs is not None:
-                logprobs = {"content": [_chat_token(t, e, settings.logprobs, token_text)
-                                        for t, e in zip(sample.token_ids, sample.logprobs or [])],
-                            "refusal": None}
-            choices.append({"index": len(choices), "message": {"role": "assistant", "content": sample.text},
-                            "finish_reason": sample.finish_reason or "length", "logprobs": logprobs})
-    body = {"id": id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-            "usage": _usage(outputs)}
+                logprobs = {
+                    "content": [
+                        _chat_token(t, e, settings.logprobs, token_text)
+                        for t, e in zip(sample.token_ids, sample.logprobs or [])
+                    ],
+                    "refusal": None,
+                }
+            choices.append(
+                {
+                    "index": len(choices),
+                    "message": {"role": "assistant", "content": sample.text},
+                    "finish_reason": sample.finish_reason or "length",
+                    "logprobs": logprobs,
+                }
+            )
+    body = {
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": _usage(outputs),
+    }
     if system_fingerprint is not None:
         body["system_fingerprint"] = system_fingerprint
     return body
@@ -530,9 +648,14 @@ def _chat_token(token: int, entry: dict[int, float] | None, top_n: int, token_te
     text = token_text(token)
     # The engine's entry is the top-N plus the sampled token: the N largest are the top-N.
     best = sorted(entries.items(), key=lambda kv: (-kv[1], kv[0]))[:top_n]
-    return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8")),
-            "top_logprobs": [{"token": token_text(t), "logprob": v, "bytes": list(token_text(t).encode("utf-8"))}
-                             for t, v in best]}
+    return {
+        "token": text,
+        "logprob": value,
+        "bytes": list(text.encode("utf-8")),
+        "top_logprobs": [
+            {"token": token_text(t), "logprob": v, "bytes": list(token_text(t).encode("utf-8"))} for t, v in best
+        ],
+    }
 
 
 def response_body(
@@ -548,8 +671,15 @@ def response_body(
 ) -> dict[str, Any]:
     """completion_body or chat_completion_body, whichever the request's endpoint answers with."""
     build = chat_completion_body if isinstance(request, ChatCompletionRequest) else completion_body
-    return build(outputs, settings, model=model, id=id, created=created, token_text=token_text,
-                 system_fingerprint=system_fingerprint)
+    return build(
+        outputs,
+        settings,
+        model=model,
+        id=id,
+        created=created,
+        token_text=token_text,
+        system_fingerprint=system_fingerprint,
+    )
 
 
 def response_id(request: Request, key: str) -> str:
@@ -561,21 +691,28 @@ def response_id(request: Request, key: str) -> str:
 # -- batch output lines --------------------------------------------------------------------------------
 def batch_result_line(custom_id: str, body: dict[str, Any], *, id: str, request_id: str) -> dict[str, Any]:
     """An OpenAI batch output line for a request that succeeded."""
-    return {"id": id, "custom_id": custom_id,
-            "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+    return {
+        "id": id,
+        "custom_id": custom_id,
+        "response": {"status_code": 200, "request_id": request_id, "body": body},
+        "error": None,
+    }
 
 
-def batch_error_line(custom_id: str | None, error: ProtocolError, *, id: str, request_id: str,
-                     line: int | None = None) -> dict[str, Any]:
+def batch_error_line(
+    custom_id: str | None, error: ProtocolError, *, id: str, request_id: str, line: int | None = None
+) -> dict[str, Any]:
     """An OpenAI batch output line for a request that failed: the response carries OpenAI's error body
     (status 400), and `error` the {code, message} summary (with the input line number when given)."""
     summary: dict[str, Any] = {"code": error.code, "message": error.message}
     if line is not None:
         summary["line"] = line
-    return {"id": id, "custom_id": custom_id,
-            "response": {"status_code": error.status_code, "request_id": request_id,
-                         "body": {"error": error.to_dict()}},
-            "error": summary}
+    return {
+        "id": id,
+        "custom_id": custom_id,
+        "response": {"status_code": error.status_code, "request_id": request_id, "body": {"error": error.to_dict()}},
+        "error": summary,
+    }
 
 
 # -- streaming (the server's server-sent events) -------------------------------------------------------
@@ -584,8 +721,9 @@ class StreamChunks:
     `chat.completion.chunk`s (chat), one choice per (prompt, sample), numbered as the whole body numbers
     them; the text of a choice's chunks joined is the whole body's text."""
 
-    def __init__(self, request: Request, settings: RequestSettings, *, model: str, id: str, created: int,
-                 token_text: TokenText) -> None:
+    def __init__(
+        self, request: Request, settings: RequestSettings, *, model: str, id: str, created: int, token_text: TokenText
+    ) -> None:
         self.chat = isinstance(request, ChatCompletionRequest)
         self.settings, self.model, self.id, self.created, self.token_text = settings, model, id, created, token_text
         self._offsets: dict[int, int] = {}  # completions: text_offset reached per choice (echo included)
@@ -598,12 +736,22 @@ class StreamChunks:
         """Chat's first chunk of a choice announces the assistant role; completions have none."""
         if not self.chat:
             return None
-        return self._chunk([{"index": choice, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}])
+        return self._chunk(
+            [{"index": choice, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+        )
 
-    def update(self, choice: int, text: str, token_ids: list[int], logprobs: list[dict[int, float]] | None,
-               finish_reason: str | None, *, prompt_text: str | None = None, prompt_ids: list[int] | None = None,
-               prompt_logprobs: list[dict[int, float] | None] | None = None) -> dict[str, Any] | None:
+    def update(
+        self,
+        choice: int,
+        text: str,
+        token_ids: list[int],
+        logprobs: list[dict[int, float]] | None,
+        finish_reason: str | None,
+        *,
+        prompt_text: str | None = None,
+        prompt_ids: list[int] | None = None,
+        prompt_logprobs: list[dict[int, float] | None] | None = None,
+    ) -> dict[str, Any] | None:
         """The chunk for what one choice produced since its last chunk (None when there is nothing to say).
         A completions choice's first chunk starts with the prompt under echo (and its logprobs)."""
         pairs: list[tuple[int, dict[int, float] | None]] = []
@@ -620,13 +768,19 @@ class StreamChunks:
         out_logprobs = None
         if self.settings.logprobs is not None:
             if self.chat:
-                out_logprobs = {"content": [_chat_token(t, e, self.settings.logprobs, self.token_text)
-                                            for t, e in pairs], "refusal": None}
+                out_logprobs = {
+                    "content": [_chat_token(t, e, self.settings.logprobs, self.token_text) for t, e in pairs],
+                    "refusal": None,
+                }
             else:
                 out_logprobs = self._completion_logprobs(choice, pairs)
         if self.chat:
-            body: dict[str, Any] = {"index": choice, "delta": {"content": text} if text else {},
-                                    "logprobs": out_logprobs, "finish_reason": finish_reason}
+            body: dict[str, Any] = {
+                "index": choice,
+                "delta": {"content": text} if text else {},
+                "logprobs": out_logprobs,
+                "finish_reason": finish_reason,
+            }
         else:
             body = {"index": choice, "text": text, "logprobs": out_logprobs, "finish_reason": finish_reason}
         return self._chunk([body])
@@ -646,6 +800,9 @@ class StreamChunks:
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         """stream_options.include_usage: the last chunk, with no choices and the request's usage."""
         chunk = self._chunk([])
-        chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}
+        chunk["usage"] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         return chunk

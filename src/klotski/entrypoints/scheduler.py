@@ -18,6 +18,7 @@ seeded request gets the tokens it gets alone through LLM.generate, whatever shar
 An unseeded sampled sequence is numbered by the engine in admission order and seeded from that
 number as LLM.generate seeds its k-th request (LLM.make_sequence).
 """
+
 from __future__ import annotations
 
 import threading
@@ -108,8 +109,14 @@ class LiveBatch(GroupBatch):
 class Scheduler:
     """Owns the engine from one thread and runs the running group step by step."""
 
-    def __init__(self, llm, max_queue: int = 1024, max_wait_ms: float = 50.0, max_num_seqs: int = 256,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        llm,
+        max_queue: int = 1024,
+        max_wait_ms: float = 50.0,
+        max_num_seqs: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if max_queue < 1 or max_num_seqs < 1 or max_wait_ms < 0:
             raise KlotskiError("max_queue and max_num_seqs must be at least 1 and max_wait_ms not negative")
         self.llm = llm
@@ -126,12 +133,29 @@ class Scheduler:
         self._policies: dict[tuple, object] = {}
         self.policy = None  # the running (or the last) group's Policy
         self._capacity = max_num_seqs
-        self.pipeline = Pipeline(llm.runner, llm.store, llm.schedule, Timeline(enabled=False), llm.spec.top_k,
-                                 llm.predictor, llm._routing_hooks(), adaptive_hot=llm.config.num_hot is None)
+        self.pipeline = Pipeline(
+            llm.runner,
+            llm.store,
+            llm.schedule,
+            Timeline(enabled=False),
+            llm.spec.top_k,
+            llm.predictor,
+            llm._routing_hooks(),
+            adaptive_hot=llm.config.num_hot is None,
+        )
         self._batch_ids = 0
         # Counters for /metrics (read under the lock).
-        self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "step_s": 0.0, "bubble_s": 0.0,
-                         "finished": 0, "cancelled": 0, "failed": 0, "admitted": 0}
+        self.counters = {
+            "generated_tokens": 0,
+            "prompt_tokens": 0,
+            "steps": 0,
+            "step_s": 0.0,
+            "bubble_s": 0.0,
+            "finished": 0,
+            "cancelled": 0,
+            "failed": 0,
+            "admitted": 0,
+        }
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self.last_error: str | None = None
 
@@ -140,8 +164,11 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="klotski-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, items: list[tuple[list[int], SamplingParams, int | None]],
-               on_update: Callable[[SeqHandle, Update], None] | None = None) -> list[SeqHandle]:
+    def submit(
+        self,
+        items: list[tuple[list[int], SamplingParams, int | None]],
+        on_update: Callable[[SeqHandle, Update], None] | None = None,
+    ) -> list[SeqHandle]:
         """Queue a request's sequences (prompt ids, params, prompt top-N logprobs or None), all of them or
         none: raises QueueFull / NotAccepting."""
         with self._cond:
@@ -150,8 +177,9 @@ class Scheduler:
             if len(self._waiting) + len(items) > self.max_queue:
                 raise QueueFull(self._retry_after())
             now = self.clock()
-            handles = [SeqHandle(self.llm.make_sequence(list(ids), p), on_update, top, submitted=now)
-                       for ids, p, top in items]
+            handles = [
+                SeqHandle(self.llm.make_sequence(list(ids), p), on_update, top, submitted=now) for ids, p, top in items
+            ]
             self._waiting.extend(handles)
             self._cond.notify_all()
         return handles
@@ -201,10 +229,14 @@ class Scheduler:
             tokens = sum(t for _, t in self._recent)
             span = now - self._recent[0][0] if self._recent else 0.0
             out = dict(self.counters)
-            out |= {"waiting": len(self._waiting), "running": sum(len(b.handles) for b in self._batches),
-                    "batches": len(self._batches), "tokens_per_s": tokens / max(span, 1.0) if self._recent else 0.0,
-                    "bubble_ratio": out["bubble_s"] / out["step_s"] if out["step_s"] > 0 else 0.0,
-                    "policy": self.policy.to_dict() if self.policy is not None else None}
+            out |= {
+                "waiting": len(self._waiting),
+                "running": sum(len(b.handles) for b in self._batches),
+                "batches": len(self._batches),
+                "tokens_per_s": tokens / max(span, 1.0) if self._recent else 0.0,
+                "bubble_ratio": out["bubble_s"] / out["step_s"] if out["step_s"] > 0 else 0.0,
+                "policy": self.policy.to_dict() if self.policy is not None else None,
+            }
         try:
             out["store"] = self.llm.store.stats()
         except RuntimeError:  # a dict the engine thread grew mid-copy: the next scrape reads it
@@ -429,8 +461,10 @@ class Scheduler:
             return False
         if extra < 0:
             self.llm.store.uncharge_kv(-extra)
-        a.kv = [KVBlock(torch.cat([_pad(x.k, cap), _pad(y.k, cap)]), torch.cat([_pad(x.v, cap), _pad(y.v, cap)]))
-                for x, y in zip(a.kv, b.kv)]
+        a.kv = [
+            KVBlock(torch.cat([_pad(x.k, cap), _pad(y.k, cap)]), torch.cat([_pad(x.v, cap), _pad(y.v, cap)]))
+            for x, y in zip(a.kv, b.kv)
+        ]
         a.seqs, a.handles, a.cap, a.kv_bytes = a.seqs + b.seqs, a.handles + b.handles, cap, nbytes
         b.kv, b.kv_bytes = [], 0
         return True
@@ -461,18 +495,18 @@ class Scheduler:
         s = h.seq
         if h.cancelled:
             return
-        new_tokens = s.stopper.token_ids[h._tokens:]
+        new_tokens = s.stopper.token_ids[h._tokens :]
         if s.finished:
             safe = len(s.text)
         else:
             hold = max((len(x) for x in s.params.stop), default=1) - 1
             safe = max(len(s.text) - hold, h._chars)
-        text = s.text[h._chars:safe]
+        text = s.text[h._chars : safe]
         if not new_tokens and not text and not s.finished:
             return
         if h.first_token is None and new_tokens:
             h.first_token = now
-        logprobs = s.logprobs[h._tokens:] if s.logprobs is not None else None
+        logprobs = s.logprobs[h._tokens :] if s.logprobs is not None else None
         h._tokens, h._chars = len(s.stopper.token_ids), safe
         update = Update(text, list(new_tokens), logprobs, s.finished, s.finish_reason, s.stop_reason)
         if s.finished:

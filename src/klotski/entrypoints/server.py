@@ -5,6 +5,7 @@ uses); the Scheduler gathers concurrent requests into the engine's batch groups.
 GET /health, GET /metrics, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (streaming as server-sent events). Errors come in OpenAI's shape {"error": {message, type, param, code}}.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,6 +30,7 @@ from klotski.outputs import RequestOutput
 
 DISCONNECT_POLL_S = 0.25  # a waiting (not streaming) request checks this often whether its client is gone
 
+
 @dataclass
 class ServerConfig:
     served_model_name: str
@@ -42,15 +44,29 @@ class ServerConfig:
 class ApiError(Exception):
     """An error answered in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code, self.headers = \
-            status, message, type, param, code, headers
+        self.status, self.message, self.type, self.param, self.code, self.headers = (
+            status,
+            message,
+            type,
+            param,
+            code,
+            headers,
+        )
 
     def response(self) -> JSONResponse:
-        return JSONResponse(_error_body(self.message, self.type, self.param, self.code), self.status,
-                            headers=self.headers)
+        return JSONResponse(
+            _error_body(self.message, self.type, self.param, self.code), self.status, headers=self.headers
+        )
 
 
 def _error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
@@ -79,8 +95,9 @@ class EngineState:
         try:
             llm = self._load()
             cfg = self.config
-            scheduler = Scheduler(llm, max_queue=cfg.max_queue, max_wait_ms=cfg.max_wait_ms,
-                                  max_num_seqs=cfg.max_num_seqs)
+            scheduler = Scheduler(
+                llm, max_queue=cfg.max_queue, max_wait_ms=cfg.max_wait_ms, max_num_seqs=cfg.max_num_seqs
+            )
             scheduler.start()
             self.llm, self.scheduler = llm, scheduler
             self.ready.set()
@@ -110,8 +127,13 @@ class EngineState:
         if self.error is not None:
             raise ApiError(503, f"the model failed to load: {self.error}", "service_unavailable", code="load_failed")
         if not self.ready.is_set():
-            raise ApiError(503, "the model is still loading; retry shortly", "service_unavailable",
-                           code="model_loading", headers={"Retry-After": "1"})
+            raise ApiError(
+                503,
+                "the model is still loading; retry shortly",
+                "service_unavailable",
+                code="model_loading",
+                headers={"Retry-After": "1"},
+            )
         return self.llm, self.scheduler
 
 
@@ -143,8 +165,11 @@ def create_app(state: EngineState) -> FastAPI:
             message = f"{request.method} is not allowed on {request.url.path}"
         else:
             message = str(exc.detail)
-        return JSONResponse(_error_body(message, "invalid_request_error", code=_http_code(exc.status_code)),
-                            exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            _error_body(message, "invalid_request_error", code=_http_code(exc.status_code)),
+            exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -157,8 +182,9 @@ def create_app(state: EngineState) -> FastAPI:
         auth = request.headers.get("authorization", "")
         if auth != f"Bearer {key}":
             given = "no API key was given" if not auth else "the API key is wrong"
-            raise ApiError(401, f"{given}: send 'Authorization: Bearer <key>' with the server's --api-key",
-                           code="invalid_api_key")
+            raise ApiError(
+                401, f"{given}: send 'Authorization: Bearer <key>' with the server's --api-key", code="invalid_api_key"
+            )
 
     @app.get("/health")
     async def health():
@@ -174,8 +200,17 @@ def create_app(state: EngineState) -> FastAPI:
     async def models(request: Request):
         check_key(request)
         state.require_ready()
-        return {"object": "list", "data": [{"id": state.config.served_model_name, "object": "model",
-                                            "created": int(state.started), "owned_by": "klotski"}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.config.served_model_name,
+                    "object": "model",
+                    "created": int(state.started),
+                    "owned_by": "klotski",
+                }
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -223,9 +258,13 @@ async def _generate(state: EngineState, metrics, request: Request, url: str):
         try:
             handles = scheduler.submit(items, lambda handle, update: relay.put(events, (handle, update)))
         except QueueFull as exc:
-            raise ApiError(429, f"{exc}: the server's queue (--max-queue {scheduler.max_queue}) is full",
-                           "rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(round(exc.retry_after))}) from None
+            raise ApiError(
+                429,
+                f"{exc}: the server's queue (--max-queue {scheduler.max_queue}) is full",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(round(exc.retry_after))},
+            ) from None
         except NotAccepting as exc:
             raise ApiError(503, str(exc), "service_unavailable", code="shutting_down") from None
     except ApiError as exc:
@@ -233,8 +272,11 @@ async def _generate(state: EngineState, metrics, request: Request, url: str):
         raise
     job = _Job(state, metrics, req, settings, prompts, handles, events, endpoint)
     if req.stream:
-        return StreamingResponse(job.stream(request), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            job.stream(request),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     return await job.whole(request)
 
 
@@ -280,8 +322,9 @@ async def _json_body(request: Request) -> Any:
     except UnicodeDecodeError:
         raise ApiError(400, "the body is not valid UTF-8", code="invalid_json") from None
     except json.JSONDecodeError as exc:
-        raise ApiError(400, f"the body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
-                       code="invalid_json") from None
+        raise ApiError(
+            400, f"the body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", code="invalid_json"
+        ) from None
 
 
 def _protocol(exc: KlotskiError) -> ApiError:
@@ -295,8 +338,12 @@ def _parse(url: str, body: Any, served: str):
     except KlotskiError as exc:
         raise _protocol(exc) from None
     if req.model is not None and req.model != served:
-        raise ApiError(400, f"the model {req.model!r} is not served here; this server serves {served!r}",
-                       param="model", code="model_not_found")
+        raise ApiError(
+            400,
+            f"the model {req.model!r} is not served here; this server serves {served!r}",
+            param="model",
+            code="model_not_found",
+        )
     return req
 
 
@@ -382,21 +429,36 @@ class _Job:
         if error is not None:
             self.metrics.request_done(self.endpoint, 500)
             return JSONResponse(_error_body(error, "server_error", code="engine_error"), 500)
-        body = proto.response_body(self.req, self._outputs(), self.settings, model=self.model, id=self.id,
-                                   created=self.created, token_text=self.token_text)
+        body = proto.response_body(
+            self.req,
+            self._outputs(),
+            self.settings,
+            model=self.model,
+            id=self.id,
+            created=self.created,
+            token_text=self.token_text,
+        )
         self.metrics.request_done(self.endpoint, 200, time.monotonic() - self.start)
         return JSONResponse(body)
 
     def _outputs(self) -> list[RequestOutput]:
         outputs = []
         for k, p in enumerate(self.prompts):
-            handles = self.handles[k * self.per_prompt:(k + 1) * self.per_prompt]
+            handles = self.handles[k * self.per_prompt : (k + 1) * self.per_prompt]
             if self.score_only:
                 samples = proto.score_only_outputs(self.settings)
             else:
                 samples = [replace(h.seq.output(), index=j) for j, h in enumerate(handles)]
-            outputs.append(RequestOutput(request_id=self.id, prompt=p.text, prompt_token_ids=p.ids, outputs=samples,
-                                         finished=True, prompt_logprobs=handles[0].prompt_logprob_entries))
+            outputs.append(
+                RequestOutput(
+                    request_id=self.id,
+                    prompt=p.text,
+                    prompt_token_ids=p.ids,
+                    outputs=samples,
+                    finished=True,
+                    prompt_logprobs=handles[0].prompt_logprob_entries,
+                )
+            )
         return outputs
 
     async def stream(self, request: Request):
@@ -404,8 +466,9 @@ class _Job:
         index = {id(h): i for i, h in enumerate(self.handles)}
         remaining = set(self.handles)
         include_usage = bool((self.req.stream_options or {}).get("include_usage"))
-        chunks = proto.StreamChunks(self.req, self.settings, model=self.model, id=self.id, created=self.created,
-                                    token_text=self.token_text)
+        chunks = proto.StreamChunks(
+            self.req, self.settings, model=self.model, id=self.id, created=self.created, token_text=self.token_text
+        )
         status = 200
         try:
             for i in range(len(self.handles)):
@@ -425,9 +488,16 @@ class _Job:
                 prompt = self.prompts[i // self.per_prompt]
                 if self.score_only:  # the one greedy token that carried the prefill is not an answer
                     update = replace(update, text="", token_ids=[], logprobs=None, finish_reason="length")
-                chunk = chunks.update(i, update.text, update.token_ids, update.logprobs, update.finish_reason,
-                                      prompt_text=prompt.text, prompt_ids=prompt.ids,
-                                      prompt_logprobs=handle.prompt_logprob_entries)
+                chunk = chunks.update(
+                    i,
+                    update.text,
+                    update.token_ids,
+                    update.logprobs,
+                    update.finish_reason,
+                    prompt_text=prompt.text,
+                    prompt_ids=prompt.ids,
+                    prompt_logprobs=handle.prompt_logprob_entries,
+                )
                 if chunk is not None:
                     yield _sse(chunk)
             if include_usage and status == 200:
@@ -438,8 +508,9 @@ class _Job:
             # A client that went away ends here too (the generator is closed): its sequences leave the group.
             cancelled = any(not h.done.is_set() for h in self.handles)
             self._cancel_unfinished()
-            self.metrics.request_done(self.endpoint, 499 if cancelled and status == 200 else status,
-                                      time.monotonic() - self.start)
+            self.metrics.request_done(
+                self.endpoint, 499 if cancelled and status == 200 else status, time.monotonic() - self.start
+            )
 
 
 def _sse(obj: dict) -> str:

@@ -4,6 +4,7 @@ Layout: a batch holds B sequences of different lengths, right-padded; each new t
 own position, and each sequence's keys are written into its own row of the cache at those
 positions. Masks make padding invisible, so a sequence's result never depends on its neighbours.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -71,15 +72,26 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepInfo, spec
     length = step.max_total
     k, v = k[:, :, :length].to(q.dtype), v[:, :, :length].to(q.dtype)
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=step.mask(spec.sliding_window), scale=spec.softmax_scale,
+        q,
+        k,
+        v,
+        attn_mask=step.mask(spec.sliding_window),
+        scale=spec.softmax_scale,
         enable_gqa=spec.num_heads != spec.num_kv_heads,
     )
     b, h, s, dv = out.shape
     return out.transpose(1, 2).reshape(b, s, h * dv)
 
 
-def gqa_attention(spec: AttentionSpec, eps: float, w: dict[str, torch.Tensor], x: torch.Tensor,
-                  kv: KVBlock, step: StepInfo, rotary: Rotary) -> torch.Tensor:
+def gqa_attention(
+    spec: AttentionSpec,
+    eps: float,
+    w: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    kv: KVBlock,
+    step: StepInfo,
+    rotary: Rotary,
+) -> torch.Tensor:
     """Pre-norm GQA attention block with residual: x [B, S, D] -> [B, S, D]."""
     b, s, _ = x.shape
     h = rms_norm(x, w["input_norm"], eps)
@@ -100,4 +112,3 @@ def gqa_attention(spec: AttentionSpec, eps: float, w: dict[str, torch.Tensor], x
     q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
     k_all, v_all = write_kv(kv, k, v, step.positions)
     return x + linear(sdpa(q, k_all, v_all, step, spec), w["o_proj"])
-

@@ -1,4 +1,5 @@
 """Linear layers over weights stored in any dtype; compute happens in the activations' dtype."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Keys are a per-head part decompressed from a low-rank latent (no position) plus 
 shared by every head; the query has the same two parts. Rope rotates only the shared part.
 Caching decompressed k/v keeps the cache layout (and sdpa) the same as GQA's.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,15 @@ from klotski.models.spec import AttentionSpec
 # dn = qk_nope_head_dim, dr = qk_rope_head_dim, dv = v_head_dim
 
 
-def mla_attention(spec: AttentionSpec, eps: float, w: dict[str, torch.Tensor], x: torch.Tensor,
-                  kv: KVBlock, step: StepInfo, rotary: Rotary) -> torch.Tensor:
+def mla_attention(
+    spec: AttentionSpec,
+    eps: float,
+    w: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    kv: KVBlock,
+    step: StepInfo,
+    rotary: Rotary,
+) -> torch.Tensor:
     """Pre-norm MLA block with residual: x [B, S, D] -> [B, S, D]."""
     b, s, _ = x.shape
     h = rms_norm(x, w["input_norm"], eps)
@@ -43,12 +51,12 @@ def _query(spec: AttentionSpec, eps: float, w: dict[str, torch.Tensor], h: torch
     return linear(h, w["q_proj"])
 
 
-def _decompress(spec: AttentionSpec, eps: float, w: dict[str, torch.Tensor],
-                latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _decompress(
+    spec: AttentionSpec, eps: float, w: dict[str, torch.Tensor], latent: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normed latent [B, S, r] -> per-head k_nope [B, H, S, dn] and v [B, H, S, dv]."""
     b, s, _ = latent.shape
     kv = linear(rms_norm(latent, w["kv_a_norm"], eps), w["kv_b_proj"])  # [B, S, H*(dn+dv)]
     kv = kv.view(b, s, spec.num_heads, spec.qk_nope_head_dim + spec.v_head_dim).transpose(1, 2)
     k_nope, v = kv.split([spec.qk_nope_head_dim, spec.v_head_dim], dim=-1)
     return k_nope, v
-

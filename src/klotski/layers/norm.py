@@ -1,4 +1,5 @@
 """RMSNorm, computed in fp32 like the reference, then cast back."""
+
 from __future__ import annotations
 
 import torch

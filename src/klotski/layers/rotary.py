@@ -1,4 +1,5 @@
 """Rotary position embeddings: inverse frequencies per scaling type, and applying them."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Routers: router logits -> (top-k expert ids, their weights) per token."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Model families as data: config.json -> ModelSpec (+ tensor-name table)."""
+
 from __future__ import annotations
 
 from klotski.errors import ConfigError, KlotskiError, UnsupportedModelError
@@ -33,8 +34,10 @@ def spec_from_config(config: dict) -> ModelSpec:
             except KlotskiError:
                 raise
             except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError) as exc:
-                raise ConfigError(f"config.json has a field of the wrong type or value ({type(exc).__name__}: "
-                                  f"{exc}); restore the checkpoint's config.json") from None
+                raise ConfigError(
+                    f"config.json has a field of the wrong type or value ({type(exc).__name__}: "
+                    f"{exc}); restore the checkpoint's config.json"
+                ) from None
             validate.check_spec(spec, config)
             return spec
     raise UnsupportedModelError(

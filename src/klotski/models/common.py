@@ -1,5 +1,6 @@
 """What the families share: tensor-name rules for the common Hugging Face layout, unit shapes,
 and config.json field readers."""
+
 from __future__ import annotations
 
 from klotski.errors import CheckpointError
@@ -120,8 +121,10 @@ def unit_shapes(spec: ModelSpec, key: WeightKey) -> dict[str, tuple[int, ...]]:
 def need(config: dict, field: str):
     """A required config.json field, or a CheckpointError naming it."""
     if field not in config or config[field] is None:
-        raise CheckpointError(f"config.json has no '{field}', which a {config.get('architectures', ['?'])[0]} needs; "
-                              "re-export the checkpoint's config.json")
+        raise CheckpointError(
+            f"config.json has no '{field}', which a {config.get('architectures', ['?'])[0]} needs; "
+            "re-export the checkpoint's config.json"
+        )
     return config[field]
 
 
@@ -165,5 +168,12 @@ def gqa_attention(config: dict, **extra) -> AttentionSpec:
     """Grouped-query attention as the Llama-style families configure it; `extra` adds their quirks."""
     heads = need(config, "num_attention_heads")
     head_dim = config.get("head_dim") or need(config, "hidden_size") // heads
-    return AttentionSpec(kind="gqa", num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
-                         qk_head_dim=head_dim, v_head_dim=head_dim, rope=rope_from_config(config, head_dim), **extra)
+    return AttentionSpec(
+        kind="gqa",
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        qk_head_dim=head_dim,
+        v_head_dim=head_dim,
+        rope=rope_from_config(config, head_dim),
+        **extra,
+    )

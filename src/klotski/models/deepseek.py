@@ -6,6 +6,7 @@ the top-k; V3 scores with sigmoid, steers selection with e_score_correction_bias
 their top-2 sum and renormalises. Both rotate the rope dims as interleaved pairs (V3 unless
 `rope_interleave` is false).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,10 +29,15 @@ MLA_RULES = (
 )
 
 NAMES = NameTable(
-    rules=common.BASE_RULES + MLA_RULES + common.MLP_EXPERT_RULES + common.DENSE_MLP_RULES + tuple(
+    rules=common.BASE_RULES
+    + MLA_RULES
+    + common.MLP_EXPERT_RULES
+    + common.DENSE_MLP_RULES
+    + tuple(
         rule(f"model.layers.{{L}}.mlp.shared_experts.{p}_proj.weight", MOE, f"shared_{p}_proj")
         for p in ("gate", "up", "down")
-    ) + (rule("model.layers.{L}.mlp.gate.e_score_correction_bias", MOE, "router_bias"),),
+    )
+    + (rule("model.layers.{L}.mlp.gate.e_score_correction_bias", MOE, "router_bias"),),
     shape_fn=common.unit_shapes,
 )
 
@@ -101,7 +107,7 @@ def mla_spec(config: dict, arch: str) -> AttentionSpec:
 
 def softmax_scale(qk_head_dim: int, rope: RopeSpec) -> float:
     """1/sqrt(dk), times mscale(factor, mscale_all_dim)^2 under scaled rope (DeepSeek's YaRN correction)."""
-    scale = qk_head_dim ** -0.5
+    scale = qk_head_dim**-0.5
     if rope.scaling and rope.scaling.get("mscale_all_dim"):
         scale *= yarn_mscale(rope.scaling["factor"], rope.scaling["mscale_all_dim"]) ** 2
     return scale
@@ -115,8 +121,9 @@ def router_spec(config: dict, arch: str) -> RouterSpec:
     if version.scoring == "softmax":
         method = config.get("topk_method") or "greedy"
         if method not in ("greedy", "group_limited_greedy"):
-            raise UnsupportedModelError(f"DeepSeek-V2 topk_method {method!r} is not supported; "
-                                        "supported: greedy, group_limited_greedy")
+            raise UnsupportedModelError(
+                f"DeepSeek-V2 topk_method {method!r} is not supported; supported: greedy, group_limited_greedy"
+            )
         if method == "greedy":
             groups = topk_groups = 1
     return RouterSpec(
@@ -141,58 +148,159 @@ def _reject_biases(config: dict) -> None:
 
 # create-model presets: tiny test shapes and the real models' shapes.
 _V2_BASE = {
-    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_act": "silu",
-    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "attention_bias": False,
-    "attention_dropout": 0.0, "topk_method": "greedy", "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "model_type": "deepseek_v2",
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "topk_method": "greedy",
+    "norm_topk_prob": False,
+    "routed_scaling_factor": 1.0,
 }
 _V3_BASE = {
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_act": "silu",
-    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "attention_bias": False,
-    "attention_dropout": 0.0, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "topk_method": "noaux_tc",
+    "scoring_func": "sigmoid",
+    "norm_topk_prob": True,
     "rope_interleave": True,
 }
 _TINY_MLA = {
-    "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
-    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "kv_lora_rank": 32,
-    "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "first_k_dense_replace": 1,
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "first_k_dense_replace": 1,
     "max_position_embeddings": 4096,
 }
 # Published rope_scaling of DeepSeek-V2(-Lite) and V3: YaRN from 4k to 160k positions.
-_V2_YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
-            "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+_V2_YARN = {
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
 _V3_YARN = _V2_YARN | {"mscale": 1.0, "mscale_all_dim": 1.0}
 
 FAMILY_PRESETS = {
-    "deepseek_v2": (_V2_BASE, {
-        "tiny": _TINY_MLA | {"q_lora_rank": None, "n_routed_experts": 8, "n_shared_experts": 2,
-                             "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1},
-        "deepseek-v2-lite": {
-            "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
-            "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16, "kv_lora_rank": 512,
-            "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-            "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6, "n_group": 1, "topk_group": 1,
-            "first_k_dense_replace": 1, "moe_layer_freq": 1, "max_position_embeddings": 163840,
-            "rope_scaling": _V2_YARN,
+    "deepseek_v2": (
+        _V2_BASE,
+        {
+            "tiny": _TINY_MLA
+            | {
+                "q_lora_rank": None,
+                "n_routed_experts": 8,
+                "n_shared_experts": 2,
+                "num_experts_per_tok": 2,
+                "n_group": 1,
+                "topk_group": 1,
+            },
+            "deepseek-v2-lite": {
+                "vocab_size": 102400,
+                "hidden_size": 2048,
+                "intermediate_size": 10944,
+                "moe_intermediate_size": 1408,
+                "num_hidden_layers": 27,
+                "num_attention_heads": 16,
+                "num_key_value_heads": 16,
+                "kv_lora_rank": 512,
+                "q_lora_rank": None,
+                "qk_nope_head_dim": 128,
+                "qk_rope_head_dim": 64,
+                "v_head_dim": 128,
+                "n_routed_experts": 64,
+                "n_shared_experts": 2,
+                "num_experts_per_tok": 6,
+                "n_group": 1,
+                "topk_group": 1,
+                "first_k_dense_replace": 1,
+                "moe_layer_freq": 1,
+                "max_position_embeddings": 163840,
+                "rope_scaling": _V2_YARN,
+            },
+            "deepseek-v2": {
+                "vocab_size": 102400,
+                "hidden_size": 5120,
+                "intermediate_size": 12288,
+                "moe_intermediate_size": 1536,
+                "num_hidden_layers": 60,
+                "num_attention_heads": 128,
+                "num_key_value_heads": 128,
+                "kv_lora_rank": 512,
+                "q_lora_rank": 1536,
+                "qk_nope_head_dim": 128,
+                "qk_rope_head_dim": 64,
+                "v_head_dim": 128,
+                "n_routed_experts": 160,
+                "n_shared_experts": 2,
+                "num_experts_per_tok": 6,
+                "n_group": 8,
+                "topk_group": 3,
+                "topk_method": "group_limited_greedy",
+                "routed_scaling_factor": 16.0,
+                "first_k_dense_replace": 1,
+                "moe_layer_freq": 1,
+                "max_position_embeddings": 163840,
+                "rope_scaling": _V2_YARN,
+            },
         },
-        "deepseek-v2": {
-            "vocab_size": 102400, "hidden_size": 5120, "intermediate_size": 12288, "moe_intermediate_size": 1536,
-            "num_hidden_layers": 60, "num_attention_heads": 128, "num_key_value_heads": 128, "kv_lora_rank": 512,
-            "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-            "n_routed_experts": 160, "n_shared_experts": 2, "num_experts_per_tok": 6, "n_group": 8, "topk_group": 3,
-            "topk_method": "group_limited_greedy", "routed_scaling_factor": 16.0, "first_k_dense_replace": 1,
-            "moe_layer_freq": 1, "max_position_embeddings": 163840, "rope_scaling": _V2_YARN,
+    ),
+    "deepseek_v3": (
+        _V3_BASE,
+        {
+            "tiny": _TINY_MLA
+            | {
+                "q_lora_rank": 24,
+                "n_routed_experts": 8,
+                "n_shared_experts": 1,
+                "num_experts_per_tok": 2,
+                "n_group": 4,
+                "topk_group": 2,
+                "routed_scaling_factor": 2.5,
+            },
+            "deepseek-v3": {
+                "vocab_size": 129280,
+                "hidden_size": 7168,
+                "intermediate_size": 18432,
+                "moe_intermediate_size": 2048,
+                "num_hidden_layers": 61,
+                "num_attention_heads": 128,
+                "num_key_value_heads": 128,
+                "kv_lora_rank": 512,
+                "q_lora_rank": 1536,
+                "qk_nope_head_dim": 128,
+                "qk_rope_head_dim": 64,
+                "v_head_dim": 128,
+                "n_routed_experts": 256,
+                "n_shared_experts": 1,
+                "num_experts_per_tok": 8,
+                "n_group": 8,
+                "topk_group": 4,
+                "routed_scaling_factor": 2.5,
+                "first_k_dense_replace": 3,
+                "moe_layer_freq": 1,
+                "max_position_embeddings": 163840,
+                "rope_scaling": _V3_YARN,
+            },
         },
-    }),
-    "deepseek_v3": (_V3_BASE, {
-        "tiny": _TINY_MLA | {"q_lora_rank": 24, "n_routed_experts": 8, "n_shared_experts": 1,
-                             "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5},
-        "deepseek-v3": {
-            "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
-            "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128, "kv_lora_rank": 512,
-            "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-            "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
-            "routed_scaling_factor": 2.5, "first_k_dense_replace": 3, "moe_layer_freq": 1,
-            "max_position_embeddings": 163840, "rope_scaling": _V3_YARN,
-        },
-    }),
+    ),
 }

@@ -1,5 +1,6 @@
 """OLMoE (OlmoeForCausalLM): GQA with RMSNorm over the whole q and k projections, optional
 clip_qkv, and a softmax top-k router that does not renormalise by default."""
+
 from __future__ import annotations
 
 from klotski.errors import KlotskiError
@@ -37,15 +38,43 @@ def spec_from_config(config: dict) -> ModelSpec:
 
 # create-model presets: a tiny test shape and OLMoE-1B-7B's published config.json values.
 _BASE = {
-    "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "hidden_act": "silu", "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0, "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0,
-    "clip_qkv": None, "norm_topk_prob": False,
+    "architectures": ["OlmoeForCausalLM"],
+    "model_type": "olmoe",
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "clip_qkv": None,
+    "norm_topk_prob": False,
 }
-FAMILY_PRESETS = {"olmoe": (_BASE, {
-    "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 4, "num_experts": 8, "num_experts_per_tok": 2,
-             "max_position_embeddings": 4096},
-    "olmoe-1b-7b": {"vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16,
-                    "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
-                    "num_experts_per_tok": 8, "max_position_embeddings": 4096},
-})}
+FAMILY_PRESETS = {
+    "olmoe": (
+        _BASE,
+        {
+            "tiny": {
+                "vocab_size": 512,
+                "hidden_size": 64,
+                "intermediate_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+                "num_experts": 8,
+                "num_experts_per_tok": 2,
+                "max_position_embeddings": 4096,
+            },
+            "olmoe-1b-7b": {
+                "vocab_size": 50304,
+                "hidden_size": 2048,
+                "intermediate_size": 1024,
+                "num_hidden_layers": 16,
+                "num_attention_heads": 16,
+                "num_key_value_heads": 16,
+                "num_experts": 64,
+                "num_experts_per_tok": 8,
+                "max_position_embeddings": 4096,
+            },
+        },
+    )
+}

@@ -3,6 +3,7 @@
 Each preset is the config.json (transformers' field names) of a model; `--layers` overrides
 the layer count, so a real model's layer shapes fit on a small disk.
 """
+
 from __future__ import annotations
 
 from klotski.errors import KlotskiError

@@ -4,6 +4,7 @@ The store, runtime, planner and prefetcher read a ModelSpec; none of them branch
 model family. Families (mixtral.py, qwen_moe.py, deepseek.py, olmoe.py) turn a config.json
 into a ModelSpec and a table of checkpoint tensor names.
 """
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ relations between fields on the built spec (top-k within the experts, groups div
 heads dividing evenly, ...). Every failure is a ConfigError naming the field, its value and the
 fix; `klotski plan` and `Checkpoint.open` both go through here.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,19 +21,56 @@ MAX_EXPERTS = 65536
 MAX_DIM = 2**31  # any size, width or vocabulary
 
 INT_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
-    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
-    "num_experts", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "n_group", "topk_group",
-    "first_k_dense_replace", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-    "max_position_embeddings", "sliding_window", "decoder_sparse_step", "num_nextn_predict_layers",
-    "bos_token_id", "max_window_layers",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "n_shared_experts",
+    "n_group",
+    "topk_group",
+    "first_k_dense_replace",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "max_position_embeddings",
+    "sliding_window",
+    "decoder_sparse_step",
+    "num_nextn_predict_layers",
+    "bos_token_id",
+    "max_window_layers",
 )
 # Fields that may be 0 (the rest must be at least 1 when given).
-ZERO_OK = {"n_shared_experts", "first_k_dense_replace", "qk_nope_head_dim", "num_nextn_predict_layers", "bos_token_id",
-           "q_lora_rank", "max_window_layers", "sliding_window"}
+ZERO_OK = {
+    "n_shared_experts",
+    "first_k_dense_replace",
+    "qk_nope_head_dim",
+    "num_nextn_predict_layers",
+    "bos_token_id",
+    "q_lora_rank",
+    "max_window_layers",
+    "sliding_window",
+}
 FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "clip_qkv")
-BOOL_FIELDS = ("tie_word_embeddings", "norm_topk_prob", "use_sliding_window", "attention_bias", "qkv_bias",
-               "mlp_bias", "rope_interleave")
+BOOL_FIELDS = (
+    "tie_word_embeddings",
+    "norm_topk_prob",
+    "use_sliding_window",
+    "attention_bias",
+    "qkv_bias",
+    "mlp_bias",
+    "rope_interleave",
+)
 ROPE_TYPES = ("default", "linear", "yarn")
 
 # model_type -> the architecture to name when `architectures` is missing.
@@ -56,12 +94,17 @@ def check_architectures(config: dict, supported: list[str]) -> list[str]:
     if archs is None:
         model_type = config.get("model_type")
         guess = MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
-        hint = (f'add "architectures": ["{guess}"] (its model_type is {model_type!r})' if guess
-                else "add the model's class, one of: " + ", ".join(supported))
+        hint = (
+            f'add "architectures": ["{guess}"] (its model_type is {model_type!r})'
+            if guess
+            else "add the model's class, one of: " + ", ".join(supported)
+        )
         raise ConfigError(f"config.json has no 'architectures' list, so the model class is unknown; {hint}")
     if not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs):
-        raise ConfigError(f"config.json: 'architectures' must be a non-empty list of class names, got {archs!r:.80}; "
-                          "write e.g. [\"MixtralForCausalLM\"]")
+        raise ConfigError(
+            f"config.json: 'architectures' must be a non-empty list of class names, got {archs!r:.80}; "
+            'write e.g. ["MixtralForCausalLM"]'
+        )
     return archs
 
 
@@ -122,13 +165,17 @@ def check_spec(spec: ModelSpec, config: dict) -> None:
     if spec.num_layers < 1:
         _fail(f"num_hidden_layers={spec.num_layers}: a model needs at least one layer")
     if a.num_heads % a.num_kv_heads:
-        _fail(f"num_attention_heads={a.num_heads} is not a multiple of num_key_value_heads={a.num_kv_heads} "
-              "(each key/value head serves a whole group of query heads)")
+        _fail(
+            f"num_attention_heads={a.num_heads} is not a multiple of num_key_value_heads={a.num_kv_heads} "
+            "(each key/value head serves a whole group of query heads)"
+        )
     if a.num_kv_heads > a.num_heads:
         _fail(f"num_key_value_heads={a.num_kv_heads} is more than num_attention_heads={a.num_heads}")
     if a.qk_head_dim < 1 or a.v_head_dim < 1:
-        _fail(f"the head dimension is {a.qk_head_dim} (hidden_size={spec.hidden_size} / num_attention_heads="
-              f"{a.num_heads}, or head_dim); it must be at least 1")
+        _fail(
+            f"the head dimension is {a.qk_head_dim} (hidden_size={spec.hidden_size} / num_attention_heads="
+            f"{a.num_heads}, or head_dim); it must be at least 1"
+        )
     if a.rope.dim < 2 or a.rope.dim % 2:
         field = "qk_rope_head_dim" if a.kind == "mla" else "head_dim"
         _fail(f"the rotary dimension ({field}) is {a.rope.dim}; rotary embeddings rotate pairs, so it must be even")
@@ -139,8 +186,9 @@ def check_spec(spec: ModelSpec, config: dict) -> None:
         if kind not in ROPE_TYPES:
             raise_unsupported(f"rope scaling type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
         factor = a.rope.scaling.get("factor")
-        if kind != "default" and not (isinstance(factor, numbers.Real) and not isinstance(factor, bool)
-                                      and math.isfinite(factor) and factor > 0):
+        if kind != "default" and not (
+            isinstance(factor, numbers.Real) and not isinstance(factor, bool) and math.isfinite(factor) and factor > 0
+        ):
             _fail(f"rope_scaling factor {factor!r:.40} must be a positive number")
     if a.sliding_window is not None and (not isinstance(a.sliding_window, int) or a.sliding_window < 1):
         _fail(f"sliding_window={a.sliding_window!r} must be a positive number of tokens or null")
@@ -167,8 +215,10 @@ def check_spec(spec: ModelSpec, config: dict) -> None:
         if layer >= spec.num_layers:
             _fail(f"mlp_only_layers names layer {layer}, but num_hidden_layers={spec.num_layers}")
     if not any(spec.moe_layers):
-        _fail("no layer has routed experts (decoder_sparse_step, mlp_only_layers or first_k_dense_replace make every "
-              "layer dense); this is not a mixture-of-experts model")
+        _fail(
+            "no layer has routed experts (decoder_sparse_step, mlp_only_layers or first_k_dense_replace make every "
+            "layer dense); this is not a mixture-of-experts model"
+        )
     if spec.max_position_embeddings < 1:
         _fail(f"max_position_embeddings={spec.max_position_embeddings} must be at least 1")
     ids = [("bos_token_id", spec.bos_token_id)] + [("eos_token_id", t) for t in spec.eos_token_ids]
@@ -186,8 +236,10 @@ def _check_groups(r) -> None:
         _fail(f"topk_group={r.topk_groups} must be between 1 and n_group={r.num_groups}")
     per_group = r.num_experts // r.num_groups
     if r.top_k > r.topk_groups * per_group:
-        _fail(f"num_experts_per_tok={r.top_k} is more than the {r.topk_groups * per_group} experts in the "
-              f"topk_group={r.topk_groups} groups routing may choose from")
+        _fail(
+            f"num_experts_per_tok={r.top_k} is more than the {r.topk_groups * per_group} experts in the "
+            f"topk_group={r.topk_groups} groups routing may choose from"
+        )
     if r.group_score == "top2_sum" and per_group < 2:
         _fail(f"n_group={r.num_groups} leaves one expert per group, but DeepSeek-V3 ranks groups by their best two")
 

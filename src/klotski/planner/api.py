@@ -1,4 +1,5 @@
 """The planner's front door: profile + routing + budgets + workload -> a simulated plan."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,23 +32,38 @@ class PlanReport:
 
     def to_dict(self) -> dict:
         p, m = self.plan.policy, self.plan.memory
-        out = {"batch_size": p.batch_size, "num_batches": p.num_batches, "num_hot": p.num_hot,
-               "schedule": p.schedule, "placement": p.placement,
-               "memory": m.to_dict(), "budgets": {DEVICE: self.budgets.device, HOST: self.budgets.host},
-               "constraints_slack_s": self.plan.slack, "binding_constraints": self.plan.binding,
-               "estimate_tokens_per_s": self.plan.estimate_tokens_per_s,
-               "workload": {"prompt_len": self.workload.prompt_len, "gen_len": self.workload.gen_len,
-                            "num_prompts": self.workload.num_prompts},
-               "profile": {"name": self.profile.name, "source": self.profile.source, "from": self.profile_from,
-                           "op_costs": self.cost_source},
-               "routing": self.routing}
+        out = {
+            "batch_size": p.batch_size,
+            "num_batches": p.num_batches,
+            "num_hot": p.num_hot,
+            "schedule": p.schedule,
+            "placement": p.placement,
+            "memory": m.to_dict(),
+            "budgets": {DEVICE: self.budgets.device, HOST: self.budgets.host},
+            "constraints_slack_s": self.plan.slack,
+            "binding_constraints": self.plan.binding,
+            "estimate_tokens_per_s": self.plan.estimate_tokens_per_s,
+            "workload": {
+                "prompt_len": self.workload.prompt_len,
+                "gen_len": self.workload.gen_len,
+                "num_prompts": self.workload.num_prompts,
+            },
+            "profile": {
+                "name": self.profile.name,
+                "source": self.profile.source,
+                "from": self.profile_from,
+                "op_costs": self.cost_source,
+            },
+            "routing": self.routing,
+        }
         if self.sim is not None:
             out |= self.sim.to_dict()
         return out
 
 
-def pick_profile(shape: ModelShape, dtype: torch.dtype, device: str,
-                 given: HardwareProfile | None = None, given_from: str = "") -> tuple[HardwareProfile, str]:
+def pick_profile(
+    shape: ModelShape, dtype: torch.dtype, device: str, given: HardwareProfile | None = None, given_from: str = ""
+) -> tuple[HardwareProfile, str]:
     """The given profile, else this machine's cached measurement, else the built-in estimate."""
     if given is not None:
         return given, given_from
@@ -64,11 +80,26 @@ def routing_stats(shape: ModelShape, table: CorrelationTable | None) -> RoutingS
     return RoutingStats.uniform(layers, max(spec.num_experts, 1), spec.top_k)
 
 
-def make_plan(shape: ModelShape, profile: HardwareProfile, budgets: Budgets, work: Workload, dtype: torch.dtype, *,
-              profile_from: str = "", table: CorrelationTable | None = None, schedule: str = "klotski",
-              kv_tier: str = DEVICE, batch_size: int | None = None, num_batches: int | None = None,
-              num_hot: int | None = None, placement: dict | None = None, run_simulation: bool = True,
-              seed: int = 0, batch_sizes: tuple[int, ...] | None = None, max_batches: int | None = None) -> PlanReport:
+def make_plan(
+    shape: ModelShape,
+    profile: HardwareProfile,
+    budgets: Budgets,
+    work: Workload,
+    dtype: torch.dtype,
+    *,
+    profile_from: str = "",
+    table: CorrelationTable | None = None,
+    schedule: str = "klotski",
+    kv_tier: str = DEVICE,
+    batch_size: int | None = None,
+    num_batches: int | None = None,
+    num_hot: int | None = None,
+    placement: dict | None = None,
+    run_simulation: bool = True,
+    seed: int = 0,
+    batch_sizes: tuple[int, ...] | None = None,
+    max_batches: int | None = None,
+) -> PlanReport:
     """Solve, then play the chosen plan on the simulated backend of the real pipeline."""
     costs = OpCosts(shape, profile, dtype)
     routing = routing_stats(shape, table)
@@ -80,6 +111,18 @@ def make_plan(shape: ModelShape, profile: HardwareProfile, budgets: Budgets, wor
     if run_simulation:
         p = plan.policy
         prompts = work.num_prompts or p.batch_size * p.num_batches
-        sim = simulate(shape, costs, p, plan.placement, work.prompt_len, work.gen_len, prompts, table,
-                       budgets.device, kv_tier, seed, adaptive_hot=num_hot is None)
+        sim = simulate(
+            shape,
+            costs,
+            p,
+            plan.placement,
+            work.prompt_len,
+            work.gen_len,
+            prompts,
+            table,
+            budgets.device,
+            kv_tier,
+            seed,
+            adaptive_hot=num_hot is None,
+        )
     return PlanReport(plan, sim, profile, profile_from, costs.source, routing.source, budgets, work)

@@ -5,6 +5,7 @@ Each constraint is a named function returning its slack (left side minus right s
 I/O it names is hidden behind compute when the slack is >= 0. Memory is bytes per tier as the
 TieredStore counts them (weights, KV cache, in-flight fetch buffers) plus activations.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,8 +70,10 @@ class OpCosts:
     def head(self, tokens: int) -> float:
         if "head" in self.fits:
             return self.fits["head"](tokens)
-        return self._roof(self.shape.head_flops(tokens), self.shape.spec.hidden_size * self.shape.spec.vocab_size
-                          * self.shape.weight_dtype.itemsize)
+        return self._roof(
+            self.shape.head_flops(tokens),
+            self.shape.spec.hidden_size * self.shape.spec.vocab_size * self.shape.weight_dtype.itemsize,
+        )
 
     def transfer(self, nbytes: int, tier: str) -> float:
         """Seconds to bring a unit from its tier to the device (disk: disk then link, unpipelined)."""
@@ -159,16 +162,28 @@ def first_cold_covered(n: int, b: BlockTimes) -> float:
 
 def next_attention_covered(n: int, b: BlockTimes) -> float:
     """(7) ... + sum_Q t_c_E >= t_IO_G + (K+|Q|) t_IO_E + t_IO_A: every cold expert and the next attention."""
-    return (n * (b.t_c_A + b.t_c_G) + b.t_c_hotE + b.t_c_coldE
-            - (b.t_io_G + (b.K + b.Q) * b.t_io_E + b.t_io_A))
+    return n * (b.t_c_A + b.t_c_G) + b.t_c_hotE + b.t_c_coldE - (b.t_io_G + (b.K + b.Q) * b.t_io_E + b.t_io_A)
 
 
-CONSTRAINTS = {"(4) gate": gate_covered, "(5) hot experts": hot_covered,
-               "(6) first cold expert": first_cold_covered, "(7) cold queue + next attention": next_attention_covered}
+CONSTRAINTS = {
+    "(4) gate": gate_covered,
+    "(5) hot experts": hot_covered,
+    "(6) first cold expert": first_cold_covered,
+    "(7) cold queue + next attention": next_attention_covered,
+}
 
 
-def block_times(costs: OpCosts, routing: RoutingStats, placement: dict[WeightKey, str], layer: int, moe_index: int,
-                bs: int, n: int, context: int, k: int) -> BlockTimes:
+def block_times(
+    costs: OpCosts,
+    routing: RoutingStats,
+    placement: dict[WeightKey, str],
+    layer: int,
+    moe_index: int,
+    bs: int,
+    n: int,
+    context: int,
+    k: int,
+) -> BlockTimes:
     """BlockTimes of one MoE layer for a decode step of n batches of bs at this context."""
     shape, tokens = costs.shape, n * bs
     hot = routing.hot(moe_index, k)
@@ -181,11 +196,16 @@ def block_times(costs: OpCosts, routing: RoutingStats, placement: dict[WeightKey
     nxt = WeightKey(layer + 1, ATTN) if layer + 1 < shape.spec.num_layers else None
     io = {key: costs.transfer(shape.padded(key), placement.get(key, DEVICE)) for key in experts}
     return BlockTimes(
-        t_c_A=costs.attention(bs, 1, context), t_c_G=costs.gate(bs),
+        t_c_A=costs.attention(bs, 1, context),
+        t_c_G=costs.gate(bs),
         t_io_A=costs.transfer(shape.padded(nxt), placement.get(nxt, DEVICE)) if nxt else 0.0,
         t_io_G=costs.transfer(shape.padded(WeightKey(layer, MOE)), placement.get(WeightKey(layer, MOE), DEVICE)),
-        t_io_E=max(io.values()), t_c_hotE=sum(costs.expert(counts[e]) for e in hot),
-        t_c_coldE=cold_c, K=k, Q=routing.expected_queue(moe_index, tokens, k))
+        t_io_E=max(io.values()),
+        t_c_hotE=sum(costs.expert(counts[e]) for e in hot),
+        t_c_coldE=cold_c,
+        K=k,
+        Q=routing.expected_queue(moe_index, tokens, k),
+    )
 
 
 def constraint_slack(b: BlockTimes, n: int) -> dict[str, float]:
@@ -219,10 +239,17 @@ class MemoryModel:
         return self.weights.get(HOST, 0) + (self.kv_cache if self.kv_tier == HOST else 0)
 
     def to_dict(self) -> dict:
-        return {"weights": dict(self.weights), "kv_cache": self.kv_cache, "kv_tier": self.kv_tier,
-                "inflight": self.inflight, "activations": self.activations,
-                "activations_prefill": self.activations_prefill, "device_peak": self.device_peak,
-                "device_store_peak": self.device_store_peak, "host_peak": self.host_peak}
+        return {
+            "weights": dict(self.weights),
+            "kv_cache": self.kv_cache,
+            "kv_tier": self.kv_tier,
+            "inflight": self.inflight,
+            "activations": self.activations,
+            "activations_prefill": self.activations_prefill,
+            "device_peak": self.device_peak,
+            "device_store_peak": self.device_store_peak,
+            "host_peak": self.host_peak,
+        }
 
 
 def kv_cache_bytes(costs: OpCosts, bs: int, n: int, tokens: int) -> int:
@@ -252,13 +279,27 @@ def _padded(shape: ModelShape) -> dict[WeightKey, int]:
     return {key: shape.padded(key) for key in shape.unit_bytes}
 
 
-def memory_model(costs: OpCosts, placement: dict[WeightKey, str], schedule: Schedule, bs: int, n: int,
-                 prompt_len: int, gen_len: int, k: int, kv_tier: str = DEVICE) -> MemoryModel:
+def memory_model(
+    costs: OpCosts,
+    placement: dict[WeightKey, str],
+    schedule: Schedule,
+    bs: int,
+    n: int,
+    prompt_len: int,
+    gen_len: int,
+    k: int,
+    kv_tier: str = DEVICE,
+) -> MemoryModel:
     """The memory a plan needs per tier."""
     weights = {DEVICE: 0, HOST: 0, DISK: 0}
     for key, tier in placement.items():
         weights[tier] += costs.shape.unit_bytes[key]
     resident = all(t == DEVICE for t in placement.values())
-    return MemoryModel(weights, kv_cache_bytes(costs, bs, n, prompt_len + gen_len), kv_tier,
-                       0 if resident else inflight_bytes(costs.shape, k, placement),
-                       activation_bytes(costs, bs, n, 1), activation_bytes(costs, bs, n, prompt_len))
+    return MemoryModel(
+        weights,
+        kv_cache_bytes(costs, bs, n, prompt_len + gen_len),
+        kv_tier,
+        0 if resident else inflight_bytes(costs.shape, k, placement),
+        activation_bytes(costs, bs, n, 1),
+        activation_bytes(costs, bs, n, prompt_len),
+    )

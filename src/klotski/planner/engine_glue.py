@@ -5,6 +5,7 @@ known yet); each generate() call then picks bs and n for its real prompt and gen
 within the room that placement leaves. The profile is this machine's cached measurement when
 `klotski profile` has run for these shapes, else the built-in estimate: no run waits on profiling.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,41 +37,82 @@ def load_placement(checkpoint, config, device: torch.device, dtype: torch.dtype,
     """Tier per unit for the store, planned for the nominal workload (bs / n flags respected)."""
     shape = engine_shape(checkpoint)
     profile, source = pick_profile(shape, dtype, device.type)
-    work = NOMINAL if config.max_model_len is None else Workload(
-        min(NOMINAL.prompt_len, config.max_model_len // 2), min(NOMINAL.gen_len, config.max_model_len // 4), 64)
-    report = make_plan(shape, profile, _budgets(config, device), work, dtype, profile_from=source,
-                       schedule=schedule, batch_size=config.batch_size, num_batches=config.num_batches,
-                       num_hot=config.num_hot, run_simulation=False)
+    work = (
+        NOMINAL
+        if config.max_model_len is None
+        else Workload(
+            min(NOMINAL.prompt_len, config.max_model_len // 2), min(NOMINAL.gen_len, config.max_model_len // 4), 64
+        )
+    )
+    report = make_plan(
+        shape,
+        profile,
+        _budgets(config, device),
+        work,
+        dtype,
+        profile_from=source,
+        schedule=schedule,
+        batch_size=config.batch_size,
+        num_batches=config.num_batches,
+        num_hot=config.num_hot,
+        run_simulation=False,
+    )
     return report.plan.placement
 
 
-def run_policy(checkpoint, config, device: torch.device, dtype: torch.dtype, schedule: str,
-               placement: dict | None, num_requests: int, prompt_len: int, gen_len: int,
-               table: CorrelationTable | None) -> tuple[Policy, dict]:
+def run_policy(
+    checkpoint,
+    config,
+    device: torch.device,
+    dtype: torch.dtype,
+    schedule: str,
+    placement: dict | None,
+    num_requests: int,
+    prompt_len: int,
+    gen_len: int,
+    table: CorrelationTable | None,
+) -> tuple[Policy, dict]:
     """bs, n, K for this run within the store's placement, and the stats lines about the plan."""
     shape = engine_shape(checkpoint)
     profile, source = pick_profile(shape, dtype, device.type)
     placement = placement or {k: DEVICE for k in shape.unit_bytes}
     work = Workload(prompt_len, gen_len, num_requests)
-    report = make_plan(shape, profile, _budgets(config, device), work, dtype, profile_from=source, table=table,
-                       schedule=schedule, batch_size=config.batch_size, num_batches=config.num_batches,
-                       num_hot=config.num_hot, placement=placement)
+    report = make_plan(
+        shape,
+        profile,
+        _budgets(config, device),
+        work,
+        dtype,
+        profile_from=source,
+        table=table,
+        schedule=schedule,
+        batch_size=config.batch_size,
+        num_batches=config.num_batches,
+        num_hot=config.num_hot,
+        placement=placement,
+    )
     return report.plan.policy, plan_stats(report)
 
 
 def plan_stats(report: PlanReport) -> dict:
     """What a run's stats say about the plan: the prediction and what it was based on."""
     d = report.to_dict()
-    return {"predicted_tokens_per_s": d.get("predicted_tokens_per_s"),
-            "planner": {"predicted_tokens_per_s": d.get("predicted_tokens_per_s"),
-                        "predicted_bubble_ratio": d.get("predicted_bubble_ratio"),
-                        "predicted_wall_s": d.get("predicted_wall_s"),
-                        "binding_constraints": d["binding_constraints"], "profile": d["profile"],
-                        "routing": d["routing"]}}
+    return {
+        "predicted_tokens_per_s": d.get("predicted_tokens_per_s"),
+        "planner": {
+            "predicted_tokens_per_s": d.get("predicted_tokens_per_s"),
+            "predicted_bubble_ratio": d.get("predicted_bubble_ratio"),
+            "predicted_wall_s": d.get("predicted_wall_s"),
+            "binding_constraints": d["binding_constraints"],
+            "profile": d["profile"],
+            "routing": d["routing"],
+        },
+    }
 
 
-def routing_table(prefetch_table: CorrelationTable | None, replay: RoutingReplay | None,
-                  top_k: int) -> CorrelationTable | None:
+def routing_table(
+    prefetch_table: CorrelationTable | None, replay: RoutingReplay | None, top_k: int
+) -> CorrelationTable | None:
     """The routing the run will see: a replayed table's (benchmarks), else the prefetch table, else none."""
     source = replay.source if replay is not None else None
     if source is not None and not source.endswith(".npz"):

@@ -4,6 +4,7 @@ Each op runs on random weights of the model's unit shapes (storage dtype) at a f
 linear model is fitted: seconds = a + b * tokens (+ c * tokens * context for attention). Sizes
 are few and small, so Mixtral-8x7B's shapes profile in well under a minute on two CPU cores.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,8 +27,13 @@ HEAD_TOKENS = (1, 16, 64)
 ATTENTION_POINTS = ((1, 1, 128), (8, 1, 512), (32, 1, 128), (1, 64, 64), (2, 64, 64))  # (B, S, C)
 
 
-def measure_ops(shape: ModelShape, dtype: torch.dtype, device: str = "cpu", reps: int = 2,
-                log: Callable[[str], None] = lambda _: None) -> dict[str, dict]:
+def measure_ops(
+    shape: ModelShape,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    reps: int = 2,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, dict]:
     """Fitted op times {op: {a, b, c}} for these shapes in this compute dtype on this device."""
     runner = ModelRunner(shape.spec, dtype, device)
     timer = _Timer(device, reps)
@@ -35,12 +41,14 @@ def measure_ops(shape: ModelShape, dtype: torch.dtype, device: str = "cpu", reps
     out: dict[str, dict] = {}
     if shape.moe_layers():
         w = _weights(shape, WeightKey(layer, EXPERT, 0), device)
-        out["expert"] = _fit(EXPERT_TOKENS, [timer(lambda t=t: runner.expert(w, _x(t, shape, dtype, device)))
-                                             for t in EXPERT_TOKENS])
+        out["expert"] = _fit(
+            EXPERT_TOKENS, [timer(lambda t=t: runner.expert(w, _x(t, shape, dtype, device))) for t in EXPERT_TOKENS]
+        )
         log(f"expert: {out['expert']}")
         w = _weights(shape, WeightKey(layer, MOE), device)
-        out["gate"] = _fit(GATE_TOKENS, [timer(lambda t=t: _gate(runner, w, t, shape, dtype, device))
-                                         for t in GATE_TOKENS])
+        out["gate"] = _fit(
+            GATE_TOKENS, [timer(lambda t=t: _gate(runner, w, t, shape, dtype, device)) for t in GATE_TOKENS]
+        )
     dense = [l for l in range(shape.spec.num_layers) if not shape.spec.moe_layers[l]]
     if dense:
         w = _weights(shape, WeightKey(dense[0], MOE), device)
@@ -95,8 +103,9 @@ def _weights(shape: ModelShape, key: WeightKey, device: str) -> dict[str, torch.
         t = torch.empty(s, dtype=shape.weight_dtype, device=device)
         out[name] = t.fill_(1.0) if len(s) == 1 else t.uniform_(-0.02, 0.02)
     if "lm_head" not in out and key.part == HEAD:
-        out["lm_head"] = torch.empty(shape.spec.vocab_size, shape.spec.hidden_size, dtype=shape.weight_dtype,
-                                     device=device).uniform_(-0.02, 0.02)
+        out["lm_head"] = torch.empty(
+            shape.spec.vocab_size, shape.spec.hidden_size, dtype=shape.weight_dtype, device=device
+        ).uniform_(-0.02, 0.02)
     return out
 
 

@@ -5,6 +5,7 @@ paper's Env 1 and Env 2 ship in klotski/data/hardware/), or the built-in estimat
 cached profile exists. Measured op times are fits at one model's shapes and compute dtype; where
 a profile has no fit for an op, the cost model falls back to a roofline over its peak figures.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,8 +97,10 @@ def load_profile(spec: str | Path) -> HardwareProfile:
         return HardwareProfile.from_dict(json.loads(res.read_text()))
     path = Path(spec)
     if not path.is_file():
-        raise KlotskiError(f"hardware profile {path} not found; pass a JSON written by `klotski profile` "
-                           f"or one of {', '.join(BUNDLED)}")
+        raise KlotskiError(
+            f"hardware profile {path} not found; pass a JSON written by `klotski profile` "
+            f"or one of {', '.join(BUNDLED)}"
+        )
     try:
         return HardwareProfile.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError) as exc:
@@ -111,14 +114,32 @@ def builtin_estimate(device: str = "cpu", dtype: torch.dtype | None = None) -> H
         # machine measured (disk, fp32 over upcast weights, bf16 as stored); with fp32's figure for
         # bf16 compute, plans predicted a tenth of the measured tokens/s.
         half = dtype in (torch.bfloat16, torch.float16)
-        return HardwareProfile("built-in cpu", "built-in estimate", "cpu", disk_gbps=1.4, host_to_device_gbps=None,
-                               peak_tflops=0.37 if half else 0.032, efficiency=1.0, memory_gbps=5.0,
-                               op_overhead_s=100e-6, io_latency_s=200e-6, machine=machine_id(),
-                               notes="from this project's measured figures (docs/planner.md); run `klotski profile` "
-                                     "to measure")
-    return HardwareProfile("built-in gpu", "built-in estimate", "cuda", disk_gbps=2.0, host_to_device_gbps=20.0,
-                           peak_tflops=100.0, efficiency=0.5, memory_gbps=1000.0, machine=machine_id(),
-                           notes="a generic PCIe 4.0 GPU; run `klotski profile` to measure")
+        return HardwareProfile(
+            "built-in cpu",
+            "built-in estimate",
+            "cpu",
+            disk_gbps=1.4,
+            host_to_device_gbps=None,
+            peak_tflops=0.37 if half else 0.032,
+            efficiency=1.0,
+            memory_gbps=5.0,
+            op_overhead_s=100e-6,
+            io_latency_s=200e-6,
+            machine=machine_id(),
+            notes="from this project's measured figures (docs/planner.md); run `klotski profile` to measure",
+        )
+    return HardwareProfile(
+        "built-in gpu",
+        "built-in estimate",
+        "cuda",
+        disk_gbps=2.0,
+        host_to_device_gbps=20.0,
+        peak_tflops=100.0,
+        efficiency=0.5,
+        memory_gbps=1000.0,
+        machine=machine_id(),
+        notes="a generic PCIe 4.0 GPU; run `klotski profile` to measure",
+    )
 
 
 # -- the cache ---------------------------------------------------------------------------------
@@ -251,8 +272,14 @@ class _Reader:
         return self.bytes / max(self.seconds, 1e-9) / 1e9
 
 
-def measure_contention(op, directory: str | Path | None = None, size: int = 256 << 20, chunk: int = 16 << 20,
-                       seconds: float = 0.5, readers: int = 2) -> dict:
+def measure_contention(
+    op,
+    directory: str | Path | None = None,
+    size: int = 256 << 20,
+    chunk: int = 16 << 20,
+    seconds: float = 0.5,
+    readers: int = 2,
+) -> dict:
     """How much disk reads slow `op` (a compute callable), and the disk rate beside it.
 
     `readers` threads read `chunk` bytes per pread, as the store's lanes read one blob each.
@@ -273,8 +300,10 @@ def measure_contention(op, directory: str | Path | None = None, size: int = 256 
         finally:
             for r in lanes:
                 r.__exit__()
-        return {"compute_slowdown_under_io": max(1.0, float(np.median(busy) / np.median(alone))),
-                "disk_gbps_beside_compute": sum(r.gbps for r in lanes)}
+        return {
+            "compute_slowdown_under_io": max(1.0, float(np.median(busy) / np.median(alone))),
+            "disk_gbps_beside_compute": sum(r.gbps for r in lanes),
+        }
 
 
 def _op_times(op, seconds: float) -> list[float]:

@@ -4,6 +4,7 @@ Unit sizes come from the spec's expected shapes and the checkpoint's storage dty
 what-if plan for a 140 GB model costs a JSON parse. FLOPs per op are derived from parameter
 counts, which keeps the planner free of any per-family branch.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,10 @@ class ModelShape:
     def shape_key(self) -> str:
         """Identifies the op shapes a measured profile holds (hidden, expert width, heads, vocab)."""
         s, a = self.spec, self.spec.attention
-        return (f"{s.family}-h{s.hidden_size}-i{s.moe_intermediate_size}-e{s.num_experts}k{s.top_k}"
-                f"-a{a.num_heads}x{a.qk_head_dim}kv{a.num_kv_heads}-v{s.vocab_size}")
+        return (
+            f"{s.family}-h{s.hidden_size}-i{s.moe_intermediate_size}-e{s.num_experts}k{s.top_k}"
+            f"-a{a.num_heads}x{a.qk_head_dim}kv{a.num_kv_heads}-v{s.vocab_size}"
+        )
 
     # -- FLOPs per op (2 per multiply-add) --------------------------------------------------
     def attention_flops(self, tokens: int, context: int) -> float:
@@ -110,4 +113,3 @@ def _storage_dtype(config: dict) -> torch.dtype:
     if dtype is None:
         raise KlotskiError(f"config.json torch_dtype {name!r} is not a weight dtype this engine reads")
     return dtype
-

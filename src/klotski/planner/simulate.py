@@ -8,6 +8,7 @@ room as the real store's does); done() means arrived by the virtual now, and wai
 the clock to the arrival. The Timeline reads the virtual clock, so the prediction comes with the
 same summary and Chrome trace a real run has.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,9 @@ def fit_table(table: CorrelationTable | None, num_layers: int, num_experts: int)
     """A table shaped for the model: its first layers (a model cut to fewer layers), else None."""
     if table is None or table.num_experts != num_experts or table.num_layers < num_layers:
         return None
-    return CorrelationTable([c.copy() for c in table.counts[:num_layers]], table.top_k, table.path_length,
-                            table.model, table.calibrated_on)
+    return CorrelationTable(
+        [c.copy() for c in table.counts[:num_layers]], table.top_k, table.path_length, table.model, table.calibrated_on
+    )
 
 
 # -- the simulated backend ----------------------------------------------------------------------
@@ -96,8 +98,16 @@ class SimKV:
 class SimRunner:
     """ModelRunner's interface; ops return hidden-size-1 tensors and advance the virtual clock."""
 
-    def __init__(self, shape: ModelShape, costs: OpCosts, clock: VirtualClock, routing: MarkovRouting,
-                 timeline: Timeline, kv_tier: str = DEVICE, io_busy=lambda t: False):
+    def __init__(
+        self,
+        shape: ModelShape,
+        costs: OpCosts,
+        clock: VirtualClock,
+        routing: MarkovRouting,
+        timeline: Timeline,
+        kv_tier: str = DEVICE,
+        io_busy=lambda t: False,
+    ):
         self.spec, self.dtype, self.device = shape.spec, torch.float32, torch.device("cpu")
         self.io_busy = io_busy  # fn(virtual time) -> a read is running then (it slows compute on a CPU)
         self.costs, self.clock, self.routing, self.timeline = costs, clock, routing, timeline
@@ -185,8 +195,16 @@ class SimStore:
 
     offload = None  # nothing is read from disk for real
 
-    def __init__(self, shape: ModelShape, placement: dict[WeightKey, str], costs: OpCosts, clock: VirtualClock,
-                 timeline: Timeline, device_budget: int | None = None, kv_tier: str = DEVICE):
+    def __init__(
+        self,
+        shape: ModelShape,
+        placement: dict[WeightKey, str],
+        costs: OpCosts,
+        clock: VirtualClock,
+        timeline: Timeline,
+        device_budget: int | None = None,
+        kv_tier: str = DEVICE,
+    ):
         self.shape, self.placement, self.costs, self.clock = shape, placement, costs, clock
         self.timeline = timeline
         self.budget, self.kv_tier = device_budget, kv_tier
@@ -243,8 +261,15 @@ class SimStore:
             end = begin + p.io_latency_s + nbytes / (self.costs.disk_gbps * 1e9)
             self.free_at["disk"] = end
             self.bytes_read[DISK] += nbytes
-            self.timeline.add(lane if p.host_to_device_gbps is None else "disk", "read", begin, end,
-                              layer=key.layer, expert=key.expert, bytes=nbytes)
+            self.timeline.add(
+                lane if p.host_to_device_gbps is None else "disk",
+                "read",
+                begin,
+                end,
+                layer=key.layer,
+                expert=key.expert,
+                bytes=nbytes,
+            )
         if p.host_to_device_gbps is not None:
             begin = max(self.free_at["link"], end)
             end = begin + p.io_latency_s + nbytes / (p.host_to_device_gbps * 1e9)
@@ -340,9 +365,20 @@ class SimResult:
         }
 
 
-def simulate(shape: ModelShape, costs: OpCosts, policy: Policy, placement: dict[WeightKey, str], prompt_len: int,
-             gen_len: int, num_prompts: int, table: CorrelationTable | None = None, device_budget: int | None = None,
-             kv_tier: str = DEVICE, seed: int = 0, adaptive_hot: bool = True) -> SimResult:
+def simulate(
+    shape: ModelShape,
+    costs: OpCosts,
+    policy: Policy,
+    placement: dict[WeightKey, str],
+    prompt_len: int,
+    gen_len: int,
+    num_prompts: int,
+    table: CorrelationTable | None = None,
+    device_budget: int | None = None,
+    kv_tier: str = DEVICE,
+    seed: int = 0,
+    adaptive_hot: bool = True,
+) -> SimResult:
     """Play the real Pipeline and run_group on the virtual clock for this plan (adaptive_hot: K was not
     fixed by the user, so the pipeline also prefetches every expert the group almost surely uses)."""
     group = policy.batch_size * policy.num_batches
@@ -350,20 +386,41 @@ def simulate(shape: ModelShape, costs: OpCosts, policy: Policy, placement: dict[
     runs = [(g, count) for g, count in ((group, full), (rest, 1)) if g and count]
     wall, prefill, peak, over, first = 0.0, 0.0, 0, 0, None
     for size, count in runs:
-        one = _simulate_group(shape, costs, policy, placement, prompt_len, gen_len, size, table, device_budget,
-                              kv_tier, seed, adaptive_hot)
+        one = _simulate_group(
+            shape,
+            costs,
+            policy,
+            placement,
+            prompt_len,
+            gen_len,
+            size,
+            table,
+            device_budget,
+            kv_tier,
+            seed,
+            adaptive_hot,
+        )
         first = first or one
         wall += count * one[0]
         prefill += count * one[1]
         peak, over = max(peak, one[2]), over + one[4]
     timeline = first[3]
     generated = num_prompts * gen_len
-    return SimResult(wall, prefill, generated, generated / wall if wall > 0 else 0.0,
-                     timeline.summary(first[0]), peak, timeline, over)
+    return SimResult(
+        wall,
+        prefill,
+        generated,
+        generated / wall if wall > 0 else 0.0,
+        timeline.summary(first[0]),
+        peak,
+        timeline,
+        over,
+    )
 
 
-def _simulate_group(shape, costs, policy, placement, prompt_len, gen_len, size, table, device_budget, kv_tier, seed,
-                    adaptive_hot):
+def _simulate_group(
+    shape, costs, policy, placement, prompt_len, gen_len, size, table, device_budget, kv_tier, seed, adaptive_hot
+):
     clock = VirtualClock()
     timeline = Timeline(clock=clock)
     spec = shape.spec
@@ -373,13 +430,16 @@ def _simulate_group(shape, costs, policy, placement, prompt_len, gen_len, size, 
     store = SimStore(shape, placement, costs, clock, timeline, device_budget, kv_tier)
     runner = SimRunner(shape, costs, clock, routing, timeline, kv_tier, io_busy=store.io_busy)
     schedule = get_schedule(policy.schedule)
-    pipeline = Pipeline(runner, store, schedule, timeline, policy.num_hot, make_predictor(spec, table),
-                        adaptive_hot=adaptive_hot)
+    pipeline = Pipeline(
+        runner, store, schedule, timeline, policy.num_hot, make_predictor(spec, table), adaptive_hot=adaptive_hot
+    )
     params = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True)
-    seqs = [Sequence(i, [0] * prompt_len, params, torch.Generator(), StopChecker(params, frozenset(), None))
-            for i in range(size)]
+    seqs = [
+        Sequence(i, [0] * prompt_len, params, torch.Generator(), StopChecker(params, frozenset(), None))
+        for i in range(size)
+    ]
     bs = policy.batch_size
-    batches = [GroupBatch(i, seqs[j: j + bs]) for i, j in enumerate(range(0, size, bs))]
+    batches = [GroupBatch(i, seqs[j : j + bs]) for i, j in enumerate(range(0, size, bs))]
     run_group(pipeline, Sampler(), batches, prompt_len + gen_len + 1)
     prefill = max((e.end for e in timeline.events if e.phase == "prefill"), default=0.0)
     return clock.t, prefill, store.peak, timeline, store.over_budget

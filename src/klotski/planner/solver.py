@@ -7,6 +7,7 @@ first, then host, then disk) after keeping room for the KV cache, the schedule's
 buffers and activations. Batch sizes are ranked by an analytic throughput estimate; the chosen
 plan is then simulated on the real pipeline (simulate.py) for the numbers users see.
 """
+
 from __future__ import annotations
 
 import math
@@ -95,8 +96,13 @@ class Solver:
         """Hot experts per layer: as asked (0 = no hot prefetch), else top-k."""
         return self.shape.spec.top_k if self.num_hot is None else self.num_hot
 
-    def solve(self, work: Workload, batch_size: int | None = None, num_batches: int | None = None,
-              placement: dict[WeightKey, str] | None = None) -> Plan:
+    def solve(
+        self,
+        work: Workload,
+        batch_size: int | None = None,
+        num_batches: int | None = None,
+        placement: dict[WeightKey, str] | None = None,
+    ) -> Plan:
         """The best plan, or a KlotskiError naming the smallest budgets that would work."""
         self._check_lengths(work)
         sizes = [batch_size] if batch_size else [b for b in self.batch_sizes if b <= (work.num_prompts or b)]
@@ -132,13 +138,19 @@ class Solver:
             placement = self.place(reserve, probe.kv_cache * (self.kv_tier == HOST))
             if placement is None:
                 return None
-        memory = memory_model(self.costs, placement, self.schedule, bs, n, work.prompt_len, work.gen_len, k,
-                              self.kv_tier)
+        memory = memory_model(
+            self.costs, placement, self.schedule, bs, n, work.prompt_len, work.gen_len, k, self.kv_tier
+        )
         if not self._fits(memory):
             return None
         slack = self._slack(placement, bs, n, work, k)
-        policy = Policy(batch_size=bs, num_batches=n, num_hot=k, schedule=self.schedule.name,
-                        placement=placement_summary(self.shape, placement, self.kv_tier))
+        policy = Policy(
+            batch_size=bs,
+            num_batches=n,
+            num_hot=k,
+            schedule=self.schedule.name,
+            placement=placement_summary(self.shape, placement, self.kv_tier),
+        )
         return Plan(policy, placement, memory, slack, self.estimate(placement, bs, n, work, k), self.kv_tier)
 
     def _inflight(self, k: int) -> int:
@@ -205,19 +217,23 @@ class Solver:
         if work.prompt_len < 1 or work.gen_len < 1:
             raise KlotskiError("--prompt-len and --gen-len must be at least 1")
         if work.prompt_len + work.gen_len > limit:
-            raise KlotskiError(f"prompt + generated tokens ({work.prompt_len + work.gen_len}) exceed the model's "
-                               f"context ({limit}); shorten --prompt-len or --gen-len")
+            raise KlotskiError(
+                f"prompt + generated tokens ({work.prompt_len + work.gen_len}) exceed the model's "
+                f"context ({limit}); shorten --prompt-len or --gen-len"
+            )
 
     def _no_room(self, placement, work: Workload, bs: int, n: int) -> str:
         """The weights are laid out already: say what this run needs beside them."""
         k = self.k
         m = memory_model(self.costs, placement, self.schedule, bs, n, work.prompt_len, work.gen_len, k, self.kv_tier)
-        return (f"this run does not fit beside the weights already on the device: bs={bs}, n={n} with "
-                f"{work.prompt_len} + {work.gen_len} tokens needs {m.device_peak / 2**20:.1f} MiB of device memory "
-                f"(weights {m.weights[DEVICE] / 2**20:.1f}, KV cache {m.kv_cache / 2**20:.1f}, in-flight "
-                f"{m.inflight / 2**20:.1f}, activations {m.activations / 2**20:.1f} MiB) but the budget is "
-                f"{(self.budgets.device or 0) / 2**20:.1f} MiB; shorten the prompts or max_tokens, "
-                "or raise --device-memory")
+        return (
+            f"this run does not fit beside the weights already on the device: bs={bs}, n={n} with "
+            f"{work.prompt_len} + {work.gen_len} tokens needs {m.device_peak / 2**20:.1f} MiB of device memory "
+            f"(weights {m.weights[DEVICE] / 2**20:.1f}, KV cache {m.kv_cache / 2**20:.1f}, in-flight "
+            f"{m.inflight / 2**20:.1f}, activations {m.activations / 2**20:.1f} MiB) but the budget is "
+            f"{(self.budgets.device or 0) / 2**20:.1f} MiB; shorten the prompts or max_tokens, "
+            "or raise --device-memory"
+        )
 
     def _infeasible(self, work: Workload, bs: int, n: int) -> str:
         """The smallest budgets that would work: bs, n as asked (1, 1 by default), weights off the device."""
@@ -229,11 +245,13 @@ class Solver:
         host_need = ""
         if self.budgets.host is not None and self.kv_tier == HOST and m.kv_cache > self.budgets.host:
             host_need = f", and host memory of at least {gb(m.kv_cache)} for the KV cache"
-        return (f"nothing fits: the smallest plan (bs={bs}, n={n}, prompt {work.prompt_len} + {work.gen_len} tokens, "
-                f"every weight off the device) needs device memory of at least {gb(need)} "
-                f"(in-flight fetches {gb(self._inflight(k))}, KV cache {gb(m.kv_cache * (self.kv_tier == DEVICE))}, "
-                f"activations {gb(m.activations)}){host_need}; --device-memory is {have}. "
-                f"Raise --device-memory to {gb(need)} or more, or shorten the prompt or generation")
+        return (
+            f"nothing fits: the smallest plan (bs={bs}, n={n}, prompt {work.prompt_len} + {work.gen_len} tokens, "
+            f"every weight off the device) needs device memory of at least {gb(need)} "
+            f"(in-flight fetches {gb(self._inflight(k))}, KV cache {gb(m.kv_cache * (self.kv_tier == DEVICE))}, "
+            f"activations {gb(m.activations)}){host_need}; --device-memory is {have}. "
+            f"Raise --device-memory to {gb(need)} or more, or shorten the prompt or generation"
+        )
 
 
 def placement_summary(shape: ModelShape, placement: dict[WeightKey, str], kv_tier: str) -> dict:

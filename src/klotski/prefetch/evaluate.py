@@ -9,6 +9,7 @@ Metrics, per layer and overall:
 - token_accuracy: each token's own prediction from its own path (|P| experts) against its
   experts at the layer, over all assignments                                  (pooled)
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -44,9 +45,15 @@ def make_groups(trace: RoutingTrace, group_size: int) -> tuple[list[np.ndarray],
     return np.split(order, cuts), "decode-steps"
 
 
-def evaluate(trace: RoutingTrace, table: CorrelationTable, group_size: int, k: int | None = None,
-             seed: int = 0, scoring: Scoring = "raw",
-             predictors: dict[str, Predictor] | None = None) -> dict[str, Any]:
+def evaluate(
+    trace: RoutingTrace,
+    table: CorrelationTable,
+    group_size: int,
+    k: int | None = None,
+    seed: int = 0,
+    scoring: Scoring = "raw",
+    predictors: dict[str, Predictor] | None = None,
+) -> dict[str, Any]:
     """Replay `trace` in groups, predicting each layer's top-k before seeing it; learn after."""
     _check_compatible(trace, table)
     k = min(k or trace.top_k, table.num_experts)
@@ -64,8 +71,9 @@ def evaluate(trace: RoutingTrace, table: CorrelationTable, group_size: int, k: i
     return {"predictors": report, "config": config}
 
 
-def _replay_group(group: np.ndarray, table: CorrelationTable, predictor: Predictor,
-                  k: int) -> tuple[np.ndarray, np.ndarray]:
+def _replay_group(
+    group: np.ndarray, table: CorrelationTable, predictor: Predictor, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Predict every layer of one group [T, L, K] before seeing it, then observe it all.
 
     Returns the group's prefetch set per layer [L, k] and each token's own prediction [T, L, k].
@@ -85,7 +93,7 @@ def _replay_group(group: np.ndarray, table: CorrelationTable, predictor: Predict
 def _path(group: np.ndarray, table: CorrelationTable, layer: int) -> np.ndarray | None:
     """The tokens' experts at the layers that key this layer's table: [T, m, K] or None."""
     m = table.path_len_at(layer)
-    return group[:, layer - m:layer, :] if m else None
+    return group[:, layer - m : layer, :] if m else None
 
 
 class _Scorer:
@@ -98,18 +106,22 @@ class _Scorer:
         for g, rows in enumerate(groups):
             group_of[rows] = g
         # used[g, l, e]: how many of group g's tokens chose expert e at layer l.
-        cell = (group_of[:, None, None] * num_layers + np.arange(num_layers)[None, :, None]) \
-            * num_experts + ids  # [N, L, K]
-        self.used = np.bincount(cell.ravel(), minlength=len(groups) * num_layers * num_experts
-                                ).reshape(len(groups), num_layers, num_experts)
+        cell = (
+            group_of[:, None, None] * num_layers + np.arange(num_layers)[None, :, None]
+        ) * num_experts + ids  # [N, L, K]
+        self.used = np.bincount(cell.ravel(), minlength=len(groups) * num_layers * num_experts).reshape(
+            len(groups), num_layers, num_experts
+        )
         self.assign = float(num_tokens * top_k)  # token-to-expert assignments per layer
 
     def report(self, chosen: np.ndarray, per_token: np.ndarray) -> dict[str, Any]:
         """Overall figures and `per_layer`: chosen [G, L, k], per_token [N, L, k]."""
         sums = self._sums(chosen, per_token)  # each [L]
         groups = len(chosen)
-        per_layer = [dict(layer=i, **self._figures({n: v[i] for n, v in sums.items()}, groups, 1))
-                     for i in range(chosen.shape[1])]
+        per_layer = [
+            dict(layer=i, **self._figures({n: v[i] for n, v in sums.items()}, groups, 1))
+            for i in range(chosen.shape[1])
+        ]
         overall = self._figures({n: v.sum() for n, v in sums.items()}, groups, chosen.shape[1])
         return {**overall, "per_layer": per_layer}
 
@@ -127,7 +139,7 @@ class _Scorer:
             "recall": (hits / np.maximum((used > 0).sum(axis=2), 1)).sum(axis=0),
             "hot": hot.sum(axis=0).astype(float),
             "covered": got.sum(axis=(0, 2)).astype(float),
-            "oracle": np.sort(used, axis=2)[:, :, -self.k:].sum(axis=(0, 2)).astype(float),
+            "oracle": np.sort(used, axis=2)[:, :, -self.k :].sum(axis=(0, 2)).astype(float),
             "token_hits": token_hits.astype(float),
         }
 
@@ -145,17 +157,29 @@ class _Scorer:
 
 def _check_compatible(trace: RoutingTrace, table: CorrelationTable) -> None:
     if trace.num_layers != table.num_layers:
-        raise KlotskiError(f"trace has {trace.num_layers} layers but the table {table.num_layers}; "
-                           "use a table calibrated on the same model")
+        raise KlotskiError(
+            f"trace has {trace.num_layers} layers but the table {table.num_layers}; "
+            "use a table calibrated on the same model"
+        )
     if trace.num_tokens and int(trace.expert_ids.max()) >= table.num_experts:
-        raise KlotskiError(f"trace uses expert {int(trace.expert_ids.max())} but the table has "
-                           f"{table.num_experts} experts; use a table of the same model")
+        raise KlotskiError(
+            f"trace uses expert {int(trace.expert_ids.max())} but the table has "
+            f"{table.num_experts} experts; use a table of the same model"
+        )
     if trace.num_tokens == 0:
         raise KlotskiError("trace is empty; record some tokens first")
 
 
-def _config(trace: RoutingTrace, table: CorrelationTable, group_size: int, k: int, seed: int,
-            scoring: str, groups: list[np.ndarray], grouping: str) -> dict[str, Any]:
+def _config(
+    trace: RoutingTrace,
+    table: CorrelationTable,
+    group_size: int,
+    k: int,
+    seed: int,
+    scoring: str,
+    groups: list[np.ndarray],
+    grouping: str,
+) -> dict[str, Any]:
     return {
         "group_size": group_size,
         "k": k,

@@ -5,6 +5,7 @@ Legend: T = tokens in the group, E = experts, K = top_k, l = path length, m = la
 first (fewer layers near the start of the model), or None at layer 0 or when unknown.
 Every prediction orders experts hottest first and breaks ties by the lower expert id.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -30,13 +31,11 @@ class Predictor:
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
-    def token_scores(self, layer: int, prev_experts: np.ndarray | None,
-                     num_tokens: int) -> np.ndarray:
+    def token_scores(self, layer: int, prev_experts: np.ndarray | None, num_tokens: int) -> np.ndarray:
         """Each token's tendency toward each expert at `layer`: [T, E]."""
         raise NotImplementedError
 
-    def predict_scores(self, layer: int, prev_experts: np.ndarray | None,
-                       num_tokens: int = 1) -> np.ndarray:
+    def predict_scores(self, layer: int, prev_experts: np.ndarray | None, num_tokens: int = 1) -> np.ndarray:
         """The group's summed tendency toward each expert at `layer`: [E]."""
         return self.token_scores(layer, prev_experts, _tokens(prev_experts, num_tokens)).sum(0)
 
@@ -44,14 +43,11 @@ class Predictor:
         """The group's top-k experts at `layer`, hottest first."""
         return top_experts(self.predict_scores(layer, prev_experts), k).tolist()
 
-    def predict_tokens(self, layer: int, prev_experts: np.ndarray | None, k: int,
-                       num_tokens: int = 1) -> np.ndarray:
+    def predict_tokens(self, layer: int, prev_experts: np.ndarray | None, k: int, num_tokens: int = 1) -> np.ndarray:
         """Each token's own top-k experts at `layer`: [T, k]."""
-        return top_experts(self.token_scores(layer, prev_experts,
-                                             _tokens(prev_experts, num_tokens)), k)
+        return top_experts(self.token_scores(layer, prev_experts, _tokens(prev_experts, num_tokens)), k)
 
-    def observe(self, layer: int, prev_experts: np.ndarray | None,
-                cur_experts: np.ndarray) -> None:
+    def observe(self, layer: int, prev_experts: np.ndarray | None, cur_experts: np.ndarray) -> None:
         """Learn from the routing the group actually chose at `layer` (cur [T, K])."""
 
 
@@ -74,8 +70,7 @@ class CorrelationPredictor(Predictor):
         self.scoring = scoring
         self._cache: dict[tuple[int, int], np.ndarray] = {}
 
-    def token_scores(self, layer: int, prev_experts: np.ndarray | None,
-                     num_tokens: int) -> np.ndarray:
+    def token_scores(self, layer: int, prev_experts: np.ndarray | None, num_tokens: int) -> np.ndarray:
         """Each token's summed row over every combination of its path: [T, E]."""
         paths, matrix = self._lookup(layer, prev_experts)
         if paths is None:
@@ -87,8 +82,7 @@ class CorrelationPredictor(Predictor):
             scores[unseen] = self._fallback(layer)
         return scores
 
-    def predict_scores(self, layer: int, prev_experts: np.ndarray | None,
-                       num_tokens: int = 1) -> np.ndarray:
+    def predict_scores(self, layer: int, prev_experts: np.ndarray | None, num_tokens: int = 1) -> np.ndarray:
         """Sum over tokens, done as path counts x rows so big groups cost O(E^(m+1))."""
         paths, matrix = self._lookup(layer, prev_experts)
         if paths is None:
@@ -96,8 +90,7 @@ class CorrelationPredictor(Predictor):
         scores = np.bincount(paths, minlength=matrix.shape[0]) @ matrix
         return scores if scores.any() else self._fallback(layer)
 
-    def observe(self, layer: int, prev_experts: np.ndarray | None,
-                cur_experts: np.ndarray) -> None:
+    def observe(self, layer: int, prev_experts: np.ndarray | None, cur_experts: np.ndarray) -> None:
         """Add the group's routing to the private table copy."""
         m = self.table.path_len_at(layer)
         if m and (prev_experts is None or np.asarray(prev_experts).shape[1] < m):
@@ -106,8 +99,7 @@ class CorrelationPredictor(Predictor):
         if self._cache:
             self._cache = {key: v for key, v in self._cache.items() if key[0] != layer}
 
-    def _lookup(self, layer: int, prev_experts: np.ndarray | None
-                ) -> tuple[np.ndarray | None, np.ndarray]:
+    def _lookup(self, layer: int, prev_experts: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
         """Flat path cells of every token combination [T * K^m] and the row matrix [E^m, E]."""
         m = self.table.path_len_at(layer)
         if prev_experts is not None and m:
@@ -135,7 +127,7 @@ class CorrelationPredictor(Predictor):
 
     def _score_rows(self, layer: int, m: int) -> np.ndarray:
         arr = self.table.counts[layer]
-        rows = arr.reshape(-1, *arr.shape[arr.ndim - m - 1:]).sum(axis=0).reshape(-1, arr.shape[-1])
+        rows = arr.reshape(-1, *arr.shape[arr.ndim - m - 1 :]).sum(axis=0).reshape(-1, arr.shape[-1])
         if self.scoring == "rows":
             totals = rows.sum(axis=1, keepdims=True)
             rows = rows / np.where(totals > 0, totals, 1.0)
@@ -155,18 +147,15 @@ class FrequencyPredictor(Predictor):
         super().__init__(table.num_experts)
         self.counts = np.stack([table.frequency(i) for i in range(table.num_layers)])  # [L, E]
 
-    def token_scores(self, layer: int, prev_experts: np.ndarray | None,
-                     num_tokens: int) -> np.ndarray:
+    def token_scores(self, layer: int, prev_experts: np.ndarray | None, num_tokens: int) -> np.ndarray:
         """Every token gets the layer's frequency: [T, E]."""
         return np.broadcast_to(self.counts[layer], (num_tokens, self.num_experts))
 
-    def predict_scores(self, layer: int, prev_experts: np.ndarray | None,
-                       num_tokens: int = 1) -> np.ndarray:
+    def predict_scores(self, layer: int, prev_experts: np.ndarray | None, num_tokens: int = 1) -> np.ndarray:
         """The layer's frequency, independent of the group."""
         return self.counts[layer].copy()
 
-    def observe(self, layer: int, prev_experts: np.ndarray | None,
-                cur_experts: np.ndarray) -> None:
+    def observe(self, layer: int, prev_experts: np.ndarray | None, cur_experts: np.ndarray) -> None:
         """Count the group's choices."""
         cur = np.asarray(cur_experts, dtype=np.int64).ravel()
         self.counts[layer] += np.bincount(cur, minlength=self.num_experts)
@@ -181,8 +170,7 @@ class PreviousLayerPredictor(Predictor):
         super().__init__(table.num_experts)
         self.frequency = np.stack([table.frequency(i) for i in range(table.num_layers)])
 
-    def token_scores(self, layer: int, prev_experts: np.ndarray | None,
-                     num_tokens: int) -> np.ndarray:
+    def token_scores(self, layer: int, prev_experts: np.ndarray | None, num_tokens: int) -> np.ndarray:
         """One-hot of each token's previous-layer experts: [T, E]."""
         if prev_experts is None or layer == 0 or np.asarray(prev_experts).shape[1] == 0:
             return np.broadcast_to(self.frequency[layer], (num_tokens, self.num_experts))
@@ -201,19 +189,16 @@ class RandomPredictor(Predictor):
         super().__init__(num_experts)
         self.rng = np.random.default_rng(seed)
 
-    def token_scores(self, layer: int, prev_experts: np.ndarray | None,
-                     num_tokens: int) -> np.ndarray:
+    def token_scores(self, layer: int, prev_experts: np.ndarray | None, num_tokens: int) -> np.ndarray:
         """Independent random scores per token: [T, E]."""
         return self.rng.random((num_tokens, self.num_experts))
 
-    def predict_scores(self, layer: int, prev_experts: np.ndarray | None,
-                       num_tokens: int = 1) -> np.ndarray:
+    def predict_scores(self, layer: int, prev_experts: np.ndarray | None, num_tokens: int = 1) -> np.ndarray:
         """One random score per expert: [E]."""
         return self.rng.random(self.num_experts)
 
 
-def default_predictors(table: CorrelationTable, seed: int = 0,
-                       scoring: Scoring = "raw") -> dict[str, Predictor]:
+def default_predictors(table: CorrelationTable, seed: int = 0, scoring: Scoring = "raw") -> dict[str, Predictor]:
     """The correlation predictor and the three baselines, each with its own state."""
     return {
         "correlation": CorrelationPredictor(table, scoring),

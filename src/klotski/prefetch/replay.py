@@ -8,6 +8,7 @@ and hence the tokens never depend on the schedule, batch shape or order of execu
 
 Legend: T = tokens, K = top_k, E = experts, L = MoE layers.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -72,8 +73,10 @@ class RoutingReplay:
 
     def _init_trace(self, trace: RoutingTrace, spec: ModelSpec) -> None:
         if trace.num_layers < len(self.index) or trace.top_k != spec.top_k:
-            raise KlotskiError(f"routing replay trace {self.source} has {trace.num_layers} layers x top-{trace.top_k}; "
-                               f"the model needs {len(self.index)} MoE layers x top-{spec.top_k}")
+            raise KlotskiError(
+                f"routing replay trace {self.source} has {trace.num_layers} layers x top-{trace.top_k}; "
+                f"the model needs {len(self.index)} MoE layers x top-{spec.top_k}"
+            )
         self.trace = {(int(s), int(p)): ids for s, p, ids in zip(trace.seq_ids, trace.positions, trace.expert_ids)}
 
     def describe(self) -> str:
@@ -109,8 +112,10 @@ class RoutingReplay:
         try:
             rows = [self.trace[(int(s), int(p))][moe_layer] for s, p in zip(seqs, positions)]
         except KeyError as exc:
-            raise KlotskiError(f"routing replay trace {self.source} has no token (sequence, position) = {exc.args[0]}; "
-                               "record it with the same prompts and lengths (`generate --record-routing`)") from None
+            raise KlotskiError(
+                f"routing replay trace {self.source} has no token (sequence, position) = {exc.args[0]}; "
+                "record it with the same prompts and lengths (`generate --record-routing`)"
+            ) from None
         return np.asarray(rows, dtype=np.int64).reshape(len(seqs), self.top_k)
 
 

@@ -3,6 +3,7 @@
 The pipeline numbers every layer; tables and traces count MoE layers only (DeepSeek's first
 dense layers, Qwen's mlp_only layers have no routing), so layer numbers are mapped here.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -6,6 +6,7 @@ the previous m = min(l, i) layers (oldest first) and then the current expert: sh
 Each token contributes every combination of its top-k choices, K ** (m + 1) counts, which for
 l = 1 is the authors' "top-k x top-k pairs".
 """
+
 from __future__ import annotations
 
 import json
@@ -84,8 +85,12 @@ class CorrelationTable:
     def copy(self) -> CorrelationTable:
         """A private copy whose counts can be updated online without touching this one."""
         return CorrelationTable(
-            [c.copy() for c in self.counts], self.top_k, self.path_length,
-            self.model, self.calibrated_on, dict(self.extra),
+            [c.copy() for c in self.counts],
+            self.top_k,
+            self.path_length,
+            self.model,
+            self.calibrated_on,
+            dict(self.extra),
         )
 
     def add(self, layer: int, prev_experts: np.ndarray | None, cur_experts: np.ndarray) -> None:
@@ -99,22 +104,29 @@ class CorrelationTable:
             raise ValueError(f"layer {layer} needs the experts of the previous {m} layers")
         prev = np.asarray(prev_experts, dtype=np.int64)[:, -m:, :]
         flat = _path_flat_index(np.concatenate([prev, cur[:, None, :]], axis=1), self.num_experts)
-        self.counts[layer] += np.bincount(flat, minlength=self.num_experts ** (m + 1)).reshape(
-            self.counts[layer].shape)
+        self.counts[layer] += np.bincount(flat, minlength=self.num_experts ** (m + 1)).reshape(self.counts[layer].shape)
 
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def empty(cls, num_layers: int, num_experts: int, top_k: int, path_length: int = 1,
-              model: str = "", calibrated_on: str = "") -> CorrelationTable:
+    def empty(
+        cls,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        path_length: int = 1,
+        model: str = "",
+        calibrated_on: str = "",
+    ) -> CorrelationTable:
         """A table of zeros with the right shapes."""
         check_cells(num_experts, path_length, num_layers)
         counts = [np.zeros((num_experts,) * (min(path_length, i) + 1)) for i in range(num_layers)]
         return cls(counts, top_k, path_length, model, calibrated_on)
 
     @classmethod
-    def from_trace(cls, trace: RoutingTrace, l: int = 1, num_experts: int | None = None,
-                   model: str = "", calibrated_on: str = "") -> CorrelationTable:
+    def from_trace(
+        cls, trace: RoutingTrace, l: int = 1, num_experts: int | None = None, model: str = "", calibrated_on: str = ""
+    ) -> CorrelationTable:
         """Count every token's routing in a trace into a table with path length `l`."""
         ids = trace.expert_ids.astype(np.int64)  # [T, L, K]
         if num_experts is None:
@@ -124,7 +136,7 @@ class CorrelationTable:
         table = cls.empty(ids.shape[1], num_experts, ids.shape[2], l, model, calibrated_on)
         for layer in range(table.num_layers):
             m = table.path_len_at(layer)
-            table.add(layer, ids[:, layer - m:layer, :] if m else None, ids[:, layer, :])
+            table.add(layer, ids[:, layer - m : layer, :] if m else None, ids[:, layer, :])
         return table
 
     @classmethod
@@ -132,16 +144,21 @@ class CorrelationTable:
         """Import the Klotski authors' `{layer: {prev: {cur: count}}}` JSON (path length 1)."""
         path = Path(path)
         data = _read_json(path)
-        return cls.from_authors_dict(data, top_k, model=path.stem.replace("_expert_path", ""),
-                                     calibrated_on=f"authors' warm-up run, imported from {path.name}")
+        return cls.from_authors_dict(
+            data,
+            top_k,
+            model=path.stem.replace("_expert_path", ""),
+            calibrated_on=f"authors' warm-up run, imported from {path.name}",
+        )
 
     @classmethod
-    def from_authors_dict(cls, data: Any, top_k: int = 2, model: str = "",
-                          calibrated_on: str = "") -> CorrelationTable:
+    def from_authors_dict(cls, data: Any, top_k: int = 2, model: str = "", calibrated_on: str = "") -> CorrelationTable:
         """Build from the authors' format already parsed from JSON."""
         if not isinstance(data, dict) or "0" not in data:
-            raise KlotskiError("not an authors' table: expected a JSON object keyed by layer "
-                               "'0', '1', ...; pass a table written by `klotski calibrate`")
+            raise KlotskiError(
+                "not an authors' table: expected a JSON object keyed by layer "
+                "'0', '1', ...; pass a table written by `klotski calibrate`"
+            )
         num_layers = len(data)
         if sorted(data, key=_int_key) != [str(i) for i in range(num_layers)]:
             raise KlotskiError(f"authors' table layers must be '0'..'{num_layers - 1}' without gaps")
@@ -193,22 +210,29 @@ class CorrelationTable:
         """Parse and check Klotski's own format."""
         fix = "re-create it with `klotski calibrate`"
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-            raise KlotskiError(f"not a Klotski correlation table (no \"format\": "
-                               f"\"{FORMAT_NAME}\"); {fix}, or import the authors' format")
+            raise KlotskiError(
+                f'not a Klotski correlation table (no "format": "{FORMAT_NAME}"); {fix}, or import the authors\' format'
+            )
         if data.get("version") != FORMAT_VERSION:
-            raise KlotskiError(f"table format version {data.get('version')!r} is not "
-                               f"{FORMAT_VERSION}; {fix}")
-        missing = [k for k in ("path_length", "num_layers", "num_experts", "top_k", "counts")
-                   if k not in data]
+            raise KlotskiError(f"table format version {data.get('version')!r} is not {FORMAT_VERSION}; {fix}")
+        missing = [k for k in ("path_length", "num_layers", "num_experts", "top_k", "counts") if k not in data]
         if missing:
             raise KlotskiError(f"table is missing {', '.join(missing)}; {fix}")
         counts = [_counts_array(c, i) for i, c in enumerate(data["counts"])]
-        table = cls(counts, int(data["top_k"]), int(data["path_length"]), str(data.get("model", "")),
-                    str(data.get("calibrated_on", "")), dict(data.get("extra", {})))
+        table = cls(
+            counts,
+            int(data["top_k"]),
+            int(data["path_length"]),
+            str(data.get("model", "")),
+            str(data.get("calibrated_on", "")),
+            dict(data.get("extra", {})),
+        )
         if (table.num_layers, table.num_experts) != (data["num_layers"], data["num_experts"]):
-            raise KlotskiError(f"table header says {data['num_layers']} layers x "
-                               f"{data['num_experts']} experts but the counts hold "
-                               f"{table.num_layers} x {table.num_experts}; {fix}")
+            raise KlotskiError(
+                f"table header says {data['num_layers']} layers x "
+                f"{data['num_experts']} experts but the counts hold "
+                f"{table.num_layers} x {table.num_experts}; {fix}"
+            )
         return table
 
 
@@ -219,8 +243,10 @@ def load_table(spec: str | Path, top_k: int = 2) -> CorrelationTable:
         return bundled_table(name, top_k)
     path = Path(spec)
     if not path.is_file():
-        raise KlotskiError(f"table {path} not found; pass a file written by `klotski calibrate`, "
-                           f"an authors' JSON, or one of {', '.join(BUNDLED_TABLES)}")
+        raise KlotskiError(
+            f"table {path} not found; pass a file written by `klotski calibrate`, "
+            f"an authors' JSON, or one of {', '.join(BUNDLED_TABLES)}"
+        )
     data = _read_json(path)
     if isinstance(data, dict) and "format" in data:
         return CorrelationTable.load(path)
@@ -237,11 +263,11 @@ def bundled_table(name: str, top_k: int = 2) -> CorrelationTable:
     res = resources.files("klotski") / "data" / "klotski-tables" / BUNDLED_TABLES[name]
     data = json.loads(res.read_text())
     return CorrelationTable.from_authors_dict(
-        data, top_k, model=name, calibrated_on=f"authors' warm-up run ({BUNDLED_TABLES[name]})")
+        data, top_k, model=name, calibrated_on=f"authors' warm-up run ({BUNDLED_TABLES[name]})"
+    )
 
 
-def find_model_table(model_dir: str | Path, override: str | Path | None = None
-                     ) -> CorrelationTable | None:
+def find_model_table(model_dir: str | Path, override: str | Path | None = None) -> CorrelationTable | None:
     """The table to use for a model: `override` if given, else one saved beside its experts."""
     if override is not None:
         return load_table(override)
@@ -253,8 +279,10 @@ def check_cells(num_experts: int, path_length: int, num_layers: int) -> None:
     """Refuse a dense table too large to hold (E ** (l + 1) cells per layer)."""
     cells = num_experts ** (path_length + 1) * max(num_layers, 1)
     if cells > MAX_CELLS:
-        raise KlotskiError(f"a path length of {path_length} with {num_experts} experts needs "
-                           f"{cells:,} counters; use a shorter --path-length")
+        raise KlotskiError(
+            f"a path length of {path_length} with {num_experts} experts needs "
+            f"{cells:,} counters; use a shorter --path-length"
+        )
 
 
 def _path_flat_index(paths: np.ndarray, num_experts: int) -> np.ndarray:
@@ -273,8 +301,7 @@ def _read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise KlotskiError(f"table {path} not found; create one with `klotski calibrate`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KlotskiError(f"table {path} is not valid JSON ({exc}); re-create it with "
-                           "`klotski calibrate`") from None
+        raise KlotskiError(f"table {path} is not valid JSON ({exc}); re-create it with `klotski calibrate`") from None
 
 
 def _int_key(key: str) -> int:

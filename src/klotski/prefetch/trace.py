@@ -4,6 +4,7 @@ Legend: T = tokens, L = layers, K = top_k, E = experts, S = sequences.
 A trace written on one machine replays anywhere: `klotski prefetch-eval` and `calibrate` read it.
 Synthetic traces, sampled from a table, are made by prefetch/synthetic.py.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,26 +54,29 @@ class RoutingTrace:
     def validate(self) -> None:
         """Raise KlotskiError if the arrays disagree with each other."""
         if self.expert_ids.ndim != 3:
-            raise KlotskiError(f"trace expert_ids must be [tokens, layers, top_k], got shape "
-                               f"{self.expert_ids.shape}; {TRACE_FIX}")
+            raise KlotskiError(
+                f"trace expert_ids must be [tokens, layers, top_k], got shape {self.expert_ids.shape}; {TRACE_FIX}"
+            )
         n = self.num_tokens
         for name in ("seq_ids", "positions", "is_prefill"):
             if getattr(self, name).shape != (n,):
-                raise KlotskiError(f"trace {name} has shape {getattr(self, name).shape}, expected "
-                                   f"({n},) to match expert_ids; {TRACE_FIX}")
+                raise KlotskiError(
+                    f"trace {name} has shape {getattr(self, name).shape}, expected "
+                    f"({n},) to match expert_ids; {TRACE_FIX}"
+                )
         if n and self.expert_ids.min() < 0:
             raise KlotskiError(f"trace expert_ids holds negative ids; {TRACE_FIX}")
         if self.num_experts is not None and n and self.expert_ids.max() >= self.num_experts:
-            raise KlotskiError(f"trace expert id {self.expert_ids.max()} is outside "
-                               f"0..{self.num_experts - 1}")
+            raise KlotskiError(f"trace expert id {self.expert_ids.max()} is outside 0..{self.num_experts - 1}")
         keys = self.seq_ids.astype(np.int64) << 32 | self.positions.astype(np.int64) & 0xFFFFFFFF
         if np.unique(keys).size != n:
             raise KlotskiError(f"trace has repeated (seq_id, position) rows; {TRACE_FIX}")
 
     def subset(self, rows: np.ndarray) -> RoutingTrace:
         """The trace restricted to `rows` (indices or a mask)."""
-        return RoutingTrace(self.expert_ids[rows], self.seq_ids[rows], self.positions[rows],
-                            self.is_prefill[rows], self.num_experts)
+        return RoutingTrace(
+            self.expert_ids[rows], self.seq_ids[rows], self.positions[rows], self.is_prefill[rows], self.num_experts
+        )
 
     def save(self, path: str | Path) -> None:
         """Write the trace as a compressed .npz."""
@@ -114,14 +118,12 @@ class RoutingRecorder:
         self._ids = np.full((64, num_layers, top_k), -1, dtype=np.int16)  # grows by doubling
         self._prefill = np.zeros(64, dtype=bool)
 
-    def record(self, layer: int, seq_ids: Any, positions: Any, is_prefill: Any,
-               expert_ids: Any) -> None:
+    def record(self, layer: int, seq_ids: Any, positions: Any, is_prefill: Any, expert_ids: Any) -> None:
         """Store one layer's choices for T tokens: seq_ids/positions/is_prefill [T], ids [T, K]."""
         seqs, pos = _numpy(seq_ids).ravel(), _numpy(positions).ravel()
         ids = _numpy(expert_ids).reshape(len(seqs), self.top_k)
         prefill = np.broadcast_to(_numpy(is_prefill).astype(bool), seqs.shape)
-        rows = np.fromiter((self._row(int(s), int(p)) for s, p in zip(seqs, pos)),
-                           dtype=np.int64, count=len(seqs))
+        rows = np.fromiter((self._row(int(s), int(p)) for s, p in zip(seqs, pos)), dtype=np.int64, count=len(seqs))
         self._ids[rows, layer] = ids
         self._prefill[rows] = prefill
 
@@ -136,8 +138,9 @@ class RoutingRecorder:
         keys, rows = keys[complete], rows[complete]
         order = np.lexsort((keys[:, 1], keys[:, 0]))
         keys, rows = keys[order], rows[order]
-        return RoutingTrace(self._ids[rows].copy(), keys[:, 0], keys[:, 1],
-                            self._prefill[rows].copy(), self.num_experts)
+        return RoutingTrace(
+            self._ids[rows].copy(), keys[:, 0], keys[:, 1], self._prefill[rows].copy(), self.num_experts
+        )
 
     def _row(self, seq: int, pos: int) -> int:
         row = self._rows.get((seq, pos))
@@ -153,8 +156,7 @@ class RoutingRecorder:
         self._prefill = np.concatenate([self._prefill, np.zeros_like(self._prefill)])
 
 
-def split(trace: RoutingTrace, held_out_fraction: float, seed: int
-          ) -> tuple[RoutingTrace, RoutingTrace]:
+def split(trace: RoutingTrace, held_out_fraction: float, seed: int) -> tuple[RoutingTrace, RoutingTrace]:
     """(train, held_out) split by whole sequences; a one-sequence trace keeps its tail held out."""
     if not 0.0 < held_out_fraction < 1.0:
         raise KlotskiError(f"held-out fraction must be within (0, 1), got {held_out_fraction}")

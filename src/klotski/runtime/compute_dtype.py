@@ -6,6 +6,7 @@ build (docs/offloading.md, "Compute dtype on the CPU", has this project's figure
 between torch builds), so `dtype="auto"` times both once per machine and caches the answer under
 $KLOTSKI_HOME/profiles/.
 """
+
 from __future__ import annotations
 
 import functools

@@ -3,6 +3,7 @@
 Sequences are split into n batches of up to bs; each batch keeps its own KV cache per layer.
 Every forward step goes through the pipeline, which shares each loaded layer across the batches.
 """
+
 from __future__ import annotations
 
 import time
@@ -44,9 +45,15 @@ class Sequence:
         return self.finish_reason is not None
 
     def output(self) -> CompletionOutput:
-        return CompletionOutput(index=0, text=self.text, token_ids=list(self.stopper.token_ids),
-                                cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
-                                logprobs=self.logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+        return CompletionOutput(
+            index=0,
+            text=self.text,
+            token_ids=list(self.stopper.token_ids),
+            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
 
 
 @dataclass
@@ -58,8 +65,9 @@ class GroupBatch:
     kv: list = field(default_factory=list)
 
 
-def run_group(pipeline: Pipeline, sampler: Sampler, batches: list[GroupBatch], max_len: int,
-              pad_id: int = 0) -> tuple[int, float]:
+def run_group(
+    pipeline: Pipeline, sampler: Sampler, batches: list[GroupBatch], max_len: int, pad_id: int = 0
+) -> tuple[int, float]:
     """Generate until every sequence of the group stops; returns (forward steps, prefill seconds)."""
     runner, store = pipeline.runner, pipeline.store
     for b in batches:
@@ -76,8 +84,9 @@ def run_group(pipeline: Pipeline, sampler: Sampler, batches: list[GroupBatch], m
             b.kv = []
 
 
-def _generate(pipeline: Pipeline, sampler: Sampler, batches: list[GroupBatch], max_len: int,
-              pad_id: int) -> tuple[int, float]:
+def _generate(
+    pipeline: Pipeline, sampler: Sampler, batches: list[GroupBatch], max_len: int, pad_id: int
+) -> tuple[int, float]:
     steps, prefill, t0, prefill_s = 0, True, time.perf_counter(), 0.0
     while True:
         live = [b for b in batches if not all(s.finished for s in b.seqs)]
@@ -86,8 +95,12 @@ def _generate(pipeline: Pipeline, sampler: Sampler, batches: list[GroupBatch], m
         inputs = [prefill_step(b, pad_id) if prefill else decode_step(b, pad_id) for b in live]
         pipeline.timeline.phase = "prefill" if prefill else "decode"
         # When every live sequence reaches max_tokens with this step, none follows: nothing is prefetched for it.
-        final = all(s.params.max_tokens is not None and len(s.stopper.token_ids) + 1 >= s.params.max_tokens
-                    for b in live for s in b.seqs if not s.finished)
+        final = all(
+            s.params.max_tokens is not None and len(s.stopper.token_ids) + 1 >= s.params.max_tokens
+            for b in live
+            for s in b.seqs
+            if not s.finished
+        )
         logits = pipeline.forward(inputs, final=final)
         for b, lg in zip(live, logits):
             with pipeline.timeline.span("compute", "sample", batch=b.index):
@@ -110,8 +123,16 @@ def prefill_step(b: GroupBatch, pad_id: int) -> BatchStep:
         tokens[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
     positions = torch.arange(width).expand(len(b.seqs), width)
     valid = positions < lengths[:, None]
-    return BatchStep(b.index, tokens, valid, _step_info(positions, lengths), b.kv, lengths - 1,
-                     torch.tensor([s.index for s in b.seqs]), prefill=True)
+    return BatchStep(
+        b.index,
+        tokens,
+        valid,
+        _step_info(positions, lengths),
+        b.kv,
+        lengths - 1,
+        torch.tensor([s.index for s in b.seqs]),
+        prefill=True,
+    )
 
 
 def decode_step(b: GroupBatch, pad_id: int) -> BatchStep:
@@ -124,16 +145,27 @@ def decode_step(b: GroupBatch, pad_id: int) -> BatchStep:
         valid.append(not s.finished)
     positions_t = torch.tensor(positions)[:, None]  # [B, 1]
     step = _step_info(positions_t, positions_t[:, 0] + 1)
-    return BatchStep(b.index, torch.tensor(tokens)[:, None], torch.tensor(valid)[:, None], step, b.kv,
-                     torch.zeros(len(b.seqs), dtype=torch.long), torch.tensor([s.index for s in b.seqs]))
+    return BatchStep(
+        b.index,
+        torch.tensor(tokens)[:, None],
+        torch.tensor(valid)[:, None],
+        step,
+        b.kv,
+        torch.zeros(len(b.seqs), dtype=torch.long),
+        torch.tensor([s.index for s in b.seqs]),
+    )
 
 
 def sample_batch(sampler: Sampler, b: GroupBatch, logits: torch.Tensor, max_len: int) -> None:
     """Pick each live sequence's next token and apply its stop rules."""
     rows = [i for i, s in enumerate(b.seqs) if not s.finished]
     seqs = [b.seqs[i] for i in rows]
-    suppress = [sorted(s.stopper.eos_token_ids | set(s.params.stop_token_ids or ()))
-                if len(s.stopper.token_ids) < s.params.min_tokens else [] for s in seqs]
+    suppress = [
+        sorted(s.stopper.eos_token_ids | set(s.params.stop_token_ids or ()))
+        if len(s.stopper.token_ids) < s.params.min_tokens
+        else []
+        for s in seqs
+    ]
     rows_logits = logits[rows].cpu()
     check_finite_logits(rows_logits, seqs)
     # Sampling runs on the CPU: each request's generator lives there, whatever the compute device.
@@ -163,4 +195,5 @@ def check_finite_logits(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     raise NumericalError(
         f"the model produced non-finite logits (NaN or inf) for request {s.index} after "
         f"{len(s.stopper.token_ids)} generated tokens; the weights may hold NaN/inf (run with --check-weights "
-        "to find them) or a low-precision dtype overflowed (try --dtype float32)")
+        "to find them) or a low-precision dtype overflowed (try --dtype float32)"
+    )

@@ -2,6 +2,7 @@
 per expert, head. The pipeline decides when each runs and where its weights come from; nothing
 here knows about tiers, lanes or schedules, and nothing branches on the model family.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -6,6 +6,7 @@ tokens of the group (hot first, cold in the order their fetches complete, each r
 its last token). Which fetches start when is decided by the Schedule's switches, so every rung
 of the ablation ladder is this one loop.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -46,8 +47,16 @@ class BatchStep:
             return self
         step = StepInfo(self.step.positions.to(device), self.step.total.to(device), self.step.max_total, {})
         last = None if self.last is None else self.last.to(device)
-        return BatchStep(self.index, self.token_ids.to(device), self.valid.to(device), step, self.kv, last,
-                         self.seq_ids, self.prefill)
+        return BatchStep(
+            self.index,
+            self.token_ids.to(device),
+            self.valid.to(device),
+            step,
+            self.kv,
+            last,
+            self.seq_ids,
+            self.prefill,
+        )
 
 
 class HotPredictor:
@@ -277,7 +286,7 @@ class Pipeline:
                 # In chunks of rows: a large group's prefill gives an expert thousands of tokens, and its
                 # [tokens, intermediate] activations would otherwise be the process's largest transient.
                 for c in range(0, tok.numel(), EXPERT_ROWS):
-                    t, s = tok[c:c + EXPERT_ROWS], slot[c:c + EXPERT_ROWS]
+                    t, s = tok[c : c + EXPERT_ROWS], slot[c : c + EXPERT_ROWS]
                     y = self.runner.expert(w, h[t])
                     y *= weights[t, s, None].to(y.dtype)
                     if k <= 2:

@@ -1,11 +1,21 @@
 """Draw a timeline's lanes over time (the paper's Fig. 15) to a PNG; matplotlib is a bench extra."""
+
 from __future__ import annotations
 
 from klotski.errors import KlotskiError
 from klotski.timeline import Timeline
 
-COLORS = {"attention": "#4c72b0", "gate": "#dd8452", "expert": "#55a868", "dense_mlp": "#8172b3",
-          "embed": "#937860", "head": "#937860", "sample": "#937860", "wait": "#c44e52", "read": "#64b5cd"}
+COLORS = {
+    "attention": "#4c72b0",
+    "gate": "#dd8452",
+    "expert": "#55a868",
+    "dense_mlp": "#8172b3",
+    "embed": "#937860",
+    "head": "#937860",
+    "sample": "#937860",
+    "wait": "#c44e52",
+    "read": "#64b5cd",
+}
 
 
 def require_matplotlib() -> None:
@@ -16,8 +26,9 @@ def require_matplotlib() -> None:
         raise KlotskiError("--timeline needs matplotlib: pip install 'klotski-moe[bench]'") from None
 
 
-def plot_timeline(timeline: Timeline, path: str, start: float | None = None, end: float | None = None,
-                  title: str = "") -> None:
+def plot_timeline(
+    timeline: Timeline, path: str, start: float | None = None, end: float | None = None, title: str = ""
+) -> None:
     """One row per lane; compute ops coloured by kind, waits (bubbles) in red, transfers in blue."""
     try:
         import matplotlib

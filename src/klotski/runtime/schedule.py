@@ -1,4 +1,5 @@
 """The ablation ladder as switches of one pipeline (the paper's Table 3, bottom to top)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,6 @@
 """What the pipeline and the engine ask of a weight store: fetch a unit (get a handle), wait on it,
 release it; count the KV cache against the device budget; report what was read."""
+
 from __future__ import annotations
 
 import queue

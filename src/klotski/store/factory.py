@@ -1,4 +1,5 @@
 """Building the store a configuration asks for: all resident without a budget, else tiered."""
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,9 @@ def host_budget(host_memory: int | None, device: torch.device) -> int | None:
     return 0 if device.type == "cpu" else None
 
 
-def open_store(checkpoint: Checkpoint, config: EngineConfig, device: torch.device,
-               placement: dict[WeightKey, str] | None = None) -> WeightStore:
+def open_store(
+    checkpoint: Checkpoint, config: EngineConfig, device: torch.device, placement: dict[WeightKey, str] | None = None
+) -> WeightStore:
     """All resident when no budget is given; else device / host / disk tiers under the budgets, with
     `placement` (the planner's) or a greedy one."""
     if not config.budgeted:
@@ -41,6 +43,13 @@ def open_store(checkpoint: Checkpoint, config: EngineConfig, device: torch.devic
     # On CUDA host-placed units are copied in per use, from their blobs held in pinned memory.
     if DISK in placement.values() or (device.type == "cuda" and HOST in placement.values()):
         offload = OffloadDir.prepare(checkpoint, config.offload_dir or default_offload_dir(checkpoint), progress=True)
-    return TieredStore(checkpoint, offload, placement, TierPool(DEVICE, config.device_memory, device),
-                       TierPool(HOST, host), Timeline(enabled=False), device=device,
-                       reserve=0 if DISK not in placement.values() else reserve)
+    return TieredStore(
+        checkpoint,
+        offload,
+        placement,
+        TierPool(DEVICE, config.device_memory, device),
+        TierPool(HOST, host),
+        Timeline(enabled=False),
+        device=device,
+        reserve=0 if DISK not in placement.values() else reserve,
+    )

@@ -7,6 +7,7 @@ they free stays in the process, where a tight memory cgroup counts it (docs/offl
 measurement: an OOM kill without the fix). A fixed threshold makes every allocation of 1 MiB or
 more its own mapping, returned to the OS when freed.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -17,6 +17,7 @@ allows it, buffered otherwise). Safe to share and to lose, in SQLite's spirit:
   (the completion marker) last the same way: a full disk, exhausted inodes or a crash leave
   nothing the next run trusts, and missing or wrong-sized blobs are repacked on the next run.
 """
+
 from __future__ import annotations
 
 import errno
@@ -132,7 +133,7 @@ def check_chunk(key: WeightKey, nbytes: int) -> int:
 
 def chunk_crcs(data, nbytes: int, chunk: int) -> tuple[int, ...]:
     view, digest = memoryview(data), _HASHES[HASH]
-    return tuple(digest(view[i: min(i + chunk, nbytes)]) for i in range(0, max(nbytes, 1), chunk))
+    return tuple(digest(view[i : min(i + chunk, nbytes)]) for i in range(0, max(nbytes, 1), chunk))
 
 
 def blob_layout(units: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], int]:
@@ -232,8 +233,7 @@ class OffloadDir:
     # Called after every verified blob read with its key (tests pause or damage the dir between reads).
     after_read = None
 
-    def __init__(self, path: Path, blobs: dict[WeightKey, Blob], verify: str = "always",
-                 lock: DirLock | None = None):
+    def __init__(self, path: Path, blobs: dict[WeightKey, Blob], verify: str = "always", lock: DirLock | None = None):
         self.path = path
         self.blobs = blobs
         self.verify = verify  # "always": every read is checked; "never" (benchmarks only)
@@ -256,8 +256,14 @@ class OffloadDir:
 
     # -- opening and repacking --------------------------------------------------------------
     @classmethod
-    def prepare(cls, checkpoint: Checkpoint, path: str | os.PathLike, keys: list[WeightKey] | None = None,
-                progress: bool = False, wait_s: float | None = None) -> OffloadDir:
+    def prepare(
+        cls,
+        checkpoint: Checkpoint,
+        path: str | os.PathLike,
+        keys: list[WeightKey] | None = None,
+        progress: bool = False,
+        wait_s: float | None = None,
+    ) -> OffloadDir:
         """Open this checkpoint's blobs under `path`, repacking what is missing or stale first.
 
         Returns holding the model's lock shared; see the module docstring for the protocol."""
@@ -286,12 +292,15 @@ class OffloadDir:
                     if time.monotonic() - stale_since > STALE_WAIT_S:
                         raise OffloadError(
                             f"offload dir {sub} needs repacking ({missing[0]} is missing or damaged) but another "
-                            "klotski process is reading it; let that process finish, or give another --offload-dir")
+                            "klotski process is reading it; let that process finish, or give another --offload-dir"
+                        )
                 else:
                     stale_since = None  # another process holds it exclusive: it is repacking
                     if time.monotonic() - start > wait_s:
-                        raise OffloadError(f"offload dir {sub} has been locked by another klotski process for "
-                                           f"{wait_s:.0f} s; wait for it to finish, or give another --offload-dir")
+                        raise OffloadError(
+                            f"offload dir {sub} has been locked by another klotski process for "
+                            f"{wait_s:.0f} s; wait for it to finish, or give another --offload-dir"
+                        )
                     if not told:
                         print(f"klotski: waiting for another klotski process repacking {sub}", file=sys.stderr)
                         told = True
@@ -305,8 +314,10 @@ class OffloadDir:
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OffloadError(f"offload dir {root} is not writable: it cannot be created ({exc.strerror}); "
-                               "choose another --offload-dir") from None
+            raise OffloadError(
+                f"offload dir {root} is not writable: it cannot be created ({exc.strerror}); "
+                "choose another --offload-dir"
+            ) from None
 
     @staticmethod
     def _missing(sub: Path, existing: OffloadDir | None, keys: list[WeightKey]) -> list[WeightKey]:
@@ -325,8 +336,9 @@ class OffloadDir:
         return missing
 
     @classmethod
-    def _repack(cls, checkpoint: Checkpoint, sub: Path, keys: list[WeightKey], fingerprint: list,
-                lock: DirLock, progress: bool) -> OffloadDir:
+    def _repack(
+        cls, checkpoint: Checkpoint, sub: Path, keys: list[WeightKey], fingerprint: list, lock: DirLock, progress: bool
+    ) -> OffloadDir:
         """With the lock exclusive: write the missing blobs, then the manifest; downgrade to shared."""
         existing = cls._load_manifest(sub, fingerprint)  # re-read: another process may have just repacked
         missing = cls._missing(sub, existing, keys)
@@ -336,15 +348,25 @@ class OffloadDir:
             cls._clean(sub)
             total, done = sum(checkpoint.unit_nbytes(k) for k in missing), 0
             try:
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"repacking into {sub}", file=sys.stderr,
-                          disable=not progress) as bar:
+                with tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    desc=f"repacking into {sub}",
+                    file=sys.stderr,
+                    disable=not progress,
+                ) as bar:
                     for key in missing:
                         blobs[key] = cls._write_blob(checkpoint, sub, key)
                         done += blobs[key].nbytes
                         bar.update(blobs[key].nbytes)
-                manifest = {"version": FORMAT_VERSION, "hash": HASH, "source": str(checkpoint.path),
-                            "fingerprint": fingerprint,
-                            "blobs": [cls._blob_json(b) for b in blobs.values()]}
+                manifest = {
+                    "version": FORMAT_VERSION,
+                    "hash": HASH,
+                    "source": str(checkpoint.path),
+                    "fingerprint": fingerprint,
+                    "blobs": [cls._blob_json(b) for b in blobs.values()],
+                }
                 _write_durably(sub / "manifest.json", json.dumps(manifest).encode())
             except OSError as exc:
                 cls._clean(sub)
@@ -396,11 +418,15 @@ class OffloadDir:
         stat = os.statvfs(path)
         free = stat.f_bavail * stat.f_frsize
         if free < need:
-            raise OffloadError(f"offload dir {path} has {format_bytes(free)} free but repacking needs "
-                               f"{format_bytes(need)}; free space or choose another --offload-dir")
+            raise OffloadError(
+                f"offload dir {path} has {format_bytes(free)} free but repacking needs "
+                f"{format_bytes(need)}; free space or choose another --offload-dir"
+            )
         if stat.f_files and stat.f_favail < len(keys) + 2:  # f_files 0: the filesystem has no inode limit
-            raise OffloadError(f"offload dir {path} has {stat.f_favail} free inodes but repacking writes "
-                               f"{len(keys) + 1} files; free some or choose another --offload-dir")
+            raise OffloadError(
+                f"offload dir {path} has {stat.f_favail} free inodes but repacking writes "
+                f"{len(keys) + 1} files; free some or choose another --offload-dir"
+            )
 
     @staticmethod
     def _write_blob(checkpoint: Checkpoint, path: Path, key: WeightKey) -> Blob:
@@ -411,7 +437,7 @@ class OffloadDir:
         for (name, off), ref in zip(offsets, refs.values()):
             data = read_tensor(ref)
             check_finite(data, f"{key}.{name}", ref.path)  # the bytes pass through here once anyway
-            buf[off: off + ref.nbytes] = data.contiguous().view(torch.uint8).numpy().tobytes()
+            buf[off : off + ref.nbytes] = data.contiguous().view(torch.uint8).numpy().tobytes()
             tensors.append(BlobTensor(name, off, ref.dtype, tuple(ref.shape)))
         fname = f"{key_name(key)}.bin"
         _write_durably(path / fname, buf, sync_dir=False)  # the manifest's write syncs the directory
@@ -420,17 +446,28 @@ class OffloadDir:
 
     @staticmethod
     def _blob_json(b: Blob) -> dict:
-        return {"layer": b.key.layer, "part": b.key.part, "expert": b.key.expert, "file": b.file, "nbytes": b.nbytes,
-                "padded": b.padded, "chunk": b.chunk, "crcs": list(b.crcs),
-                "tensors": [[t.name, t.offset, str(t.dtype).removeprefix("torch."), list(t.shape)] for t in b.tensors]}
+        return {
+            "layer": b.key.layer,
+            "part": b.key.part,
+            "expert": b.key.expert,
+            "file": b.file,
+            "nbytes": b.nbytes,
+            "padded": b.padded,
+            "chunk": b.chunk,
+            "crcs": list(b.crcs),
+            "tensors": [[t.name, t.offset, str(t.dtype).removeprefix("torch."), list(t.shape)] for t in b.tensors],
+        }
 
     @classmethod
     def _load_manifest(cls, path: Path, fingerprint: list) -> OffloadDir | None:
         """The manifest's blobs, or None when it is missing, torn, of another version or another source."""
         try:
             data = json.loads((path / "manifest.json").read_bytes())
-            if data.get("version") != FORMAT_VERSION or data.get("fingerprint") != fingerprint \
-                    or data.get("hash") != HASH:
+            if (
+                data.get("version") != FORMAT_VERSION
+                or data.get("fingerprint") != fingerprint
+                or data.get("hash") != HASH
+            ):
                 return None
             blobs = {}
             for b in data["blobs"]:
@@ -462,8 +499,10 @@ class OffloadDir:
         """A blob's bytes are all in buf (`got` of them read; each part checked as it landed)."""
         blob = self.blobs[key]
         if got < blob.nbytes:
-            raise OffloadError(f"offload blob {self.path / blob.file} is truncated ({got} of {blob.nbytes} bytes); "
-                               "it was set aside and the next run repacks it" + self._set_aside(blob))
+            raise OffloadError(
+                f"offload blob {self.path / blob.file} is truncated ({got} of {blob.nbytes} bytes); "
+                "it was set aside and the next run repacks it" + self._set_aside(blob)
+            )
         if self.after_read is not None:
             self.after_read(key)
 
@@ -477,15 +516,17 @@ class OffloadDir:
             a, b = i * c, min((i + 1) * c, blob.nbytes)
             if b > hi:
                 break
-            if self.verify != "never" and digest(view[a - base: b - base]) != blob.crcs[i]:
+            if self.verify != "never" and digest(view[a - base : b - base]) != blob.crcs[i]:
                 self._corrupt(blob, a)
             i += 1
         return i * c
 
     def _corrupt(self, blob: Blob, at: int):
         file = self.path / blob.file
-        raise OffloadError(f"offload blob {file} fails its checksum at byte {at} (it changed on disk or is corrupt); "
-                           "the run stopped" + self._set_aside(blob))
+        raise OffloadError(
+            f"offload blob {file} fails its checksum at byte {at} (it changed on disk or is corrupt); "
+            "the run stopped" + self._set_aside(blob)
+        )
 
     def _set_aside(self, blob: Blob) -> str:
         """Move a damaged blob out of the way so the next run repacks it (the message's tail)."""
@@ -507,8 +548,9 @@ class OffloadDir:
         blob = self.blobs[key]
         tensor = next((t for t in blob.tensors if t.name == name), None)
         if tensor is None:
-            raise OffloadError(f"offload blob {self.path / blob.file} has no tensor {name!r}; delete {self.path} "
-                               "to repack it")
+            raise OffloadError(
+                f"offload blob {self.path / blob.file} has no tensor {name!r}; delete {self.path} to repack it"
+            )
         count = tensor.shape[0]
         bad = [r for r in rows if not 0 <= r < count]
         if bad:
@@ -522,8 +564,10 @@ class OffloadDir:
         try:
             fd = os.open(file, os.O_RDONLY)
         except FileNotFoundError:
-            raise OffloadError(f"offload blob {file} has vanished (the offload dir was removed during the run); "
-                               "the next run repacks it") from None
+            raise OffloadError(
+                f"offload blob {file} has vanished (the offload dir was removed during the run); "
+                "the next run repacks it"
+            ) from None
         try:
             self._verify_whole(blob, fd, file)
             if hasattr(os, "posix_fadvise") and len(rows) * ROW_READ_COST < tensor.nbytes:
@@ -557,15 +601,17 @@ class OffloadDir:
             lo, hi = run[0] * c, min((run[-1] + 1) * c, blob.nbytes)
             data = os.pread(fd, hi - lo, lo)
             if len(data) < hi - lo:
-                raise OffloadError(f"offload blob {self.path / blob.file} is truncated; the next run repacks it"
-                                   + self._set_aside(blob))
+                raise OffloadError(
+                    f"offload blob {self.path / blob.file} is truncated; the next run repacks it"
+                    + self._set_aside(blob)
+                )
             self._check_chunks(blob, memoryview(data), lo, lo, hi)
             for i in run:
-                chunks[i] = data[i * c - lo: min((i + 1) * c, blob.nbytes) - lo]
+                chunks[i] = data[i * c - lo : min((i + 1) * c, blob.nbytes) - lo]
 
         window = 16
         for w in range(0, len(runs), window):
-            group = runs[w: w + window]
+            group = runs[w : w + window]
             if len(group) == 1:
                 load(group[0])
             else:
@@ -577,7 +623,7 @@ class OffloadDir:
                 a, b = spans[j]
                 span = b"".join(chunks[i] for i in range(a, b + 1))
                 at = tensor.offset + rows[j] * row - a * c
-                view[j * row:(j + 1) * row] = span[at: at + row]
+                view[j * row : (j + 1) * row] = span[at : at + row]
                 next_row += 1
             low = spans[order[next_row]][0] if next_row < len(order) else loaded_to + 1
             for i in [i for i in chunks if i < low]:
@@ -597,15 +643,16 @@ class OffloadDir:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # leave the page cache as it was
         if done < blob.nbytes:
-            raise OffloadError(f"offload blob {file} is truncated ({done} of {blob.nbytes} bytes)"
-                               + self._set_aside(blob))
+            raise OffloadError(
+                f"offload blob {file} is truncated ({done} of {blob.nbytes} bytes)" + self._set_aside(blob)
+            )
         with self._lock:
             self._verified.add(blob.key)
 
     def views(self, blob: Blob, buf) -> dict[str, torch.Tensor]:
         """Tensor views over a blob's bytes in a buffer, host or device (no copy)."""
         raw = buf if isinstance(buf, torch.Tensor) else torch.frombuffer(buf, dtype=torch.uint8, count=blob.padded)
-        return {t.name: raw[t.offset: t.offset + t.nbytes].view(t.dtype).view(t.shape) for t in blob.tensors}
+        return {t.name: raw[t.offset : t.offset + t.nbytes].view(t.dtype).view(t.shape) for t in blob.tensors}
 
     def _read(self, blob: Blob, buf, length: int, start: int = 0) -> int:
         """pread bytes [start, length) of a blob, checking each piece's chunks as it lands: O_DIRECT
@@ -615,15 +662,17 @@ class OffloadDir:
         try:
             fd = os.open(file, os.O_RDONLY | (os.O_DIRECT if self._direct else 0))
         except FileNotFoundError:
-            raise OffloadError(f"offload blob {file} has vanished (the offload dir was removed during the run); "
-                               "the run stopped and the next run repacks it") from None
+            raise OffloadError(
+                f"offload blob {file} has vanished (the offload dir was removed during the run); "
+                "the run stopped and the next run repacks it"
+            ) from None
         except OSError:
             self._direct = False  # the filesystem refuses O_DIRECT (tmpfs, some overlays)
             return self._read(blob, buf, length, start)
         try:
             done = checked = start
             while done < length:
-                n = os.preadv(fd, [view[done:min(done + READ_CHUNK, length)]], done)
+                n = os.preadv(fd, [view[done : min(done + READ_CHUNK, length)]], done)
                 if n == 0:
                     break
                 done += n
@@ -667,9 +716,13 @@ def _write_error(exc: OSError, sub: Path, done: int, total: int) -> OffloadError
     """A repack's OSError as one line: what ran out, how far it got, and what to do."""
     if exc.errno in _FULL:
         what = "disk space or inodes" if exc.errno == errno.ENOSPC else "disk quota"
-        return OffloadError(f"offload dir {sub} ran out of {what} while repacking ({format_bytes(done)} of "
-                            f"{format_bytes(total)} written; nothing half-written is kept); free space or "
-                            "choose another --offload-dir")
-    return OffloadError(f"repacking into {sub} failed ({exc.strerror}) after {format_bytes(done)} of "
-                        f"{format_bytes(total)}; nothing half-written is kept; check the disk or choose another "
-                        "--offload-dir")
+        return OffloadError(
+            f"offload dir {sub} ran out of {what} while repacking ({format_bytes(done)} of "
+            f"{format_bytes(total)} written; nothing half-written is kept); free space or "
+            "choose another --offload-dir"
+        )
+    return OffloadError(
+        f"repacking into {sub} failed ({exc.strerror}) after {format_bytes(done)} of "
+        f"{format_bytes(total)}; nothing half-written is kept; check the disk or choose another "
+        "--offload-dir"
+    )

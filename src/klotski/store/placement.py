@@ -5,6 +5,7 @@ Units that every token needs (head, attention, gates) go first, then experts lay
 then the embedding table (of which a step reads only its tokens' rows). Room for the units in
 flight is kept free on the device (the same for every schedule).
 """
+
 from __future__ import annotations
 
 from klotski.models.spec import ATTN, EMBED, EXPERT, HEAD, MOE, ModelSpec, WeightKey
@@ -52,15 +53,18 @@ def inflight_parts(spec: ModelSpec, unit_bytes: dict[WeightKey, int], num_hot: i
     layer = max(range(spec.num_layers), key=lambda l: _layer_bytes(spec, unit_bytes, l))
     expert = max((b for k, b in unit_bytes.items() if k.part == EXPERT), default=0)
     # The head streams alone (after the last layer), the rest two at a time; either must fit.
-    dense = max(2 * unit_bytes[WeightKey(layer, ATTN)] + unit_bytes[WeightKey(layer, MOE)],
-                unit_bytes.get(WeightKey(None, HEAD), 0))
+    dense = max(
+        2 * unit_bytes[WeightKey(layer, ATTN)] + unit_bytes[WeightKey(layer, MOE)],
+        unit_bytes.get(WeightKey(None, HEAD), 0),
+    )
     # Fewer hot experts than top_k (0: no hot prefetch) leave the room to the cold stream, so the
     # placement, and with it the bytes read, stays that of top_k: K changes scheduling only.
     return dense, inflight_experts(spec, num_hot, expert) * expert
 
 
-def working_set(spec: ModelSpec, unit_bytes: dict[WeightKey, int], num_hot: int,
-                placement: dict[WeightKey, str] | None = None) -> int:
+def working_set(
+    spec: ModelSpec, unit_bytes: dict[WeightKey, int], num_hot: int, placement: dict[WeightKey, str] | None = None
+) -> int:
     """Device bytes kept free for units in flight under `placement` (None: assume dense units stream too)."""
     dense, experts = inflight_parts(spec, unit_bytes, num_hot)
     return experts + (0 if placement is not None and dense_resident(spec, placement) else dense)
@@ -76,8 +80,14 @@ def _layer_bytes(spec: ModelSpec, unit_bytes: dict[WeightKey, int], layer: int) 
     return sum(b for k, b in unit_bytes.items() if k.layer == layer)
 
 
-def greedy_placement(spec: ModelSpec, unit_bytes: dict[WeightKey, int], device_budget: int | None,
-                     host_budget: int | None, reserve: int, dense_reserve: int = 0) -> dict[WeightKey, str]:
+def greedy_placement(
+    spec: ModelSpec,
+    unit_bytes: dict[WeightKey, int],
+    device_budget: int | None,
+    host_budget: int | None,
+    reserve: int,
+    dense_reserve: int = 0,
+) -> dict[WeightKey, str]:
     """Tier per unit: device while it fits (leaving `reserve` free), then host, then disk.
 
     `dense_reserve` is kept free as well only when some dense unit ends up off the device (then

@@ -1,4 +1,5 @@
 """Memory tiers as byte budgets: aligned buffers, reuse, and exact current/peak accounting."""
+
 from __future__ import annotations
 
 import mmap

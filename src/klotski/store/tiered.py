@@ -8,6 +8,7 @@ releases a unit); a fetch the pipeline is blocked on may evict units that were p
 not yet used, the one the model needs last first (they are fetched again when asked for).
 Nothing here knows the schedule.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -84,8 +85,9 @@ class ReaderPool:
         self._jobs: list[tuple[int, int, Callable[[], None]]] = []  # heap of (priority, sequence, fn)
         self._seq = 0
         self._closed = False
-        self._threads = [threading.Thread(target=self._loop, name=f"klotski-reader{i}", daemon=True)
-                         for i in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"klotski-reader{i}", daemon=True) for i in range(threads)
+        ]
         for t in self._threads:
             t.start()
 
@@ -165,8 +167,11 @@ class TieredStore:
         self._orphans = 0  # fetches released while in flight: their buffers return when they land
         self.bytes_read = {DISK: 0}
         # Lanes not given (tests give their own) share one pool of reader threads.
-        missing = [(priority, name) for priority, name in enumerate(("ondemand", "prefetch"))  # on-demand first
-                   if name not in self.lanes]
+        missing = [
+            (priority, name)
+            for priority, name in enumerate(("ondemand", "prefetch"))  # on-demand first
+            if name not in self.lanes
+        ]
         self._readers: ReaderPool | None = None
         if missing:
             self._readers = readers = ReaderPool(self.readers)
@@ -193,8 +198,10 @@ class TieredStore:
             pool = self.device_pool if tier == DEVICE else self.host_pool
             nbytes = self.checkpoint.unit_nbytes(key)
             if not pool.charge(nbytes, str(key)):
-                raise KlotskiError(f"{key} ({format_bytes(nbytes)}) does not fit the {tier} budget "
-                                   f"({format_bytes(pool.budget or 0)}); raise --{tier}-memory or place less there")
+                raise KlotskiError(
+                    f"{key} ({format_bytes(nbytes)}) does not fit the {tier} budget "
+                    f"({format_bytes(pool.budget or 0)}); raise --{tier}-memory or place less there"
+                )
             if self._cuda and tier == HOST:
                 blob = torch.empty(self._offload().blobs[key].padded, dtype=torch.uint8, pin_memory=True)
                 self._offload().read_raw(key, blob)
@@ -247,8 +254,9 @@ class TieredStore:
         # A large blob is read in one part per reader thread: with two buffers in flight one is
         # being computed on while the other arrives, and one stream alone leaves the disk idle.
         # Cuts on the blob's checksum grid: each part checks its own chunks on its own thread.
-        cuts = sorted({blob.padded * i // self.readers // blob.chunk * blob.chunk for i in range(self.readers)}
-                      | {blob.padded})
+        cuts = sorted(
+            {blob.padded * i // self.readers // blob.chunk * blob.chunk for i in range(self.readers)} | {blob.padded}
+        )
         entry.parts = Parts(len(cuts) - 1)
         for lo, hi in zip(cuts, cuts[1:]):
             self.lanes[entry.lane].submit(partial(self._read_part, entry, lo, hi))
@@ -258,14 +266,23 @@ class TieredStore:
         blob = self._offload().blobs[entry.key]
         start = self.timeline.now()
         try:
-            weights, error = (self._copy_in(entry, blob) if self._cuda
-                              else self._offload().read_into(entry.key, entry.buffer)), None
+            weights, error = (
+                (self._copy_in(entry, blob) if self._cuda else self._offload().read_into(entry.key, entry.buffer)),
+                None,
+            )
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who re-raises it
             weights, error = None, exc
         end = self.timeline.now()
         source = HOST if entry.key in self._host_blobs else DISK
-        self.timeline.add(entry.lane, "read" if source == DISK else "copy", start, end, layer=entry.key.layer,
-                          expert=entry.key.expert, bytes=blob.padded)
+        self.timeline.add(
+            entry.lane,
+            "read" if source == DISK else "copy",
+            start,
+            end,
+            layer=entry.key.layer,
+            expert=entry.key.expert,
+            bytes=blob.padded,
+        )
         self._land(entry, weights, error, end, blob.padded, source)
 
     def _read_part(self, entry: Entry, lo: int, hi: int) -> None:
@@ -276,8 +293,7 @@ class TieredStore:
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who re-raises it
             got, error = 0, exc
         end = self.timeline.now()
-        self.timeline.add(entry.lane, "read", start, end, layer=entry.key.layer, expert=entry.key.expert,
-                          bytes=hi - lo)
+        self.timeline.add(entry.lane, "read", start, end, layer=entry.key.layer, expert=entry.key.expert, bytes=hi - lo)
         parts = entry.parts
         assert parts is not None
         with self._cond:
@@ -295,8 +311,9 @@ class TieredStore:
                 error = exc
         self._land(entry, weights, error, end, self._offload().blobs[entry.key].padded, DISK)
 
-    def _land(self, entry: Entry, weights: Weights | None, error: BaseException | None, end: float,
-              nbytes: int, source: str) -> None:
+    def _land(
+        self, entry: Entry, weights: Weights | None, error: BaseException | None, end: float, nbytes: int, source: str
+    ) -> None:
         """A fetch's bytes are in: hand them to the consumer, or free the buffer if it was released."""
         with self._cond:
             self.bytes_read[source] += nbytes
@@ -315,8 +332,10 @@ class TieredStore:
         """CUDA: disk -> pinned staging (or the pinned host copy) -> device buffer on the lane's stream."""
         me = threading.get_ident()
         if me not in self._staging:  # only this thread writes its own entry
-            self._staging[me] = (torch.cuda.Stream(self.device),
-                                 torch.empty(self._biggest, dtype=torch.uint8, pin_memory=True))
+            self._staging[me] = (
+                torch.cuda.Stream(self.device),
+                torch.empty(self._biggest, dtype=torch.uint8, pin_memory=True),
+            )
         stream, staging = self._staging[me]
         if entry.key in self._host_blobs:
             staging = self._host_blobs[entry.key]
@@ -418,9 +437,11 @@ class TieredStore:
 
     def _too_small(self, entry: Entry) -> str:
         pool = self.device_pool
-        return (f"the device budget ({format_bytes(pool.budget or 0)}) cannot hold {entry.key} "
-                f"({format_bytes(self._offload().blobs[entry.key].padded)}) next to what the pipeline holds "
-                f"({format_bytes(pool.used)} in use, KV cache included); raise --device-memory")
+        return (
+            f"the device budget ({format_bytes(pool.budget or 0)}) cannot hold {entry.key} "
+            f"({format_bytes(self._offload().blobs[entry.key].padded)}) next to what the pipeline holds "
+            f"({format_bytes(pool.used)} in use, KV cache included); raise --device-memory"
+        )
 
     def release(self, key: WeightKey) -> None:
         """The pipeline is done with a unit: its buffer returns to the pool, waiting fetches start."""
@@ -453,9 +474,11 @@ class TieredStore:
                 while pool.held() + nbytes + self.reserve > pool.budget and self._demote_one():
                     pass
             if not pool.charge(nbytes, "kv"):
-                raise KlotskiError(f"the KV cache ({format_bytes(nbytes)}) does not fit the device budget "
-                                   f"({format_bytes(pool.budget or 0)}, {format_bytes(pool.used)} in use); lower "
-                                   "--batch-size or --num-batches, shorten max_tokens, or raise --device-memory")
+                raise KlotskiError(
+                    f"the KV cache ({format_bytes(nbytes)}) does not fit the device budget "
+                    f"({format_bytes(pool.budget or 0)}, {format_bytes(pool.used)} in use); lower "
+                    "--batch-size or --num-batches, shorten max_tokens, or raise --device-memory"
+                )
 
     def _demote_one(self) -> bool:
         """Move the resident device unit placed last (one with an offload blob) to disk; False if none."""
@@ -479,11 +502,15 @@ class TieredStore:
         from klotski.store.placement import summarize
 
         unit_bytes = {k: self.checkpoint.unit_nbytes(k) for k in self.placement}
-        return {"bytes_read": dict(self.bytes_read), "evictions": self.evictions, "demoted_to_disk": len(self.demoted),
-                "fresh_buffers": self.device_pool.fresh,
-                "peak_bytes": {DEVICE: self.device_pool.peak, HOST: self.host_pool.peak},
-                "budgets": {DEVICE: self.device_pool.budget, HOST: self.host_pool.budget},
-                "placement": summarize(self.placement, unit_bytes)}
+        return {
+            "bytes_read": dict(self.bytes_read),
+            "evictions": self.evictions,
+            "demoted_to_disk": len(self.demoted),
+            "fresh_buffers": self.device_pool.fresh,
+            "peak_bytes": {DEVICE: self.device_pool.peak, HOST: self.host_pool.peak},
+            "budgets": {DEVICE: self.device_pool.budget, HOST: self.host_pool.budget},
+            "placement": summarize(self.placement, unit_bytes),
+        }
 
     def close(self) -> None:
         for lane in self.lanes.values():
