@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.workload import prompt_token_ids
+from klotski.runtime.compute_dtype import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -184,17 +185,12 @@ def machine() -> dict:
     flags = next((x for x in _cpuinfo() if x.startswith("flags")), "")
     simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "simd": simd,
         "python": platform.python_version(),
         "load_avg_start": os.getloadavg(),
     }
-
-
-def _cpu_model() -> str:
-    line = next((x for x in _cpuinfo() if x.startswith("model name")), None)
-    return line.split(":", 1)[1].strip() if line else platform.processor()
 
 
 def _cpuinfo() -> list[str]:

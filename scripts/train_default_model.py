@@ -511,15 +511,9 @@ def greedy_sample(model, tok, prompt: str, n: int) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} (shared with other work)"
+    from klotski.runtime.compute_dtype import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} cores visible, {platform.system()} (shared with other work)"
 
 
 if __name__ == "__main__":

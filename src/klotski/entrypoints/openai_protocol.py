@@ -539,6 +539,22 @@ def _entry_logprob(entry: dict[int, float] | None, token: int) -> tuple[float, d
     return entry[token], entry
 
 
+def _envelope(
+    obj: str,
+    choices: list[dict[str, Any]],
+    outputs: list[RequestOutput],
+    id: str,
+    created: int,
+    model: str,
+    system_fingerprint: str | None,
+) -> dict[str, Any]:
+    """What a Completion and a ChatCompletion body share around their choices."""
+    body = {"id": id, "object": obj, "created": created, "model": model, "choices": choices, "usage": _usage(outputs)}
+    if system_fingerprint is not None:
+        body["system_fingerprint"] = system_fingerprint
+    return body
+
+
 def completion_body(
     outputs: list[RequestOutput],
     settings: RequestSettings,
@@ -564,17 +580,7 @@ def completion_body(
             if settings.logprobs is not None:
                 choice["logprobs"] = _completion_logprobs(out, sample, settings, token_text)
             choices.append(choice)
-    body = {
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": _usage(outputs),
-    }
-    if system_fingerprint is not None:
-        body["system_fingerprint"] = system_fingerprint
-    return body
+    return _envelope("text_completion", choices, outputs, id, created, model, system_fingerprint)
 
 
 def _completion_logprobs(
@@ -630,17 +636,7 @@ def chat_completion_body(
                     "logprobs": logprobs,
                 }
             )
-    body = {
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": _usage(outputs),
-    }
-    if system_fingerprint is not None:
-        body["system_fingerprint"] = system_fingerprint
-    return body
+    return _envelope("chat.completion", choices, outputs, id, created, model, system_fingerprint)
 
 
 def _chat_token(token: int, entry: dict[int, float] | None, top_n: int, token_text: TokenText) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import mmap
 import os
-import platform
 import socket
 import tempfile
 import time
@@ -26,6 +25,7 @@ import torch
 
 from klotski.errors import KlotskiError
 from klotski.paths import home
+from klotski.runtime.compute_dtype import cpu_name
 
 BUNDLED = {"env1": "env1-rtx3090.json", "env2": "env2-h800.json"}
 
@@ -145,14 +145,7 @@ def builtin_estimate(device: str = "cpu", dtype: torch.dtype | None = None) -> H
 # -- the cache ---------------------------------------------------------------------------------
 def machine_id() -> dict:
     """What a measured profile is valid for: host, CPU model, torch version, GPU if any."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"hostname": socket.gethostname(), "cpu": cpu, "torch": torch.__version__, "gpu": gpu}
 

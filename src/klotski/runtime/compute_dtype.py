@@ -24,7 +24,8 @@ from klotski.paths import home
 PROBE_TOKENS, PROBE_IN, PROBE_OUT = 16, 4096, 4096
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name: what measured figures (dtype timings, profiles) are valid for."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -57,7 +58,7 @@ def cpu_compute_dtype(storage: torch.dtype) -> torch.dtype:
     """fp32 for fp32 weights; for bf16/fp16 weights, whichever measured faster on this CPU."""
     if storage == torch.float32:
         return torch.float32
-    key = f"{_cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{storage}"
+    key = f"{cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{storage}"
     cache = home() / "profiles" / "cpu-compute-dtype.json"
     try:
         known = json.loads(cache.read_text())
