@@ -8,11 +8,14 @@ releases a unit); a fetch the pipeline is blocked on may evict units that were p
 not yet used, the one the model needs last first (they are fetched again when asked for).
 
 Room nobody is reading into is not left empty: a unit the pipeline releases keeps its buffer as a
-cached copy until that room is wanted, so a small group, whose steps use a few experts each, finds
-the ones it reused already in memory. A cached copy gives way to a fetch only when it is expected
-to be needed later than what is being fetched (its next use in execution order, pushed back by
-how rarely it has been used per step), so the copies that stay are the ones reused most and
-soonest, whatever the placement's order. Nothing here knows the schedule.
+cached copy until that room is wanted, so a group finds the units it reuses already in memory.
+Reads run ahead of the pipeline by at most the in-flight room (`reserve`), so the room beyond it
+holds copies; a copy gives way to a read within that look-ahead only when it is expected to be
+needed later than what is being read (its next use in execution order, pushed back by how rarely
+it has been used per step), and to a read the pipeline is blocked on always (the one needed last
+first). So a large group reading nearly every expert each step keeps a stable set of copies (the
+last-used one gives way) instead of cycling them all through its buffers, and a small one keeps
+the experts it reuses most, whatever the placement's order. Nothing here knows the schedule.
 """
 
 from __future__ import annotations
@@ -260,8 +263,10 @@ class TieredStore:
         while self._deferred:
             entry = next((e for e in self._deferred if e.lane == "ondemand"), self._deferred[0])
             need = self._offload().blobs[entry.key].padded
+            if self.cache and self._read_ahead() + need > max(self.reserve, need):
+                return  # look-ahead stays within the in-flight room; the room beyond it holds copies
             while (buf := self.device_pool.try_alloc(need)) is None:
-                if not self._drop_cached(entry.key, urgent=entry.lane == "ondemand"):
+                if not self._drop_cached(entry.key, urgent=False):
                     return
             self._deferred.remove(entry)
             self._start(entry, buf)
@@ -402,7 +407,8 @@ class TieredStore:
                 raise entry.error
             if entry.state != State.CLAIMED:
                 self._note_use(key)
-            entry.state = State.CLAIMED
+                entry.state = State.CLAIMED
+                self._issue_deferred()  # it left the look-ahead: the next read may start
             assert entry.weights is not None  # a fetch that landed without error has its tensors
             return entry.weights
 
@@ -482,6 +488,13 @@ class TieredStore:
         self.device_pool.give_back(victim.buffer)
         victim.state, victim.buffer, victim.weights = State.RELEASED, None, None
         return True
+
+    def _read_ahead(self) -> int:
+        """Bytes of fetches in flight or landed and not yet claimed (lock held)."""
+        offload = self._offload()
+        return sum(
+            offload.blobs[e.key].padded for e in self._entries.values() if e.state in (State.INFLIGHT, State.READY)
+        )
 
     def _evict(self, entry: Entry) -> None:
         """Drop an unclaimed unit's buffer; it goes back to waiting and is fetched again on demand."""
