@@ -308,9 +308,7 @@ def _parser() -> argparse.ArgumentParser:
         default="1x1,8x1,32x1,64x1,128x1,128x2,plan128",
         help="bs x n per klotski run (sequences = bs * n), or planN: N sequences, the planner's bs and n",
     )
-    p.add_argument(
-        "--klotski-dtype", default="auto", help="compute dtype (auto: measured on the machine, runtime/compute_dtype.py)"
-    )
+    p.add_argument("--klotski-dtype", default="auto", help="compute dtype (auto: measured per machine)")
     p.add_argument("--schedule", default="klotski")
     p.add_argument(
         "--device-memory",
