@@ -29,6 +29,7 @@ def test_the_bound_never_assumes_a_disk_slower_than_a_run_read():
         None,
         cap=3 << 30,
         device_budget=2 << 30,
+        klotski_budget=2 << 30,
         spec=SPEC,
         weights_bytes=6_000_000_000,
         machine={"disk_gbps": 1.0, "matmul_gflops_float32": {"64": 10.0}, "matmul_gflops_bfloat16": {"64": 1e6}},
