@@ -58,6 +58,7 @@ def test_lower_bound_is_the_larger_of_io_and_compute():
         None,
         cap=3 << 30,
         device_budget=1 << 30,
+        klotski_budget=1 << 30,
         spec=SPEC,
         weights_bytes=6_000_000_000,
         machine={"disk_gbps": 1.0, "matmul_gflops_float32": {"64": 10.0}, "matmul_gflops_bfloat16": {"64": 100.0}},
