@@ -441,9 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--klotski-memory",
-        default="2.7GiB",
+        default="2.4GiB",
         help="klotski's --device-memory inside the cap: weights, KV cache and each step's transients are "
-        "counted in it; the rest (~0.25 GB measured: its process beside the budget) is the runtime's",
+        "counted in it; the rest is its process (~0.25 GB) and the page cache of its libraries",
     )
     p.add_argument("--out", help="results folder (default: benchmarks/results/bench, or bench-quick with --quick)")
     p.add_argument(

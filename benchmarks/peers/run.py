@@ -312,9 +312,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="klotski")
     p.add_argument(
         "--device-memory",
-        default="2.7GiB",
+        default="2.4GiB",
         help="klotski's budget inside the cap: weights, KV cache and each step's transients (as the rig's "
-        "--klotski-memory; its process holds ~0.25 GB beside it)",
+        "--klotski-memory; its process and its libraries' pages need the rest)",
     )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1800)
