@@ -9,13 +9,13 @@ not yet used, the one the model needs last first (they are fetched again when as
 
 Room nobody is reading into is not left empty: a unit the pipeline releases keeps its buffer as a
 cached copy until that room is wanted, so a group finds the units it reuses already in memory.
-Reads run ahead of the pipeline by at most the in-flight room (`reserve`), so the room beyond it
-holds copies; a copy gives way to a read within that look-ahead only when it is expected to be
-needed later than what is being read (its next use in execution order, pushed back by how rarely
-it has been used per step), and to a read the pipeline is blocked on always (the one needed last
-first). So a large group reading nearly every expert each step keeps a stable set of copies (the
-last-used one gives way) instead of cycling them all through its buffers, and a small one keeps
-the experts it reuses most, whatever the placement's order. Nothing here knows the schedule.
+Prefetches run ahead of the pipeline by at most the in-flight room (`reserve`), so the room beyond
+it holds copies; reads the pipeline will wait for this layer (the on-demand lane) are not held
+back. A copy gives way to a read when it is expected to be claimed later than the reads already
+out (each unit's usual gap between claims, less the claims since its last), and to a read the
+pipeline is blocked on always, the one expected last first. So a group that reads every expert
+each step drops the copy it just used (the cyclic-access optimum keeps the rest), and a small one
+keeps the experts it reuses most often, whatever the placement's order. Nothing here knows the schedule.
 """
 
 from __future__ import annotations
@@ -177,9 +177,11 @@ class TieredStore:
         self.demoted: list[WeightKey] = []  # resident units moved to disk to make room for a KV cache
         self._orphans = 0  # fetches released while in flight: their buffers return when they land
         self._cached: dict[WeightKey, Entry] = {}  # released units still holding their buffers
-        self._uses: dict[WeightKey, int] = {}  # claims per unit: how often it is reused per step
-        self._cursor: WeightKey | None = None  # the unit claimed last: where the model is now
-        self._most_uses = 0
+        # Reuse is measured in claims (the pipeline taking a fetched unit): a clock, each unit's last
+        # claim and the gap between its claims (a step's worth for a unit used every step).
+        self._clock = 0
+        self._last: dict[WeightKey, int] = {}
+        self._gap: dict[WeightKey, float] = {}
         self.cache_hits = 0
         self.cache_bytes = 0  # bytes not read thanks to cached copies
         self.bytes_read = {DISK: 0}
@@ -263,8 +265,8 @@ class TieredStore:
         while self._deferred:
             entry = next((e for e in self._deferred if e.lane == "ondemand"), self._deferred[0])
             need = self._offload().blobs[entry.key].padded
-            if self.cache and self._read_ahead() + need > max(self.reserve, need):
-                return  # look-ahead stays within the in-flight room; the room beyond it holds copies
+            if self.cache and entry.lane != "ondemand" and self._read_ahead() + need > max(self.reserve, need):
+                return  # prefetches stay within the in-flight room; the room beyond it holds copies
             while (buf := self.device_pool.try_alloc(need)) is None:
                 if not self._drop_cached(entry.key, urgent=False):
                     return
@@ -460,29 +462,33 @@ class TieredStore:
         return (order[later] - order[now]) % len(order)
 
     def _note_use(self, key: WeightKey) -> None:
-        """Move the cursor to a claimed unit and count its use."""
-        self._cursor = key
-        self._uses[key] = uses = self._uses.get(key, 0) + 1
-        self._most_uses = max(self._most_uses, uses)
-
-    def _ahead(self, key: WeightKey) -> int:
-        """How far after the cursor the model next reaches `key` in execution order."""
-        return self._distance(self._cursor, key) if self._cursor is not None else self._order[key]
+        """Count a claim: the unit's gap since its last one (averaged) and its last claim."""
+        self._clock += 1
+        if key in self._last:
+            gap = self._clock - self._last[key]
+            self._gap[key] = gap if key not in self._gap else 0.5 * (self._gap[key] + gap)
+        self._last[key] = self._clock
 
     def _next_use(self, key: WeightKey) -> float:
-        """Expected distance (in units of execution order) to a cached unit's next use: its position
-        after the cursor, plus the whole steps it is expected to skip. Its share of steps is its uses
-        against the most-used unit's (which a step uses every time: no step counter is needed)."""
-        share = self._uses.get(key, 0) / max(self._most_uses, 1)
-        return self._ahead(key) + len(self._order) * (1.0 / max(share, 1e-3) - 1.0)
+        """Claims until a cached unit is expected to be claimed again: its usual gap less the claims
+        since its last one; once overdue, its gap again (reuse that is not periodic, like a small
+        group's experts, has no memory); a unit not reused yet: the longest gap seen, a step's worth
+        at least. Arrival-order compute makes execution order a poor guide within a layer; gaps are not."""
+        default = max(max(self._gap.values(), default=0.0), float(len(self._order)))
+        gap = self._gap.get(key)
+        if gap is None:
+            return default
+        left = self._last.get(key, 0) + gap - self._clock
+        return left if left > 0 else gap
 
     def _drop_cached(self, wanted: WeightKey, urgent: bool) -> bool:
         """Free one cached copy's buffer for `wanted` (lock held): the one expected to be needed last;
-        unless urgent (the pipeline waits for `wanted`), only one needed later than `wanted` itself."""
+        unless urgent (the pipeline waits for `wanted`), only one expected after `wanted` (which the
+        pipeline claims after the fetches already out)."""
         if not self._cached:
             return False
         victim = max(self._cached.values(), key=lambda e: self._next_use(e.key))
-        if not urgent and self._next_use(victim.key) <= self._ahead(wanted):  # a prefetch is for this pass
+        if not urgent and self._next_use(victim.key) <= len(self._entries):
             return False
         del self._cached[victim.key]
         self.device_pool.give_back(victim.buffer)
