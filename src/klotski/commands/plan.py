@@ -49,9 +49,7 @@ def _register_plan(sub) -> None:
     p = sub.add_parser("plan", help="choose placement, bs, n and K and predict throughput (reads config.json only)")
     _model_flags(p)
     add_config_flags(p, "budget", "hardware")
-    p.add_argument(
-        "--offload-dir", help="where the disk tier will be (the automatic profile reads its disk there)"
-    )
+    p.add_argument("--offload-dir", help="where the disk tier will be (the automatic profile reads its disk there)")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence")
     p.add_argument("--gen-len", type=int, default=32, help="generated tokens per sequence")
     p.add_argument("--num-prompts", type=int, help="how many prompts (default: one batch group of the plan's size)")

@@ -115,6 +115,9 @@ def builtin_estimate(device: str = "cpu", dtype: torch.dtype | None = None) -> H
     """The roofline estimate (`--hardware builtin`): this project's CPU figures, or a generic GPU.
 
     Only when asked for: on some machines it predicted 12x the measured tokens/s."""
+    uncalibrated = (
+        "uncalibrated: this project's figures (docs/planner.md), not this machine's; --hardware auto measures"
+    )
     if device == "cpu":
         # The figures of docs/planner.md ("Built-in estimate"): the low end of what this project's
         # machine measured (disk, fp32 over upcast weights, bf16 as stored); with fp32's figure for
@@ -132,7 +135,7 @@ def builtin_estimate(device: str = "cpu", dtype: torch.dtype | None = None) -> H
             op_overhead_s=100e-6,
             io_latency_s=200e-6,
             machine=machine_id(),
-            notes="uncalibrated: this project's figures (docs/planner.md), not this machine's; --hardware auto measures",
+            notes=uncalibrated,
         )
     return HardwareProfile(
         "built-in gpu",
