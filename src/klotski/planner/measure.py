@@ -33,7 +33,9 @@ from klotski.runtime.model import ModelRunner
 
 # B = sequences, S = new tokens per sequence, C = context, D = hidden, T = tokens
 
-EXPERT_TOKENS = (1, 8, 32, 128)
+# 256: a prefill batch's tokens per expert (bs 64 x 16 tokens x top-2 / 8); the fit is linear, so
+# a range ending at 128 mispredicted those calls by +50% at Mixtral-8x7B's shapes.
+EXPERT_TOKENS = (1, 8, 32, 128, 256)
 CONTENTION_TOKENS = (8, 128)  # a decode-sized and a prefill-sized expert call
 GATE_TOKENS = (1, 64, 512)
 HEAD_TOKENS = (1, 16, 64)
@@ -45,15 +47,17 @@ class Effort:
     """How hard a profile measures: `klotski profile` (FULL) or the automatic first one (QUICK)."""
 
     reps: int  # timed repetitions per op size (best of)
+    min_op_s: float  # ...and more, up to this much time per size: one noisy call skewed a fit by 2x
     disk_bytes: int  # the scratch file read for the disk rate (at least two expert blobs)
     contention_s: float  # seconds per phase (alone, beside reads) of the contention measurement
     host_to_device_bytes: int
 
 
-FULL = Effort(reps=2, disk_bytes=256 << 20, contention_s=0.5, host_to_device_bytes=256 << 20)
-# One rep and short phases: at Mixtral-8x7B shapes the scratch file is two 336 MiB expert blobs
-# anyway, and op times there are tens of ms, so one timed call is already many timer ticks.
-QUICK = Effort(reps=1, disk_bytes=8 << 20, contention_s=0.15, host_to_device_bytes=64 << 20)
+FULL = Effort(reps=2, min_op_s=0.1, disk_bytes=256 << 20, contention_s=0.5, host_to_device_bytes=256 << 20)
+# Best of two per size (one call alone was noisy enough on a busy machine to double a fit's
+# overhead) and short contention phases; at Mixtral-8x7B's shapes the scratch file is two 336 MiB
+# expert blobs whatever disk_bytes says.
+QUICK = Effort(reps=2, min_op_s=0.01, disk_bytes=8 << 20, contention_s=0.1, host_to_device_bytes=64 << 20)
 
 
 def measure_profile(
@@ -74,7 +78,7 @@ def measure_profile(
         disk, method = timed_read(scratch, size, chunk)
         log(f"disk -> memory: {disk:.2f} GB/s ({method}, {chunk} bytes per read)")
         h2d = measure_host_to_device(effort.host_to_device_bytes)
-        ops = measure_ops(shape, dtype, device, effort.reps, log=log)
+        ops = measure_ops(shape, dtype, device, effort.reps, log=log, min_s=effort.min_op_s)
         profile = _measured(shape, dtype, device, disk, method, h2d, ops, machine_fingerprint(disk_dir))
         if device == "cpu":  # reads and compute share the cores and memory: measure how they slow each other
             contention = [
@@ -117,10 +121,11 @@ def measure_ops(
     device: str = "cpu",
     reps: int = 2,
     log: Callable[[str], None] = lambda _: None,
+    min_s: float = 0.0,
 ) -> dict[str, dict]:
     """Fitted op times {op: {a, b, c}} for these shapes in this compute dtype on this device."""
     runner = ModelRunner(shape.spec, dtype, device)
-    timer = _Timer(device, reps)
+    timer = _Timer(device, reps, min_s)
     layer = shape.moe_layers()[0] if shape.moe_layers() else 0
     out: dict[str, dict] = {}
     if shape.moe_layers():
@@ -161,22 +166,25 @@ def expert_call(shape: ModelShape, dtype: torch.dtype, device: str, tokens: int)
 
 
 class _Timer:
-    """Best-of-reps wall time of a callable after one warm-up (synchronising CUDA)."""
+    """Best wall time of a callable after one warm-up (synchronising CUDA): at least `reps` calls,
+    more while they took under `min_s` in all (cheap ops get many tries, costly ones `reps`)."""
 
-    def __init__(self, device: str, reps: int):
-        self.cuda, self.reps = device.startswith("cuda"), max(reps, 1)
+    def __init__(self, device: str, reps: int, min_s: float = 0.0):
+        self.cuda, self.reps, self.min_s = device.startswith("cuda"), max(reps, 1), min_s
 
     def __call__(self, fn) -> float:
         fn()
-        best = float("inf")
-        for _ in range(self.reps):
+        best, calls, spent = float("inf"), 0, 0.0
+        while calls < self.reps or (spent < self.min_s and calls < 50):
+            calls += 1
             if self.cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             fn()
             if self.cuda:
                 torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
+            took = time.perf_counter() - start
+            best, spent = min(best, took), spent + took
         return best
 
 
