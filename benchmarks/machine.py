@@ -93,21 +93,16 @@ def describe() -> dict:
     """Static figures: CPU, cores, RAM, kernel, Python and library versions."""
     import torch
 
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    from klotski.runtime.compute_dtype import cpu_flags, cpu_name
+
     mem = next(
         int(line.split()[1]) * 1024
         for line in Path("/proc/meminfo").read_text().splitlines()
         if line.startswith("MemTotal")
     )
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
         "ram_bytes": mem,
         "kernel": platform.release(),

@@ -138,8 +138,11 @@ def markdown(result: dict, rows: list[dict]) -> str:
         f"at end {c['load_avg_end'][0]:.1f}; {m['cgroup']}.",
         f"Checkpoint: Mixtral-8x7B shapes, {c['layers']} layers, {c['weights_bytes'] / 1e9:.2f} GB bf16, "
         f"random weights. "
-        f"Cap {c['cap_bytes'] / 2**30:.1f} GiB per engine (RSS + page cache); klotski --device-memory and "
-        f"Accelerate max_memory {c['device_budget_bytes'] / 2**30:.1f} GiB; both compute in bf16.",
+        f"Cap {c['cap_bytes'] / 2**30:.1f} GiB per engine (RSS + page cache); klotski --device-memory "
+        f"{c.get('klotski_budget_bytes', c['device_budget_bytes']) / 2**30:.2f} GiB (weights, KV cache and "
+        f"a step's transients), --dtype {c.get('klotski_dtype', 'bfloat16')} (chose "
+        f"{c.get('klotski_dtype_chosen', 'bfloat16')}); Accelerate max_memory "
+        f"{c['device_budget_bytes'] / 2**30:.2f} GiB, bf16.",
         "Workloads: "
         + "; ".join(
             f"{w['name']} = {w['num_prompts']} prompts x {w['prompt_len']} tokens, "

@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 LADDER = ("sequential", "overlap", "multibatch", "hot", "klotski")
 REPLAY = "mixtral-8x7b"
-# bf16 compute, as Accelerate runs: F.linear in bf16 ran 3-4x faster than fp32 over upcast weights on
-# this CPU (measured, machine.matmul_rate), so "auto" (fp32 on CPU) would handicap klotski.
-DTYPE = "bfloat16"
+# klotski picks its compute dtype on the machine (runtime/compute_dtype.py): on a CPU with bf16
+# units bf16, on one without, fp32 over tile-upcast weights where that measures faster.
+DTYPE = "auto"
 # One expert read (~0.25 s here) costs as much as ~40 tokens through that expert (352 MFLOP each at
 # ~60 GFLOP/s); top-2 of 8 sends each expert a quarter of the tokens, so ~160 tokens per forward step
 # balance I/O and compute. Decode steps of 128-256 sequences sit there; prefill is compute-heavy.
@@ -60,7 +60,8 @@ class Context:
     hf_checkpoint: Path
     cache: Path
     cap: int
-    device_budget: int
+    device_budget: int  # Accelerate's max_memory
+    klotski_budget: int  # klotski's --device-memory: its budget counts the KV cache and transients too
     machine: dict = field(default_factory=dict)
     weights_bytes: int = 0
     spec: dict = field(default_factory=dict)
@@ -230,7 +231,7 @@ def run_klotski(
         "--dtype",
         DTYPE,
         "--device-memory",
-        str(ctx.device_budget),
+        str(ctx.klotski_budget),
         "--schedule",
         schedule,
     ]
@@ -264,7 +265,11 @@ def run_klotski(
                 "io_busy_s",
                 "achieved_bandwidth_gbps",
                 "forward_steps",
+                "dtype",
+                "cache_hits",
+                "bytes_from_cache",
             )
+            if k in stats
         }
         row |= {
             "batch_size": stats["policy"]["batch_size"],
@@ -325,6 +330,11 @@ def run_hf(ctx: Context, work: Workload, bs: int, repeat: int) -> dict:
 
 def _tokens_sha(outputs: list[dict]) -> str:
     return hashlib.sha256(json.dumps([o["token_ids"] for o in outputs]).encode()).hexdigest()[:12]
+
+
+def _chosen_dtype(runs: list[dict]) -> str | None:
+    """The compute dtype klotski's runs reported (auto resolves per machine)."""
+    return next((r["dtype"] for r in runs if r.get("engine") == "klotski" and r.get("dtype")), None)
 
 
 def _env() -> dict:
@@ -427,8 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--device-budget",
         default="2.25GiB",
-        help="klotski's --device-memory and Accelerate's max_memory inside the cap (the rest: runtime, "
-        "activations, transient fp32 copies)",
+        help="Accelerate's max_memory inside the cap (the rest: its runtime, activations, transient copies)",
+    )
+    p.add_argument(
+        "--klotski-memory",
+        default="2.4GiB",
+        help="klotski's --device-memory inside the cap: weights, KV cache and each step's transients are "
+        "counted in it; the rest is its process (~0.25 GB) and the page cache of its libraries",
     )
     p.add_argument("--out", help="results folder (default: benchmarks/results/bench, or bench-quick with --quick)")
     p.add_argument(
@@ -444,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     cache = bench_cache()
     cache.mkdir(parents=True, exist_ok=True)
     ckpt, merged = ensure_checkpoints(cache, args.layers, args.checkpoint)
-    ctx = Context(ckpt, merged, cache, parse_bytes(args.cap), parse_bytes(args.device_budget))
+    ctx = Context(
+        ckpt, merged, cache, parse_bytes(args.cap), parse_bytes(args.device_budget), parse_bytes(args.klotski_memory)
+    )
     ctx.spec = json.loads((ckpt / "config.json").read_text())
     ctx.weights_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     no_cgroup = cgroup.available()
@@ -477,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         "weights_bytes": ctx.weights_bytes,
         "cap_bytes": ctx.cap,
         "device_budget_bytes": ctx.device_budget,
+        "klotski_budget_bytes": ctx.klotski_budget,
+        "klotski_dtype": DTYPE,
+        "klotski_dtype_chosen": _chosen_dtype(runs),
         "workloads": [w.to_dict() for w in plan.workloads],
         "ladder_bs": plan.batch_size,
         "ladder_n": plan.num_batches,

@@ -36,9 +36,13 @@ def _deterministic_compute_dtype(request, monkeypatch):
 
     if request.node.get_closest_marker("real_timing") is None:
         monkeypatch.setattr(compute_dtype, "measure", lambda storage: {"native": 0.0, "upcast_fp32": 1.0})
+        native = {"native": 0.0, "upcast_fp32": 1.0}
+        monkeypatch.setattr(compute_dtype, "measure_expert", lambda *a: {"decode": native, "prefill": native})
     compute_dtype.cpu_compute_dtype.cache_clear()
+    compute_dtype.prefill_expert_dtype.cache_clear()
     yield
     compute_dtype.cpu_compute_dtype.cache_clear()
+    compute_dtype.prefill_expert_dtype.cache_clear()
 
 
 @pytest.fixture(autouse=True)

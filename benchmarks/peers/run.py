@@ -263,6 +263,9 @@ def run_klotski(
         decode_s=stats["decode_s"],
         # Per decode step, like llama.cpp's S_TG: the first token comes out of the prefill.
         decode_tokens_per_s=prompts * (args.gen_len - 1) / stats["decode_s"],
+        dtype=stats.get("dtype"),
+        cache_hits=stats.get("cache_hits"),
+        bytes_read_per_step=read / max(stats.get("forward_steps", args.gen_len), 1),
         load_avg=load,
         compute_busy_s=stats["compute_busy_s"],
         io_busy_s=stats["io_busy_s"],
@@ -305,9 +308,14 @@ def _parser() -> argparse.ArgumentParser:
         default="1x1,8x1,32x1,64x1,128x1,128x2,plan128",
         help="bs x n per klotski run (sequences = bs * n), or planN: N sequences, the planner's bs and n",
     )
-    p.add_argument("--klotski-dtype", default="bfloat16", help="compute dtype (bf16 matmul is the fast one here)")
+    p.add_argument("--klotski-dtype", default="auto", help="compute dtype (auto: measured per machine)")
     p.add_argument("--schedule", default="klotski")
-    p.add_argument("--device-memory", default="2.25GiB", help="klotski's budget inside the cap (as the rig's)")
+    p.add_argument(
+        "--device-memory",
+        default="2.4GiB",
+        help="klotski's budget inside the cap: weights, KV cache and each step's transients (as the rig's "
+        "--klotski-memory; its process and its libraries' pages need the rest)",
+    )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--keep", type=Path, help="an earlier peers.json whose runs this one adds to (a second pass)")

@@ -23,7 +23,7 @@ from klotski.prefetch.runtime import RoutingRecording, make_predictor
 from klotski.prefetch.table import CorrelationTable, find_model_table
 from klotski.progress import Progress
 from klotski.prompts import Prompt, PromptParser
-from klotski.runtime.compute_dtype import resolve_dtype
+from klotski.runtime.compute_dtype import prefill_expert_dtype, resolve_dtype
 from klotski.runtime.generate import GroupBatch, Sequence, run_group
 from klotski.runtime.model import ModelRunner
 from klotski.runtime.pipeline import Pipeline, RoutingHook
@@ -69,6 +69,10 @@ class LLM:
         )
         self.prompts = PromptParser(self.tokenizer, self.spec.vocab_size, self.max_model_len, self.config.model)
         self.runner = ModelRunner(self.spec, self.dtype, self.device)
+        if cfg.dtype == "auto" and self.device.type == "cpu" and self.spec.num_experts:
+            self.runner.prefill_expert_dtype = prefill_expert_dtype(
+                self.checkpoint.dtype, self.dtype, self.spec.hidden_size, self.spec.moe_intermediate_size
+            )
         self.store = self._make_store()
         self.prefetch_table = self._find_table(cfg.prefetch_table)
         self.predictor = make_predictor(self.spec, self.prefetch_table)

@@ -19,9 +19,10 @@ def _solver(shape, costs, device):
 
 
 def test_picks_the_smallest_n_meeting_every_constraint(tiny_shape, io_bound):
-    """Ops cost 2 ms each here, so enough batches hide the expert reads."""
-    costs = OpCosts(tiny_shape, dataclasses.replace(io_bound, op_overhead_s=2e-3), torch.float32)
-    solver = _solver(tiny_shape, costs, 1 << 20)
+    """Ops cost 4 ms each here, so enough batches hide the expert reads (1.5 MiB: room for the
+    group's prefill transients beside part of the weights)."""
+    costs = OpCosts(tiny_shape, dataclasses.replace(io_bound, op_overhead_s=4e-3), torch.float32)
+    solver = _solver(tiny_shape, costs, 3 << 19)
     plan = solver.solve(WORK, batch_size=4)
     n = plan.policy.num_batches
     assert all(s >= 0 for s in plan.slack.values())
@@ -32,10 +33,10 @@ def test_picks_the_smallest_n_meeting_every_constraint(tiny_shape, io_bound):
 
 def test_memory_caps_n(tiny_shape, io_costs):
     """Too I/O-bound for any n: the plan takes the fastest n that still fits, and n + 1 would not fit."""
-    solver, work = _solver(tiny_shape, io_costs, 700_000), Workload(prompt_len=100, gen_len=20)
+    solver, work = _solver(tiny_shape, io_costs, 1_000_000), Workload(prompt_len=100, gen_len=20)
     plan = solver.solve(work, batch_size=1)
     assert any(s < 0 for s in plan.slack.values())
-    assert plan.memory.device_peak <= 700_000
+    assert plan.memory.device_peak <= 1_000_000
     assert solver._plan(1, plan.policy.num_batches + 1, work, None) is None
 
 

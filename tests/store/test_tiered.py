@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from klotski import LLM, SamplingParams
 from klotski.errors import KlotskiError
@@ -432,3 +433,84 @@ def test_blobs_read_in_parts_give_the_same_tokens(model, resident_tokens, tmp_pa
     tokens, stats = _run(model, tmp_path, schedule=schedule, device_memory="500KB", batch_size=2, num_batches=2)
     assert tokens == resident_tokens
     assert parts and 0 < sum(parts) <= stats["bytes_read"]["disk"]  # blobs came in parts (and rows too)
+
+
+def _store_with_room(model, tmp_path, room: int):
+    """A TieredStore with every unit on disk, `room` device bytes and the real reader threads."""
+    from klotski.checkpoint.reader import Checkpoint
+    from klotski.store.offload import OffloadDir
+    from klotski.store.pool import TierPool
+    from klotski.store.tiered import TieredStore
+    from klotski.timeline import Timeline
+
+    ckpt = Checkpoint.open(model)
+    offload = OffloadDir.prepare(ckpt, tmp_path / "off")
+    placement = {k: "disk" for k in ckpt.spec.weight_keys()}
+    return TieredStore(ckpt, offload, placement, TierPool("device", room), TierPool("host", 0), Timeline(False)), ckpt
+
+
+def _use(store, key):
+    weights = store.fetch(key, "ondemand").wait()
+    store.release(key)
+    return weights
+
+
+def test_a_released_unit_is_served_from_its_cached_copy(model, tmp_path):
+    """Room nobody reads into keeps what the pipeline released: asked again, it is ready at once,
+    with the same tensors and no bytes read."""
+    from klotski.models.spec import EXPERT, WeightKey
+
+    a = WeightKey(0, EXPERT, 0)
+    store, ckpt = _store_with_room(model, tmp_path, 4 * 2**20)
+    try:
+        first = {k: v.clone() for k, v in _use(store, a).items()}
+        read = store.bytes_read["disk"]
+        handle = store.fetch(a, "ondemand")
+        assert handle.done()  # no read queued: the cached copy
+        again = handle.wait()
+        store.release(a)
+        assert store.bytes_read["disk"] == read and store.stats()["cache_hits"] == 1
+        assert all(torch.equal(first[k], again[k]) for k in first)
+        assert store.stats()["peak_bytes"]["device"] <= 4 * 2**20
+    finally:
+        store.close()
+
+
+def test_cached_copies_give_way_to_fetches_and_the_most_reused_stays(model, tmp_path):
+    """With room for two experts, a step pattern that uses expert 0 every time and 1 or 2 in turn:
+    each new read drops the copy needed last (the rarely used one), so expert 0 is read once and
+    hit ever after, and the budget holds throughout."""
+    from klotski.checkpoint.reader import Checkpoint
+    from klotski.models.spec import EXPERT, WeightKey
+    from klotski.store.offload import OffloadDir
+
+    e = [WeightKey(0, EXPERT, i) for i in range(3)]
+    blob = OffloadDir.prepare(Checkpoint.open(model), tmp_path / "off").blobs[e[0]].padded
+    store, _ = _store_with_room(model, tmp_path, 2 * blob)
+    try:
+        steps = 8
+        for step in range(steps):
+            _use(store, e[0])
+            _use(store, e[1 + step % 2])
+        stats = store.stats()
+        assert stats["cache_hits"] == steps - 1  # every expert-0 use after the first
+        assert stats["peak_bytes"]["device"] <= 2 * blob
+        assert stats["bytes_read"]["disk"] == (steps + 1) * blob
+    finally:
+        store.close()
+
+
+def test_the_unit_cache_changes_bytes_read_not_tokens(model, resident_tokens, tmp_path):
+    """Generation with released units cached and without: the same tokens; never more bytes read."""
+    runs = {}
+    for cache in (False, True):
+        llm = LLM(str(model), offload_dir=str(tmp_path / f"offload-{cache}"), device_memory="600KB", batch_size=1)
+        llm.store.cache = cache
+        try:
+            tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+            runs[cache] = tokens, llm.last_stats
+        finally:
+            llm.store.close()
+    assert runs[True][0] == runs[False][0] == resident_tokens
+    assert runs[True][1]["bytes_read"]["disk"] <= runs[False][1]["bytes_read"]["disk"]
+    assert runs[True][1]["cache_hits"] > 0 and runs[False][1]["cache_hits"] == 0

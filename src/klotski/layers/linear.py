@@ -2,24 +2,54 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
 from klotski.models.spec import ACTIVATIONS as ACTIVATION_NAMES
 
+# A weight stored in another dtype than x's is cast TILE_ROWS output rows at a time into one reused
+# buffer per thread: an expert's whole fp32 copy per use would be the step's largest transient and
+# a fresh allocation each time (runtime/transients.py counts the tile).
+TILE_ROWS = 512
+_tiles = threading.local()
+
+
+def tile_bytes(in_features: int, dtype: torch.dtype) -> int:
+    """The reused upcast buffer's size for weights with `in_features` columns."""
+    return TILE_ROWS * in_features * dtype.itemsize
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias), computed in x's dtype; a weight stored in another dtype is cast
-    transiently, so resident weights stay at their storage size.
+    transiently (in tiles, for large ones), so resident weights stay at their storage size.
 
     Which compute dtype that is comes from runtime/compute_dtype.py: with dtype="auto" on a CPU, the
     faster of the weights' own dtype and fp32 over upcast weights, measured on the machine.
     """
-    if weight.dtype != x.dtype:
-        weight = weight.to(x.dtype)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    return F.linear(x, weight, bias)
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    if weight.shape[0] <= TILE_ROWS or weight.device.type != "cpu":
+        return F.linear(x, weight.to(x.dtype), bias)
+    return _tiled(x, weight, bias)
+
+
+def _tiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """linear() with the weight cast TILE_ROWS rows at a time into a reused buffer."""
+    out_features, in_features = weight.shape
+    buf = getattr(_tiles, "buf", None)
+    if buf is None or buf.dtype != x.dtype or buf.numel() < TILE_ROWS * in_features:
+        buf = _tiles.buf = torch.empty(TILE_ROWS * in_features, dtype=x.dtype)
+    out = x.new_empty(*x.shape[:-1], out_features)
+    for lo in range(0, out_features, TILE_ROWS):
+        hi = min(lo + TILE_ROWS, out_features)
+        tile = buf[: (hi - lo) * in_features].view(hi - lo, in_features)
+        tile.copy_(weight[lo:hi])
+        out[..., lo:hi] = F.linear(x, tile, None if bias is None else bias[lo:hi])
+    return out
 
 
 ACTIVATIONS = {name: getattr(F, name) for name in ACTIVATION_NAMES}  # hidden_act -> function

@@ -18,6 +18,7 @@ from klotski.planner.profile import HardwareProfile
 from klotski.planner.shapes import ModelShape
 from klotski.runtime.model import ModelRunner
 from klotski.runtime.schedule import Schedule
+from klotski.runtime.transients import step_transient_bytes
 from klotski.store.placement import inflight_parts, working_set
 from klotski.store.tiers import DEVICE, DISK, HOST
 
@@ -222,17 +223,19 @@ class MemoryModel:
     kv_cache: int  # n x bs x (prompt + generated) tokens x layers, on kv_tier
     kv_tier: str
     inflight: int  # fetch buffers the schedule holds at once on the device
-    activations: int  # hidden states of a decode step of the group (not budgeted by the store)
-    activations_prefill: int  # the prefill step's, which the pipeline holds for the whole group at once
+    activations: int  # a step's transients, charged to the device budget for the group (the prefill's at most)
+    activations_prefill: int  # the prefill step's alone
 
     @property
     def device_store_peak(self) -> int:
-        """What the store's device pool peaks at: resident weights + KV + in-flight buffers."""
-        return self.weights.get(DEVICE, 0) + self.inflight + (self.kv_cache if self.kv_tier == DEVICE else 0)
+        """What the store's device pool needs at its peak: resident weights + KV + in-flight buffers +
+        the step's transients, all charged to it (room beyond this holds cached copies of units)."""
+        kv = self.kv_cache if self.kv_tier == DEVICE else 0
+        return self.weights.get(DEVICE, 0) + self.inflight + kv + self.activations
 
     @property
     def device_peak(self) -> int:
-        return self.device_store_peak + self.activations
+        return self.device_store_peak
 
     @property
     def host_peak(self) -> int:
@@ -257,12 +260,11 @@ def kv_cache_bytes(costs: OpCosts, bs: int, n: int, tokens: int) -> int:
     return n * bs * tokens * costs.shape.spec.num_layers * costs.kv_token_layer
 
 
-def activation_bytes(costs: OpCosts, bs: int, n: int, new_tokens: int) -> int:
-    """Hidden states of one step: each batch's x, and the group's MoE input, K slots and base [T, D]."""
-    spec, item = costs.shape.spec, costs.dtype.itemsize
-    group = n * bs * new_tokens * spec.hidden_size * item * (spec.top_k + 3)
-    logits = bs * spec.vocab_size * 4
-    return group + logits
+def activation_bytes(costs: OpCosts, bs: int, n: int, new_tokens: int, context: int | None = None) -> int:
+    """One step's transients for a group of n batches of bs sequences (runtime/transients.py: the
+    figure the store charges against the device budget beside the KV cache)."""
+    context = new_tokens if context is None else context
+    return step_transient_bytes(costs.shape.spec, costs.dtype, n * bs * new_tokens, bs, new_tokens, context)
 
 
 def inflight_bytes(shape: ModelShape, k: int, placement: dict[WeightKey, str] | None = None) -> int:
@@ -300,6 +302,7 @@ def memory_model(
         kv_cache_bytes(costs, bs, n, prompt_len + gen_len),
         kv_tier,
         0 if resident else inflight_bytes(costs.shape, k, placement),
-        activation_bytes(costs, bs, n, 1),
+        # The store charges the prefill's transients for the whole group (runtime/generate.run_group).
+        max(activation_bytes(costs, bs, n, 1, prompt_len + gen_len), activation_bytes(costs, bs, n, prompt_len)),
         activation_bytes(costs, bs, n, prompt_len),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from klotski.config import EngineConfig, Policy
+from klotski.errors import KlotskiError
 from klotski.planner.api import PlanReport, make_plan, pick_profile
 from klotski.planner.shapes import ModelShape
 from klotski.planner.solver import Budgets, Workload
@@ -23,6 +24,7 @@ from klotski.store.tiers import DEVICE
 
 # Load-time placement assumes this workload: a few modest groups of short prompts.
 NOMINAL = Workload(prompt_len=128, gen_len=32, num_prompts=64)
+SMALL = Workload(prompt_len=8, gen_len=8, num_prompts=1)
 
 
 def engine_shape(checkpoint) -> ModelShape:
@@ -55,20 +57,28 @@ def load_placement(checkpoint, config, device: torch.device, dtype: torch.dtype,
             min(NOMINAL.prompt_len, config.max_model_len // 2), min(NOMINAL.gen_len, config.max_model_len // 4), 64
         )
     )
-    report = make_plan(
-        shape,
-        profile,
-        _budgets(config, device),
-        work,
-        dtype,
-        profile_from=source,
-        schedule=schedule,
-        batch_size=config.batch_size,
-        num_batches=config.num_batches,
-        num_hot=config.num_hot,
-        run_simulation=False,
-    )
-    return report.plan.placement
+
+    def plan(work: Workload):
+        return make_plan(
+            shape,
+            profile,
+            _budgets(config, device),
+            work,
+            dtype,
+            profile_from=source,
+            schedule=schedule,
+            batch_size=config.batch_size,
+            num_batches=config.num_batches,
+            num_hot=config.num_hot,
+            run_simulation=False,
+        )
+
+    try:
+        return plan(work).plan.placement
+    except KlotskiError:
+        # A budget too small for the nominal workload's prefill may still run short prompts: place
+        # for those (each run charges its own transients and moves experts to disk if it must).
+        return plan(SMALL).plan.placement
 
 
 def run_policy(

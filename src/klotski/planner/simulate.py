@@ -109,6 +109,7 @@ class SimRunner:
         io_busy=lambda t: False,
     ):
         self.spec, self.dtype, self.device = shape.spec, torch.float32, torch.device("cpu")
+        self.prefill_expert_dtype = None  # the simulated ops cost the same in any dtype
         self.io_busy = io_busy  # fn(virtual time) -> a read is running then (it slows compute on a CPU)
         self.costs, self.clock, self.routing, self.timeline = costs, clock, routing, timeline
         self.kv_tier = kv_tier

@@ -35,6 +35,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# What decides how fast a CPU multiplies in each dtype (x86 names as /proc/cpuinfo spells them).
+MATMUL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's matmul-relevant feature flags (MATMUL_FLAGS it has), in that order."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("flags", "Features")):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in MATMUL_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def _best_time(fn, reps: int = 3) -> float:
     fn()
     best = float("inf")
@@ -53,26 +69,70 @@ def measure(storage: torch.dtype) -> dict[str, float]:
     return {"native": _best_time(lambda: low @ w.T), "upcast_fp32": _best_time(lambda: x @ w.float().T)}
 
 
-@functools.cache
-def cpu_compute_dtype(storage: torch.dtype) -> torch.dtype:
-    """fp32 for fp32 weights; for bf16/fp16 weights, whichever measured faster on this CPU."""
-    if storage == torch.float32:
-        return torch.float32
-    key = f"{cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{storage}"
+# Row counts of an expert call in a decode step of a small group and in a prefill.
+PHASE_ROWS = {"decode": 8, "prefill": 256}
+
+
+def measure_expert(storage: torch.dtype, hidden: int, intermediate: int) -> dict[str, dict[str, float]]:
+    """Seconds for one expert-shaped matmul per phase's row count: in `storage`, and in fp32 over
+    the weight upcast in tiles (layers/linear.py's path)."""
+    from klotski.layers.linear import linear
+
+    w = (torch.randn(intermediate, hidden) * 0.02).to(storage)  # [I, D]
+    out = {}
+    for phase, rows in PHASE_ROWS.items():
+        x = torch.randn(rows, hidden)
+        low = x.to(storage)
+        out[phase] = {
+            "native": _best_time(lambda low=low: low @ w.T, 2),
+            "upcast_fp32": _best_time(lambda x=x: linear(x, w), 2),
+        }
+    return out
+
+
+def _machine_key() -> str:
+    return f"{cpu_name()}|{','.join(cpu_flags())}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+
+
+def _cached(key: str, measure_fn):
+    """A measurement from $KLOTSKI_HOME/profiles/cpu-compute-dtype.json, measured and saved if new."""
     cache = home() / "profiles" / "cpu-compute-dtype.json"
     try:
         known = json.loads(cache.read_text())
     except (OSError, json.JSONDecodeError):
         known = {}
     if key not in known:
-        known[key] = measure(storage)
+        known[key] = measure_fn()
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(known, indent=2))
         except OSError:
             pass  # an unwritable cache only costs a re-measure next time
-    times = known[key]
+    return known[key]
+
+
+@functools.cache
+def cpu_compute_dtype(storage: torch.dtype) -> torch.dtype:
+    """fp32 for fp32 weights; for bf16/fp16 weights, whichever measured faster on this CPU."""
+    if storage == torch.float32:
+        return torch.float32
+    times = _cached(f"{_machine_key()}|{storage}", lambda: measure(storage))
     return storage if times["native"] <= times["upcast_fp32"] else torch.float32
+
+
+@functools.cache
+def prefill_expert_dtype(storage: torch.dtype, compute: torch.dtype, hidden: int, intermediate: int):
+    """The dtype a prefill's experts compute in on this CPU, when it differs from `compute`: fp32 over
+    weights upcast in tiles where that measured faster at prefill-sized calls than `compute` (= the
+    storage dtype, chosen for small calls); None otherwise. A CPU without bf16 matmul units runs a
+    prefill's large calls several times faster in fp32, while a decode's few rows stream the weights
+    faster as stored. By phase, not by row count, so a token's arithmetic never depends on how the
+    group was batched."""
+    if storage == torch.float32 or compute != storage:
+        return None
+    key = f"{_machine_key()}|{storage}|expert {hidden}x{intermediate}"
+    times = _cached(key, lambda: measure_expert(storage, hidden, intermediate))["prefill"]
+    return torch.float32 if times["upcast_fp32"] < times["native"] else None
 
 
 def resolve_dtype(name: str | torch.dtype, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:

@@ -15,6 +15,7 @@ from klotski.errors import NumericalError
 from klotski.layers.attention import StepInfo
 from klotski.outputs import CompletionOutput, FinishReason
 from klotski.runtime.pipeline import BatchStep, Pipeline
+from klotski.runtime.transients import step_transient_bytes
 from klotski.sampling import Sampler, SamplingParams
 from klotski.tokenizer import StopChecker
 
@@ -73,7 +74,20 @@ def run_group(
     for b in batches:
         cap = min(max_len, max(len(s.prompt_ids) + s.params.max_tokens for s in b.seqs))
         b.kv = [runner.new_kv(len(b.seqs), cap) for _ in range(runner.spec.num_layers)]
-    kv_bytes = sum(kv.nbytes for b in batches for kv in b.kv)
+    # The prefill's transients are counted with the KV cache: a budget that left them out would not
+    # be a hard one (under a memory cap the run would be killed rather than told).
+    longest = max(len(s.prompt_ids) for b in batches for s in b.seqs)
+    rows = max(len(b.seqs) for b in batches)
+    transients = step_transient_bytes(
+        runner.spec,
+        runner.dtype,
+        sum(len(b.seqs) for b in batches) * longest,
+        rows,
+        longest,
+        longest,
+        runner.prefill_expert_dtype,
+    )
+    kv_bytes = sum(kv.nbytes for b in batches for kv in b.kv) + transients
     store.charge_kv(kv_bytes)
     try:
         return _generate(pipeline, sampler, batches, max_len, pad_id)

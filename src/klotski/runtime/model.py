@@ -40,6 +40,8 @@ class ModelRunner:
         self.spec = spec
         self.dtype = dtype
         self.device = torch.device(device)
+        # Set where a prefill's experts run faster in another dtype (runtime/compute_dtype.prefill_expert_dtype).
+        self.prefill_expert_dtype: torch.dtype | None = None
         self.rotary = Rotary(spec.attention.rope, spec.max_position_embeddings)
         self.eps = spec.rms_norm_eps
 

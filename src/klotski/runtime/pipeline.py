@@ -18,13 +18,13 @@ from klotski.layers.attention import KVBlock, StepInfo
 from klotski.models.spec import ATTN, EMBED, EXPERT, HEAD, MOE, WeightKey
 from klotski.runtime.model import GateOutput, ModelRunner
 from klotski.runtime.schedule import Schedule
+from klotski.runtime.transients import EXPERT_ROWS
 from klotski.store.base import Handle, WeightStore
 from klotski.timeline import Timeline
 
 # B = sequences in a batch, S = new tokens per sequence (padded), T = the group's valid tokens,
 # K = top_k, D = hidden, V = vocab
 
-EXPERT_ROWS = 1024  # tokens per expert matmul: bounds a large prefill's [tokens, intermediate] transients
 LIKELY = 0.9  # adaptive hot set: prefetch an expert the group uses with at least this probability
 
 
@@ -101,6 +101,7 @@ class Pipeline:
         self._ahead: dict[int, list[int]] = {}  # MoE layer -> hot experts already being prefetched
         self._final = False  # the current step is the group's last
         self._rows = 0  # sequences in the group (the next decode step's tokens)
+        self._prefill = False  # the current step is a prefill
         self._ahead_dense: list[WeightKey] = []  # the next step's first attention, in flight
 
     # -- fetching -------------------------------------------------------------------------
@@ -184,6 +185,7 @@ class Pipeline:
         """
         self._final, self._ahead_dense = final, []
         self._rows = sum(b.token_ids.shape[0] for b in batches)  # sequences in the group
+        self._prefill = any(b.prefill for b in batches)
         batches = [b.to(self.runner.device) for b in batches]
         xs, embed = [], WeightKey(None, EMBED)
         for b in batches:
@@ -280,6 +282,8 @@ class Pipeline:
         # Experts the gate did not pick are dropped now, not after the layer: a prefetch of one that
         # has not started yet never reads (overlap and multibatch prefetch whole layers).
         self._release_unused(layer, used)
+        # A prefill's experts may compute in another dtype (measured faster there); back to h's after.
+        other = self.runner.prefill_expert_dtype if self._prefill else None
         for e, w in self._expert_order(layer, used):
             tok, slot = torch.where(ids == e)
             with self.timeline.span("compute", "expert", layer=layer, expert=e):
@@ -287,7 +291,10 @@ class Pipeline:
                 # [tokens, intermediate] activations would otherwise be the process's largest transient.
                 for c in range(0, tok.numel(), EXPERT_ROWS):
                     t, s = tok[c : c + EXPERT_ROWS], slot[c : c + EXPERT_ROWS]
-                    y = self.runner.expert(w, h[t])
+                    if other is None:
+                        y = self.runner.expert(w, h[t])
+                    else:
+                        y = self.runner.expert(w, h[t].to(other)).to(h.dtype)
                     y *= weights[t, s, None].to(y.dtype)
                     if k <= 2:
                         acc[t] += y  # a token picks an expert once: t has no repeats

@@ -6,7 +6,16 @@ Every byte is counted against its tier's budget before it is read, in-flight fet
 When the device budget is full, a prefetch waits its turn (issued as soon as the pipeline
 releases a unit); a fetch the pipeline is blocked on may evict units that were prefetched but
 not yet used, the one the model needs last first (they are fetched again when asked for).
-Nothing here knows the schedule.
+
+Room nobody is reading into is not left empty: a unit the pipeline releases keeps its buffer as a
+cached copy until that room is wanted, so a group finds the units it reuses already in memory.
+Reads run ahead of the pipeline by at most the in-flight room (`reserve`), so the room beyond it
+holds copies; a copy gives way to a read within that look-ahead only when it is expected to be
+needed later than what is being read (its next use in execution order, pushed back by how rarely
+it has been used per step), and to a read the pipeline is blocked on always (the one needed last
+first). So a large group reading nearly every expert each step keeps a stable set of copies (the
+last-used one gives way) instead of cycling them all through its buffers, and a small one keeps
+the experts it reuses most, whatever the placement's order. Nothing here knows the schedule.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ class State(Enum):
     INFLIGHT = "inflight"  # a reader thread is copying it
     READY = "ready"  # arrived, not yet waited for (evictable)
     CLAIMED = "claimed"  # the pipeline holds it
+    CACHED = "cached"  # released, its buffer kept until the room is wanted (a later fetch is a hit)
     RELEASED = "released"
 
 
@@ -156,6 +166,7 @@ class TieredStore:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     reserve: int = 0  # device bytes kept free for units in flight (the placement's working set)
     readers: int = 2  # transfer threads shared by the lanes (reads in flight at once)
+    cache: bool = True  # keep released units in room no fetch wants (see the module docstring)
 
     def __post_init__(self):
         self._cond = threading.Condition()
@@ -165,6 +176,12 @@ class TieredStore:
         self.evictions = 0  # prefetched units dropped unused to make room (each is read again)
         self.demoted: list[WeightKey] = []  # resident units moved to disk to make room for a KV cache
         self._orphans = 0  # fetches released while in flight: their buffers return when they land
+        self._cached: dict[WeightKey, Entry] = {}  # released units still holding their buffers
+        self._uses: dict[WeightKey, int] = {}  # claims per unit: how often it is reused per step
+        self._cursor: WeightKey | None = None  # the unit claimed last: where the model is now
+        self._most_uses = 0
+        self.cache_hits = 0
+        self.cache_bytes = 0  # bytes not read thanks to cached copies
         self.bytes_read = {DISK: 0}
         # Lanes not given (tests give their own) share one pool of reader threads.
         missing = [
@@ -226,7 +243,14 @@ class TieredStore:
             raise KlotskiError(f"{key} is placed off the device but has no offload blob; give --offload-dir")
         with self._cond:
             entry = self._entries.get(key)
-            if entry is None:
+            if entry is None and key in self._cached:
+                entry = self._cached.pop(key)
+                entry.handle, entry.lane, entry.state = StoreHandle(key, self), lane, State.READY
+                self._entries[key] = entry
+                self.cache_hits += 1
+                self.cache_bytes += self._offload().blobs[key].padded
+                entry.handle.finish(self.timeline.now())
+            elif entry is None:
                 entry = Entry(key, StoreHandle(key, self), lane)
                 self._entries[key] = entry
                 self._deferred.append(entry)
@@ -238,9 +262,12 @@ class TieredStore:
         (the compute lane needs them now), then prefetches, each class in FIFO order."""
         while self._deferred:
             entry = next((e for e in self._deferred if e.lane == "ondemand"), self._deferred[0])
-            buf = self.device_pool.try_alloc(self._offload().blobs[entry.key].padded)
-            if buf is None:
-                return
+            need = self._offload().blobs[entry.key].padded
+            if self.cache and self._read_ahead() + need > max(self.reserve, need):
+                return  # look-ahead stays within the in-flight room; the room beyond it holds copies
+            while (buf := self.device_pool.try_alloc(need)) is None:
+                if not self._drop_cached(entry.key, urgent=False):
+                    return
             self._deferred.remove(entry)
             self._start(entry, buf)
 
@@ -378,7 +405,10 @@ class TieredStore:
                 self._cond.wait()
             if entry.error is not None:
                 raise entry.error
-            entry.state = State.CLAIMED
+            if entry.state != State.CLAIMED:
+                self._note_use(key)
+                entry.state = State.CLAIMED
+                self._issue_deferred()  # it left the look-ahead: the next read may start
             assert entry.weights is not None  # a fetch that landed without error has its tensors
             return entry.weights
 
@@ -411,6 +441,8 @@ class TieredStore:
             self._deferred.remove(wanted)
         need = self._offload().blobs[wanted.key].padded
         while (buf := self.device_pool.try_alloc(need)) is None:
+            if self._drop_cached(wanted.key, urgent=True):
+                continue
             idle = [e for e in self._entries.values() if e.state == State.READY and e is not wanted]
             if not idle:
                 inflight = self._orphans > 0 or any(e.state == State.INFLIGHT for e in self._entries.values())
@@ -426,6 +458,43 @@ class TieredStore:
         unit needed last is the cheapest to drop."""
         order = self._order
         return (order[later] - order[now]) % len(order)
+
+    def _note_use(self, key: WeightKey) -> None:
+        """Move the cursor to a claimed unit and count its use."""
+        self._cursor = key
+        self._uses[key] = uses = self._uses.get(key, 0) + 1
+        self._most_uses = max(self._most_uses, uses)
+
+    def _ahead(self, key: WeightKey) -> int:
+        """How far after the cursor the model next reaches `key` in execution order."""
+        return self._distance(self._cursor, key) if self._cursor is not None else self._order[key]
+
+    def _next_use(self, key: WeightKey) -> float:
+        """Expected distance (in units of execution order) to a cached unit's next use: its position
+        after the cursor, plus the whole steps it is expected to skip. Its share of steps is its uses
+        against the most-used unit's (which a step uses every time: no step counter is needed)."""
+        share = self._uses.get(key, 0) / max(self._most_uses, 1)
+        return self._ahead(key) + len(self._order) * (1.0 / max(share, 1e-3) - 1.0)
+
+    def _drop_cached(self, wanted: WeightKey, urgent: bool) -> bool:
+        """Free one cached copy's buffer for `wanted` (lock held): the one expected to be needed last;
+        unless urgent (the pipeline waits for `wanted`), only one needed later than `wanted` itself."""
+        if not self._cached:
+            return False
+        victim = max(self._cached.values(), key=lambda e: self._next_use(e.key))
+        if not urgent and self._next_use(victim.key) <= self._ahead(wanted):  # a prefetch is for this pass
+            return False
+        del self._cached[victim.key]
+        self.device_pool.give_back(victim.buffer)
+        victim.state, victim.buffer, victim.weights = State.RELEASED, None, None
+        return True
+
+    def _read_ahead(self) -> int:
+        """Bytes of fetches in flight or landed and not yet claimed (lock held)."""
+        offload = self._offload()
+        return sum(
+            offload.blobs[e.key].padded for e in self._entries.values() if e.state in (State.INFLIGHT, State.READY)
+        )
 
     def _evict(self, entry: Entry) -> None:
         """Drop an unclaimed unit's buffer; it goes back to waiting and is fetched again on demand."""
@@ -455,6 +524,12 @@ class TieredStore:
                 self._orphans += 1  # the lane frees it on arrival
             elif entry.state == State.DEFERRED:
                 self._deferred.remove(entry)
+            elif self.cache and entry.error is None:
+                entry.state = State.CACHED
+                self._cached[key] = entry
+                self._issue_deferred()  # a waiting fetch may want the room more
+                self._cond.notify_all()
+                return
             else:
                 self.device_pool.give_back(entry.buffer)
             entry.state = State.RELEASED
@@ -471,6 +546,8 @@ class TieredStore:
         pool = self.device_pool
         with self._cond:
             if pool.budget is not None:
+                while pool.held() + nbytes + self.reserve > pool.budget and self._cached:
+                    self._drop_cached(WeightKey(None, "kv"), urgent=True)
                 while pool.held() + nbytes + self.reserve > pool.budget and self._demote_one():
                     pass
             if not pool.charge(nbytes, "kv"):
@@ -505,6 +582,8 @@ class TieredStore:
         return {
             "bytes_read": dict(self.bytes_read),
             "evictions": self.evictions,
+            "cache_hits": self.cache_hits,
+            "bytes_from_cache": self.cache_bytes,
             "demoted_to_disk": len(self.demoted),
             "fresh_buffers": self.device_pool.fresh,
             "peak_bytes": {DEVICE: self.device_pool.peak, HOST: self.host_pool.peak},
@@ -518,5 +597,6 @@ class TieredStore:
         if self._readers is not None:
             self._readers.close()
         self._resident.clear()
+        self._cached.clear()
         if self.offload is not None:
             self.offload.close()  # release the offload dir's lock
