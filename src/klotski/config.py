@@ -81,7 +81,8 @@ DTYPES = {
 class Flag:
     """How an EngineConfig field appears on the command line (commands/generate.py adds the flags).
 
-    group: "budget" (memory budgets: every command that runs or plans the engine), "policy" (what
+    group: "budget" (memory budgets: every command that runs or plans the engine), "hardware" (the
+    profile the planner predicts with: likewise), "policy" (what
     the planner chooses unless fixed: likewise), "engine" (offload dir, prefetch table: the commands
     that run the engine), "dtype", "context" (max_model_len: `serve`), "replay" (the benchmarks' routing
     replay: `generate` only).
@@ -96,6 +97,22 @@ class Flag:
 
 def _knob(default: Any, help: str, group: str, **flag: Any) -> Any:
     return field(default=default, metadata={"flag": Flag(help, group, **flag)})
+
+
+# --hardware's names (planner/profile.py BUNDLED holds env1 / env2's files); anything else is a profile JSON.
+HARDWARE_NAMES = ("auto", "builtin", "env1", "env2")
+
+
+def check_hardware(value: str) -> str:
+    """`value` when it names a profile (HARDWARE_NAMES or an existing file); else a KlotskiError with the choices."""
+    from pathlib import Path
+
+    if value in HARDWARE_NAMES or (isinstance(value, str) and value and Path(value).is_file()):
+        return value
+    raise KlotskiError(
+        f"unknown hardware profile {value!r:.80}; expected auto (measure this machine once, then the cached profile), "
+        "builtin (the uncalibrated estimate), env1, env2, or a profile JSON file"
+    )
 
 
 SIZE_FIELDS = {"device_memory": "device memory", "host_memory": "host memory"}  # bytes, or '20GiB'
@@ -126,6 +143,13 @@ class EngineConfig:
     )
     offload_dir: str | None = _knob(  # where repacked expert blobs live (disk tier)
         None, "directory for the repacked expert blobs (disk tier)", "engine"
+    )
+    hardware: str = _knob(  # the planner's profile (planner/api.py pick_profile)
+        "auto",
+        "the profile the planner predicts with: auto (this machine's cached profile; the first run "
+        "measures one, seconds) | builtin (an uncalibrated estimate) | env1 | env2 | PROFILE.json",
+        "hardware",
+        metavar="PROFILE",
     )
     schedule: str = _knob(  # the ablation ladder's rung
         "klotski", "sequential | overlap | multibatch | hot | klotski", "policy"
@@ -188,6 +212,7 @@ class EngineConfig:
             raise KlotskiError(f"device_memory must be positive, got {self.device_memory}")
         if self.host_memory is not None and self.host_memory < 0:
             raise KlotskiError(f"host_memory cannot be negative, got {self.host_memory}")
+        check_hardware(self.hardware)
 
     @staticmethod
     def flags(*groups: str) -> list[tuple[Field, Flag]]:

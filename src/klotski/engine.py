@@ -335,5 +335,9 @@ class LLM:
         }
         stats |= timeline.summary(wall)
         stats |= self.plan_stats  # the planner's prediction next to the measured figures
+        if self.plan_stats:
+            from klotski.planner.engine_glue import prediction_error
+
+            stats["prediction_error"] = prediction_error(stats)
         stats |= self.store.stats()
         return stats

@@ -108,7 +108,8 @@ def test_plan_huge_model_from_preset_is_instant(capsys):
     assert json.loads(capsys.readouterr().out)["memory"]["weights"]["host"] > 0
 
 
-def test_profile_measures_then_reuses_the_cache(model_dir, capsys, tmp_path):
+def test_profile_measures_then_reuses_the_cache(model_dir, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("KLOTSKI_HOME", str(tmp_path / "home"))  # not the session's (stub) profiles
     args = [
         "profile",
         "--model",

@@ -79,15 +79,14 @@ def test_op_costs_use_measured_fits(tiny_shape):
     assert costs.expert(0) == 0.0
 
 
-def test_unmeasured_cpu_costs_follow_the_compute_dtype(tiny_shape, tmp_path, monkeypatch):
-    """Without a profile, bf16 matmuls are costed at bf16's rate: fp32's made plans 10x too pessimistic."""
-    from klotski.planner.api import pick_profile
+def test_unmeasured_cpu_costs_follow_the_compute_dtype(tiny_shape):
+    """The built-in estimate costs bf16 matmuls at bf16's rate: fp32's made plans 10x too pessimistic."""
+    from klotski.planner.api import UNCALIBRATED, pick_profile
 
-    monkeypatch.setenv("KLOTSKI_HOME", str(tmp_path))  # no cached measurement (other tests profile)
-    assert pick_profile(tiny_shape, torch.bfloat16, "cpu")[1] == "built-in estimate"
+    assert pick_profile(tiny_shape, torch.bfloat16, "cpu", "builtin")[1] == UNCALIBRATED
 
-    fp32 = OpCosts(tiny_shape, pick_profile(tiny_shape, torch.float32, "cpu")[0], torch.float32)
-    bf16 = OpCosts(tiny_shape, pick_profile(tiny_shape, torch.bfloat16, "cpu")[0], torch.bfloat16)
+    fp32 = OpCosts(tiny_shape, pick_profile(tiny_shape, torch.float32, "cpu", "builtin")[0], torch.float32)
+    bf16 = OpCosts(tiny_shape, pick_profile(tiny_shape, torch.bfloat16, "cpu", "builtin")[0], torch.bfloat16)
     assert bf16.expert(4096) < fp32.expert(4096) / 5
 
 

@@ -54,14 +54,14 @@ def add_policy_flags(p) -> None:
 def add_engine_flags(p) -> None:
     """Budget, placement, schedule and prefetch flags shared by the commands that run the engine, and
     the timeline outputs."""
-    add_config_flags(p, "budget", "engine", "policy")
+    add_config_flags(p, "budget", "hardware", "engine", "policy")
     p.add_argument("--trace", help="write the timeline as Chrome trace JSON (opens in Perfetto)")
     p.add_argument("--timeline", help="draw the timeline's lanes to a PNG (needs matplotlib)")
 
 
 def engine_kwargs(args) -> dict:
     """LLM(...) keyword arguments from the flags add_engine_flags added."""
-    return {f.name: getattr(args, f.name) for f, _ in EngineConfig.flags("budget", "engine", "policy")}
+    return {f.name: getattr(args, f.name) for f, _ in EngineConfig.flags("budget", "hardware", "engine", "policy")}
 
 
 def read_jsonl(path: str) -> tuple[list[tuple[int, dict]], list[str]]:

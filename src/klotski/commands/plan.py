@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import socket
 import sys
 import time
 
-import numpy as np
 import torch
 
 from klotski.commands.generate import add_config_flags, add_policy_flags
@@ -34,8 +33,14 @@ def _register_profile(sub) -> None:
     p.add_argument("--out", help="also write the profile to FILE (always cached under $KLOTSKI_HOME/profiles/)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--reps", type=int, default=2, help="timed repetitions per op size (best of)")
-    p.add_argument("--disk-dir", help="where the temporary read-test file goes (default: the profiles dir)")
-    p.add_argument("--disk-size", default="256MiB", help="size of the read-test file")
+    p.add_argument(
+        "--disk-dir",
+        "--offload-dir",
+        dest="disk_dir",
+        help="where the disk tier will be: the read test runs there, and the profile is cached for its "
+        "filesystem (default: $KLOTSKI_HOME, where runs keep their offload dirs)",
+    )
+    p.add_argument("--disk-size", default="256MiB", help="size of the read-test file (at least two expert blobs)")
     p.add_argument("--force", action="store_true", help="measure again even if a cached profile exists")
     p.set_defaults(handler=run_profile)
 
@@ -43,11 +48,11 @@ def _register_profile(sub) -> None:
 def _register_plan(sub) -> None:
     p = sub.add_parser("plan", help="choose placement, bs, n and K and predict throughput (reads config.json only)")
     _model_flags(p)
-    add_config_flags(p, "budget")
+    add_config_flags(p, "budget", "hardware")
+    p.add_argument("--offload-dir", help="where the disk tier will be (the automatic profile reads its disk there)")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence")
     p.add_argument("--gen-len", type=int, default=32, help="generated tokens per sequence")
     p.add_argument("--num-prompts", type=int, help="how many prompts (default: one batch group of the plan's size)")
-    p.add_argument("--hardware", help="profile JSON (klotski profile --out), or env1 / env2 (the paper's, estimated)")
     p.add_argument("--routing", help="correlation table for routing statistics (a file, mixtral-8x7b, mixtral-8x22b)")
     add_policy_flags(p)
     p.add_argument(
@@ -80,71 +85,26 @@ def _device(name: str) -> str:
 
 # -- profile -------------------------------------------------------------------------------------
 def run_profile(args) -> int:
-    from klotski.planner.measure import CONTENTION_TOKENS, expert_call, measure_ops
-    from klotski.planner.profile import (
-        HardwareProfile,
-        cache_path,
-        cached_profile,
-        machine_id,
-        measure_contention,
-        measure_disk,
-        measure_host_to_device,
-    )
+    from klotski.planner.measure import FULL, measure_profile
+    from klotski.planner.profile import cache_path, cached_profile
 
     shape, device = _shape(args), _device(args.device)
     dtype = resolve_dtype(args.dtype, shape.weight_dtype, torch.device(device))
-    cached = None if args.force else cached_profile(shape.shape_key(), dtype, device)
+    cached = None if args.force else cached_profile(shape.shape_key(), dtype, device, args.disk_dir)
     if cached is not None:
         profile, path = cached
         print(f"using the cached profile {path} (--force measures again)", file=sys.stderr)
     else:
         start = time.perf_counter()
-        disk, method = measure_disk(args.disk_dir, parse_bytes(args.disk_size, "--disk-size"))
-        print(f"disk -> memory: {disk:.2f} GB/s ({method})", file=sys.stderr)
-        h2d = measure_host_to_device()
-        ops = measure_ops(shape, dtype, device, args.reps, log=lambda m: print(m, file=sys.stderr))
-        profile = _measured(shape, dtype, device, disk, method, h2d, ops, machine_id(), HardwareProfile)
-        if device == "cpu":  # reads and compute share the cores and memory: measure how they slow each other
-            # Reads as the store issues them: one pread of a whole expert blob at a time.
-            chunk = max(-(-shape.expert_bytes() // 4096) * 4096, 1 << 20)
-            size = max(parse_bytes(args.disk_size, "--disk-size"), 2 * chunk)
-            contention = [
-                measure_contention(expert_call(shape, dtype, device, t), args.disk_dir, size, chunk)
-                for t in CONTENTION_TOKENS
-            ]
-            profile.compute_slowdown_under_io = float(np.mean([c["compute_slowdown_under_io"] for c in contention]))
-            profile.disk_gbps_beside_compute = float(np.mean([c["disk_gbps_beside_compute"] for c in contention]))
-            print(
-                f"beside compute: ops x{profile.compute_slowdown_under_io:.2f} slower while reading, "
-                f"disk {profile.disk_gbps_beside_compute:.2f} GB/s (two lanes)",
-                file=sys.stderr,
-            )
-        path = cache_path(shape.shape_key(), dtype, device)
+        effort = dataclasses.replace(FULL, reps=args.reps, disk_bytes=parse_bytes(args.disk_size, "--disk-size") or 0)
+        profile = measure_profile(shape, dtype, device, effort, args.disk_dir, log=lambda m: print(m, file=sys.stderr))
+        path = cache_path(shape.shape_key(), dtype, device, args.disk_dir)
         profile.save(path)
         print(f"measured in {time.perf_counter() - start:.1f} s; cached at {path}", file=sys.stderr)
     if args.out:
         profile.save(args.out)
     print(json.dumps(profile.to_dict(), indent=2))
     return 0
-
-
-def _measured(shape, dtype, device, disk, method, h2d, ops, machine, cls):
-    """A measured profile: fits at these shapes, plus peak figures derived from the expert fit."""
-    expert = ops.get("expert", {"a": 1e-3, "b": 1e-3})
-    flops_per_token = shape.expert_flops(1) or 1.0
-    return cls(
-        name=socket.gethostname(),
-        source="measured",
-        device=device,
-        disk_gbps=disk,
-        host_to_device_gbps=h2d,
-        peak_tflops=flops_per_token / max(expert["b"], 1e-12) / 1e12,
-        efficiency=1.0,
-        memory_gbps=shape.expert_bytes() / max(expert["a"], 1e-9) / 1e9,
-        machine=machine,
-        ops={f"{shape.shape_key()}|{str(dtype).removeprefix('torch.')}": ops},
-        notes=f"disk read with {method}; op times fitted at {shape.name}'s shapes",
-    )
 
 
 # -- plan ---------------------------------------------------------------------------------------
@@ -165,20 +125,24 @@ def run_plan(args) -> int:
 
 
 def plan_from_args(args):
+    from klotski.config import check_hardware
     from klotski.planner.api import make_plan, pick_profile
     from klotski.planner.profile import load_profile
     from klotski.planner.solver import Budgets, Workload, compute_dtype
     from klotski.prefetch.table import find_model_table, load_table
 
     shape = _shape(args)
-    given = load_profile(args.hardware) if args.hardware else None
-    device = given.device if given else _device("auto")
+    hardware = check_hardware(args.hardware)
+    # A what-if profile (env1, a file from another machine) plans for its own device.
+    device = load_profile(hardware).device if hardware not in ("auto", "builtin") else _device("auto")
     dtype = (
         compute_dtype(shape, device)
         if args.dtype == "auto"
         else resolve_dtype(args.dtype, shape.weight_dtype, torch.device("cpu"))
     )
-    profile, source = pick_profile(shape, dtype, device, given, args.hardware or "")
+    # Without --offload-dir the disk is $KLOTSKI_HOME's, where runs keep their offload dirs by default.
+    disk = args.offload_dir or _home_offload()
+    profile, source = pick_profile(shape, dtype, device, hardware, disk)
     table = load_table(args.routing) if args.routing else (find_model_table(args.model) if args.model else None)
     host = parse_bytes(args.host_memory, "host memory")
     budgets = Budgets(parse_bytes(args.device_memory, "device memory"), host)
@@ -197,6 +161,12 @@ def plan_from_args(args):
         num_batches=args.num_batches,
         num_hot=args.num_hot,
     )
+
+
+def _home_offload():
+    from klotski.paths import home
+
+    return home() / "offload"
 
 
 def format_report(report) -> str:
@@ -244,4 +214,9 @@ def format_report(report) -> str:
         f"profile: {p['name']} ({p['source']}; {p['from'] or 'given'}; op costs from {p['op_costs']}); "
         f"routing: {d['routing']}"
     )
+    if p["source"] == "built-in estimate":
+        lines.append(
+            "uncalibrated: the built-in roofline estimate, not measured on this machine (it has predicted "
+            "12x the measured tok/s); --hardware auto measures this machine"
+        )
     return "\n".join(lines)

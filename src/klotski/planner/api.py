@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from klotski.config import check_hardware
 from klotski.planner.cost import OpCosts, RoutingStats
-from klotski.planner.profile import HardwareProfile, builtin_estimate, cached_profile
+from klotski.planner.profile import (
+    HardwareProfile,
+    builtin_estimate,
+    cache_path,
+    cached_profile,
+    load_profile,
+)
 from klotski.planner.shapes import ModelShape
 from klotski.planner.simulate import SimResult, simulate
 from klotski.planner.solver import Budgets, Plan, Solver, Workload
@@ -24,7 +34,7 @@ class PlanReport:
     plan: Plan
     sim: SimResult | None
     profile: HardwareProfile
-    profile_from: str  # "cached: PATH" | "built-in estimate" | a file
+    profile_from: str  # "cached: PATH" | "measured now: PATH" | UNCALIBRATED | a file or env1 / env2
     cost_source: str  # measured fits or roofline
     routing: str
     budgets: Budgets
@@ -52,6 +62,7 @@ class PlanReport:
                 "name": self.profile.name,
                 "source": self.profile.source,
                 "from": self.profile_from,
+                "calibrated": self.profile.calibrated,
                 "op_costs": self.cost_source,
             },
             "routing": self.routing,
@@ -61,16 +72,56 @@ class PlanReport:
         return out
 
 
+UNCALIBRATED = "built-in estimate (uncalibrated)"
+
+
 def pick_profile(
-    shape: ModelShape, dtype: torch.dtype, device: str, given: HardwareProfile | None = None, given_from: str = ""
+    shape: ModelShape,
+    dtype: torch.dtype,
+    device: str,
+    hardware: str | None = "auto",
+    disk_dir: str | Path | None = None,
 ) -> tuple[HardwareProfile, str]:
-    """The given profile, else this machine's cached measurement, else the built-in estimate."""
-    if given is not None:
-        return given, given_from
-    cached = cached_profile(shape.shape_key(), dtype, device)
+    """The profile `hardware` names, and where it came from.
+
+    auto: this machine's cached measurement for these shapes, dtype and disk (`disk_dir`: where the
+    disk tier will be), else a quick one measured now and cached; builtin: the roofline estimate
+    (UNCALIBRATED); env1 / env2: the bundled ones; else a profile JSON path."""
+    hardware = check_hardware(hardware or "auto")
+    if hardware == "builtin":
+        return builtin_estimate(device, dtype), UNCALIBRATED
+    if hardware != "auto":
+        return load_profile(hardware), hardware
+    cached = cached_profile(shape.shape_key(), dtype, device, disk_dir)
     if cached is not None:
         return cached[0], f"cached: {cached[1]}"
-    return builtin_estimate(device, dtype), "built-in estimate"
+    start = time.perf_counter()
+    profile = measure_quick(shape, dtype, device, disk_dir)
+    path = cache_path(shape.shape_key(), dtype, device, disk_dir)
+    profile.save(path)
+    print(
+        f"klotski: no profile for this machine; measured one in {time.perf_counter() - start:.1f} s "
+        f"({profile_summary(profile, shape, dtype)}); cached at {path}; `klotski profile --force` re-measures",
+        file=sys.stderr,
+    )
+    return profile, f"measured now: {path}"
+
+
+def measure_quick(shape: ModelShape, dtype: torch.dtype, device: str, disk_dir: str | Path | None) -> HardwareProfile:
+    """The automatic profile of a first plan or run (tests replace this: their plans must not depend on timing)."""
+    from klotski.planner.measure import QUICK, measure_profile
+
+    return measure_profile(shape, dtype, device, QUICK, disk_dir)
+
+
+def profile_summary(profile: HardwareProfile, shape: ModelShape, dtype: torch.dtype) -> str:
+    """'disk 1.10 GB/s, expert 16 tokens 40.0 ms': the two figures a plan here mostly rests on."""
+    disk = profile.disk_gbps_beside_compute or profile.disk_gbps
+    parts = [f"disk {disk:.2f} GB/s"]
+    expert = profile.fits(shape.shape_key(), dtype).get("expert")
+    if expert is not None:
+        parts.append(f"expert 16 tokens {expert(16) * 1e3:.1f} ms")
+    return ", ".join(parts)
 
 
 def routing_stats(shape: ModelShape, table: CorrelationTable | None) -> RoutingStats:

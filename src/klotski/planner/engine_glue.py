@@ -2,8 +2,9 @@
 
 The placement is chosen once, when the store is laid out, for a nominal workload (prompts are not
 known yet); each generate() call then picks bs and n for its real prompt and generation lengths
-within the room that placement leaves. The profile is this machine's cached measurement when
-`klotski profile` has run for these shapes, else the built-in estimate: no run waits on profiling.
+within the room that placement leaves. The profile is the one `hardware` names; by default this
+machine's cached measurement for these shapes and this disk, which the first budgeted run makes
+(a quick profile, seconds; planner/api.py pick_profile).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from klotski.planner.solver import Budgets, Workload
 from klotski.prefetch.replay import RoutingReplay
 from klotski.prefetch.table import CorrelationTable
 from klotski.store.factory import host_budget
+from klotski.store.offload import default_offload_dir
 from klotski.store.tiers import DEVICE
 
 # Load-time placement assumes this workload: a few modest groups of short prompts.
@@ -31,6 +33,15 @@ def engine_shape(checkpoint) -> ModelShape:
     return ModelShape(checkpoint.path.name, checkpoint.spec, checkpoint.dtype, units)
 
 
+def disk_dir(checkpoint, config: EngineConfig):
+    """Where the store's disk tier will be (the profile's disk is measured there)."""
+    return config.offload_dir or default_offload_dir(checkpoint)
+
+
+def _profile(checkpoint, config: EngineConfig, shape: ModelShape, dtype: torch.dtype, device: torch.device):
+    return pick_profile(shape, dtype, device.type, config.hardware, disk_dir(checkpoint, config))
+
+
 def _budgets(config: EngineConfig, device: torch.device) -> Budgets:
     return Budgets(config.device_memory, host_budget(config.host_memory, device))
 
@@ -38,7 +49,7 @@ def _budgets(config: EngineConfig, device: torch.device) -> Budgets:
 def load_placement(checkpoint, config, device: torch.device, dtype: torch.dtype, schedule: str) -> dict:
     """Tier per unit for the store, planned for the nominal workload (bs / n flags respected)."""
     shape = engine_shape(checkpoint)
-    profile, source = pick_profile(shape, dtype, device.type)
+    profile, source = _profile(checkpoint, config, shape, dtype, device)
     work = (
         NOMINAL
         if config.max_model_len is None
@@ -84,7 +95,7 @@ def run_policy(
 ) -> tuple[Policy, dict]:
     """bs, n, K for this run within the store's placement, and the stats lines about the plan."""
     shape = engine_shape(checkpoint)
-    profile, source = pick_profile(shape, dtype, device.type)
+    profile, source = _profile(checkpoint, config, shape, dtype, device)
     placement = placement or {k: DEVICE for k in shape.unit_bytes}
     work = Workload(prompt_len, gen_len, num_requests)
     report = make_plan(
@@ -109,15 +120,23 @@ def plan_stats(report: PlanReport) -> dict:
     d = report.to_dict()
     return {
         "predicted_tokens_per_s": d.get("predicted_tokens_per_s"),
+        "prediction_profile": d["profile"]["from"],
         "planner": {
             "predicted_tokens_per_s": d.get("predicted_tokens_per_s"),
             "predicted_bubble_ratio": d.get("predicted_bubble_ratio"),
             "predicted_wall_s": d.get("predicted_wall_s"),
+            "predicted_prefill_s": d.get("predicted_prefill_s"),
             "binding_constraints": d["binding_constraints"],
             "profile": d["profile"],
             "routing": d["routing"],
         },
     }
+
+
+def prediction_error(stats: dict) -> float | None:
+    """Measured tokens/s over the plan's prediction, minus 1 (+0.10: 10% faster than predicted)."""
+    predicted, measured = stats.get("predicted_tokens_per_s"), stats.get("tokens_per_s")
+    return measured / predicted - 1 if predicted and measured is not None else None
 
 
 def routing_table(

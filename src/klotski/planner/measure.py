@@ -1,30 +1,118 @@
-"""`klotski profile`'s compute part: time the real ModelRunner ops at a model's shapes and dtype.
+"""Measuring a profile: `klotski profile` (full) and the automatic one of a first plan or run (quick).
 
-Each op runs on random weights of the model's unit shapes (storage dtype) at a few sizes, and a
-linear model is fitted: seconds = a + b * tokens (+ c * tokens * context for attention). Sizes
-are few and small, so Mixtral-8x7B's shapes profile in well under a minute on two CPU cores.
+`measure_profile` reads the disk as the store does, times the host -> device link on CUDA, then
+times the real ModelRunner ops at a model's shapes and dtype: each op runs on random weights of
+the model's unit shapes (storage dtype) at a few sizes, and a linear model is fitted: seconds =
+a + b * tokens (+ c * tokens * context for attention). Sizes are few and small, so
+Mixtral-8x7B's shapes profile in well under a minute on two CPU cores.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from klotski.layers.attention import StepInfo
 from klotski.models.spec import ATTN, EXPERT, HEAD, MOE, WeightKey
+from klotski.planner.profile import (
+    HardwareProfile,
+    machine_fingerprint,
+    measure_contention,
+    measure_host_to_device,
+    scratch_file,
+    timed_read,
+)
 from klotski.planner.shapes import ModelShape
 from klotski.runtime.model import ModelRunner
 
 # B = sequences, S = new tokens per sequence, C = context, D = hidden, T = tokens
 
-EXPERT_TOKENS = (1, 8, 32, 128)
+# 256: a prefill batch's tokens per expert (bs 64 x 16 tokens x top-2 / 8); the fit is linear, so
+# a range ending at 128 mispredicted those calls by +50% at Mixtral-8x7B's shapes.
+EXPERT_TOKENS = (1, 8, 32, 128, 256)
 CONTENTION_TOKENS = (8, 128)  # a decode-sized and a prefill-sized expert call
 GATE_TOKENS = (1, 64, 512)
 HEAD_TOKENS = (1, 16, 64)
 ATTENTION_POINTS = ((1, 1, 128), (8, 1, 512), (32, 1, 128), (1, 64, 64), (2, 64, 64))  # (B, S, C)
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How hard a profile measures: `klotski profile` (FULL) or the automatic first one (QUICK)."""
+
+    reps: int  # timed repetitions per op size (best of)
+    min_op_s: float  # ...and more, up to this much time per size: one noisy call skewed a fit by 2x
+    disk_bytes: int  # the scratch file read for the disk rate (at least two expert blobs)
+    contention_s: float  # seconds per phase (alone, beside reads) of the contention measurement
+    host_to_device_bytes: int
+
+
+FULL = Effort(reps=2, min_op_s=0.1, disk_bytes=256 << 20, contention_s=0.5, host_to_device_bytes=256 << 20)
+# Best of two per size (one call alone was noisy enough on a busy machine to double a fit's
+# overhead) and short contention phases; at Mixtral-8x7B's shapes the scratch file is two 336 MiB
+# expert blobs whatever disk_bytes says.
+QUICK = Effort(reps=2, min_op_s=0.01, disk_bytes=8 << 20, contention_s=0.1, host_to_device_bytes=64 << 20)
+
+
+def measure_profile(
+    shape: ModelShape,
+    dtype: torch.dtype,
+    device: str,
+    effort: Effort = FULL,
+    disk_dir: str | Path | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> HardwareProfile:
+    """This machine's profile at these shapes and dtype, the disk read in `disk_dir` (the offload dir).
+
+    Reads as the store issues them: O_DIRECT, one pread of a whole expert blob at a time, from a
+    fresh scratch file of at least two blobs (one file for the disk rate and the contention)."""
+    chunk = max(-(-max(shape.expert_bytes(), 1) // 4096) * 4096, 4096)
+    size = max(effort.disk_bytes // chunk, 2) * chunk
+    with scratch_file(disk_dir, size, chunk, "klotski-profile-") as scratch:
+        disk, method = timed_read(scratch, size, chunk)
+        log(f"disk -> memory: {disk:.2f} GB/s ({method}, {chunk} bytes per read)")
+        h2d = measure_host_to_device(effort.host_to_device_bytes)
+        ops = measure_ops(shape, dtype, device, effort.reps, log=log, min_s=effort.min_op_s)
+        profile = _measured(shape, dtype, device, disk, method, h2d, ops, machine_fingerprint(disk_dir))
+        if device == "cpu":  # reads and compute share the cores and memory: measure how they slow each other
+            contention = [
+                measure_contention(
+                    expert_call(shape, dtype, device, t), None, size, chunk, effort.contention_s, path=scratch
+                )
+                for t in CONTENTION_TOKENS
+            ]
+            profile.compute_slowdown_under_io = float(np.mean([c["compute_slowdown_under_io"] for c in contention]))
+            profile.disk_gbps_beside_compute = float(np.mean([c["disk_gbps_beside_compute"] for c in contention]))
+            log(
+                f"beside compute: ops x{profile.compute_slowdown_under_io:.2f} slower while reading, "
+                f"disk {profile.disk_gbps_beside_compute:.2f} GB/s (two lanes)"
+            )
+    return profile
+
+
+def _measured(shape, dtype, device, disk, method, h2d, ops, machine) -> HardwareProfile:
+    """A measured profile: fits at these shapes, plus peak figures derived from the expert fit."""
+    expert = ops.get("expert", {"a": 1e-3, "b": 1e-3})
+    flops_per_token = shape.expert_flops(1) or 1.0
+    return HardwareProfile(
+        name=socket.gethostname(),
+        source="measured",
+        device=device,
+        disk_gbps=disk,
+        host_to_device_gbps=h2d,
+        peak_tflops=flops_per_token / max(expert["b"], 1e-12) / 1e12,
+        efficiency=1.0,
+        memory_gbps=shape.expert_bytes() / max(expert["a"], 1e-9) / 1e9,
+        machine=machine,
+        ops={f"{shape.shape_key()}|{str(dtype).removeprefix('torch.')}": ops},
+        notes=f"disk read with {method}; op times fitted at {shape.name}'s shapes",
+    )
 
 
 def measure_ops(
@@ -33,10 +121,11 @@ def measure_ops(
     device: str = "cpu",
     reps: int = 2,
     log: Callable[[str], None] = lambda _: None,
+    min_s: float = 0.0,
 ) -> dict[str, dict]:
     """Fitted op times {op: {a, b, c}} for these shapes in this compute dtype on this device."""
     runner = ModelRunner(shape.spec, dtype, device)
-    timer = _Timer(device, reps)
+    timer = _Timer(device, reps, min_s)
     layer = shape.moe_layers()[0] if shape.moe_layers() else 0
     out: dict[str, dict] = {}
     if shape.moe_layers():
@@ -77,22 +166,25 @@ def expert_call(shape: ModelShape, dtype: torch.dtype, device: str, tokens: int)
 
 
 class _Timer:
-    """Best-of-reps wall time of a callable after one warm-up (synchronising CUDA)."""
+    """Best wall time of a callable after one warm-up (synchronising CUDA): at least `reps` calls,
+    more while they took under `min_s` in all (cheap ops get many tries, costly ones `reps`)."""
 
-    def __init__(self, device: str, reps: int):
-        self.cuda, self.reps = device.startswith("cuda"), max(reps, 1)
+    def __init__(self, device: str, reps: int, min_s: float = 0.0):
+        self.cuda, self.reps, self.min_s = device.startswith("cuda"), max(reps, 1), min_s
 
     def __call__(self, fn) -> float:
         fn()
-        best = float("inf")
-        for _ in range(self.reps):
+        best, calls, spent = float("inf"), 0, 0.0
+        while calls < self.reps or (spent < self.min_s and calls < 50):
+            calls += 1
             if self.cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             fn()
             if self.cuda:
                 torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
+            took = time.perf_counter() - start
+            best, spent = min(best, took), spent + took
         return best
 
 

@@ -12,7 +12,6 @@ import contextlib
 import json
 import mmap
 import os
-import socket
 import tempfile
 import time
 import zlib
@@ -73,6 +72,11 @@ class HardwareProfile:
         raw = self.ops.get(f"{shape_key}|{_dtype_name(dtype)}", {})
         return {op: OpFit(**v) for op, v in raw.items()}
 
+    @property
+    def calibrated(self) -> bool:
+        """Measured on a machine (this one, when it came from the cache); else an estimate."""
+        return self.source == "measured"
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -108,7 +112,12 @@ def load_profile(spec: str | Path) -> HardwareProfile:
 
 
 def builtin_estimate(device: str = "cpu", dtype: torch.dtype | None = None) -> HardwareProfile:
-    """The estimate used when nothing was measured: this project's CPU figures, or a generic GPU."""
+    """The roofline estimate (`--hardware builtin`): this project's CPU figures, or a generic GPU.
+
+    Only when asked for: on some machines it predicted 12x the measured tokens/s."""
+    uncalibrated = (
+        "uncalibrated: this project's figures (docs/planner.md), not this machine's; --hardware auto measures"
+    )
     if device == "cpu":
         # The figures of docs/planner.md ("Built-in estimate"): the low end of what this project's
         # machine measured (disk, fp32 over upcast weights, bf16 as stored); with fp32's figure for
@@ -126,7 +135,7 @@ def builtin_estimate(device: str = "cpu", dtype: torch.dtype | None = None) -> H
             op_overhead_s=100e-6,
             io_latency_s=200e-6,
             machine=machine_id(),
-            notes="from this project's measured figures (docs/planner.md); run `klotski profile` to measure",
+            notes=uncalibrated,
         )
     return HardwareProfile(
         "built-in gpu",
@@ -138,32 +147,108 @@ def builtin_estimate(device: str = "cpu", dtype: torch.dtype | None = None) -> H
         efficiency=0.5,
         memory_gbps=1000.0,
         machine=machine_id(),
-        notes="a generic PCIe 4.0 GPU; run `klotski profile` to measure",
+        notes="uncalibrated: a generic PCIe 4.0 GPU, not this machine; --hardware auto measures",
     )
 
 
 # -- the cache ---------------------------------------------------------------------------------
-def machine_id() -> dict:
-    """What a measured profile is valid for: host, CPU model, torch version, GPU if any."""
-    cpu = cpu_name()
+# The /proc/cpuinfo flags that change what a matmul costs here: a profile measured with AMX or
+# AVX-512 BF16 is wrong on a machine without them (and the cloud hands out both under one name).
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def machine_fingerprint(disk_dir: str | Path | None = None) -> dict:
+    """What a measured profile is valid for: CPU model and flags, cores and threads, memory, torch,
+    GPU, and the filesystem the disk tier reads from (`disk_dir`, else the profiles directory).
+
+    No hostname: a container's changes every session on the same hardware, and two hosts of one
+    machine type may share a profile; a different CPU, flag set or disk makes a new one."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"hostname": socket.gethostname(), "cpu": cpu, "torch": torch.__version__, "gpu": gpu}
+    return {
+        "cpu": cpu_name(),
+        "cpu_flags": [f for f in CPU_FLAGS if f in _cpu_flags()],
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_bytes": _mem_total(),
+        "torch": torch.__version__,
+        "gpu": gpu,
+        "disk": disk_identity(disk_dir or profiles_dir()),
+    }
+
+
+def machine_id() -> dict:
+    """The fingerprint of this machine with the profiles directory as its disk (the profile's record)."""
+    return machine_fingerprint()
+
+
+def _cpu_flags() -> set[str]:
+    """The first processor's flags in /proc/cpuinfo (empty where there is none)."""
+    for line in _read_text("/proc/cpuinfo").splitlines():
+        if line.startswith(("flags", "Features")):  # x86, arm
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _mem_total() -> int | None:
+    for line in _read_text("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def disk_identity(directory: str | Path) -> dict:
+    """The device and filesystem holding `directory` (its nearest existing ancestor, since an
+    offload dir is made only when the store first fills it): st_dev as major:minor, and the
+    /proc/mounts entry (source, type, mount point) with the longest matching mount point."""
+    path = existing_ancestor(directory)
+    dev = _st_dev(path)
+    mount = {"source": None, "fstype": None, "mount_point": None}
+    best = -1
+    for line in _read_text("/proc/mounts").splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
+        if inside and len(point) > best:
+            best, mount = len(point), {"source": fields[0], "fstype": fields[2], "mount_point": point}
+    return {"st_dev": f"{os.major(dev)}:{os.minor(dev)}"} | mount
+
+
+def existing_ancestor(directory: str | Path) -> Path:
+    path = Path(directory).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _st_dev(path: Path) -> int:
+    return os.stat(path).st_dev
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:  # not Linux, or a sandbox without /proc
+        return ""
 
 
 def profiles_dir() -> Path:
     return home() / "profiles"
 
 
-def cache_path(shape_key: str, dtype: torch.dtype, device: str) -> Path:
-    """$KLOTSKI_HOME/profiles/<host>-<device>-<dtype>-<hash of machine and shapes>.json."""
-    m = machine_id()
+def cache_path(shape_key: str, dtype: torch.dtype, device: str, disk_dir: str | Path | None = None) -> Path:
+    """$KLOTSKI_HOME/profiles/<device>-<dtype>-<hash of the machine fingerprint and shapes>.json."""
+    m = machine_fingerprint(disk_dir)
     digest = zlib.crc32(json.dumps([m, shape_key, _dtype_name(dtype), device], sort_keys=True).encode())
-    return profiles_dir() / f"{m['hostname']}-{device}-{_dtype_name(dtype)}-{digest:08x}.json"
+    return profiles_dir() / f"{device}-{_dtype_name(dtype)}-{digest:08x}.json"
 
 
-def cached_profile(shape_key: str, dtype: torch.dtype, device: str) -> tuple[HardwareProfile, Path] | None:
-    """The measured profile for this machine, shapes and dtype, if one was saved."""
-    path = cache_path(shape_key, dtype, device)
+def cached_profile(
+    shape_key: str, dtype: torch.dtype, device: str, disk_dir: str | Path | None = None
+) -> tuple[HardwareProfile, Path] | None:
+    """The measured profile for this machine, disk, shapes and dtype, if one was saved."""
+    path = cache_path(shape_key, dtype, device, disk_dir)
     if not path.is_file():
         return None
     try:
@@ -182,21 +267,25 @@ def measure_disk(
 ) -> tuple[float, str]:
     """Disk -> memory bandwidth (GB/s) with O_DIRECT reads of a fresh temp file; (GB/s, method)."""
     chunk = min(chunk, size)
-    with _scratch_file(directory, size, chunk, "klotski-disk-") as name:
-        return _timed_read(name, size, chunk)
+    with scratch_file(directory, size, chunk, "klotski-disk-") as name:
+        return timed_read(name, size, chunk)
 
 
 @contextlib.contextmanager
-def _scratch_file(directory: str | Path | None, size: int, chunk: int, prefix: str):
-    """A fresh file of size // chunk random chunks, synced to disk, removed afterwards."""
-    directory = Path(directory or profiles_dir())
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".bin")
+def scratch_file(directory: str | Path | None, size: int, chunk: int, prefix: str):
+    """A fresh file of size // chunk random chunks, synced to disk, removed afterwards.
+
+    In `directory`'s nearest existing ancestor (an offload dir is made by the store, not here),
+    else the profiles directory where that is not writable."""
+    fd, name = _mkstemp(existing_ancestor(directory or profiles_dir()), prefix)
     try:
-        block = np.random.default_rng(0).integers(0, 255, chunk, dtype=np.uint8).tobytes()
+        # One random block (at most 16 MiB) written over and over: an expert blob can be 350 MiB.
+        block = np.random.default_rng(0).integers(0, 255, min(chunk, 16 << 20), dtype=np.uint8).tobytes()
         with os.fdopen(fd, "wb") as f:
-            for _ in range(size // chunk):
-                f.write(block)
+            left = size // chunk * chunk
+            while left > 0:
+                f.write(block[: min(left, len(block))])
+                left -= min(left, len(block))
             f.flush()
             os.fsync(f.fileno())
         yield name
@@ -204,7 +293,15 @@ def _scratch_file(directory: str | Path | None, size: int, chunk: int, prefix: s
         os.unlink(name)
 
 
-def _timed_read(name: str, size: int, chunk: int) -> tuple[float, str]:
+def _mkstemp(directory: Path, prefix: str) -> tuple[int, str]:
+    try:
+        return tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".bin")
+    except OSError:  # a read-only or foreign offload dir: measure beside the profiles instead
+        profiles_dir().mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(dir=profiles_dir(), prefix=prefix, suffix=".bin")
+
+
+def timed_read(name: str, size: int, chunk: int) -> tuple[float, str]:
     buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
     try:
         fd, method = os.open(name, os.O_RDONLY | os.O_DIRECT), "O_DIRECT"
@@ -272,15 +369,17 @@ def measure_contention(
     chunk: int = 16 << 20,
     seconds: float = 0.5,
     readers: int = 2,
+    path: str | None = None,
 ) -> dict:
     """How much disk reads slow `op` (a compute callable), and the disk rate beside it.
 
     `readers` threads read `chunk` bytes per pread, as the store's lanes read one blob each.
     Returns {"compute_slowdown_under_io": op time with the readers running / alone (>= 1),
     "disk_gbps_beside_compute": the readers' total rate while `op` runs back to back}.
+    `path`: an existing file of `size` bytes to read instead of writing a fresh one.
     """
     chunk = min(chunk, size)
-    with _scratch_file(directory, size, chunk, "klotski-contention-") as name:
+    with contextlib.nullcontext(path) if path else scratch_file(directory, size, chunk, "klotski-contention-") as name:
         op()  # warm-up
         alone = _op_times(op, seconds)
         lanes = [_Reader(name, size, chunk, start=i * chunk) for i in range(readers)]
