@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads((args.checkpoint / "config.json").read_text())
     files = sorted(args.checkpoint.glob("*.safetensors"))
     args.weights_bytes = sum(f.stat().st_size for f in files)
+    profile = rig.ensure_profile(args.checkpoint)  # outside the cap, once: what the planner plans with
     figures = (
         machine.describe()
         | machine.disk_bandwidth(files)
@@ -401,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             "device_memory": args.device_memory,
             "schedule": args.schedule,
             "dtype": args.klotski_dtype,
+            "profile": profile,
             "routing_replay": None,  # llama.cpp cannot replay routing: both route with the weights
             "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
         },
