@@ -46,10 +46,27 @@ def _budgets(config: EngineConfig, device: torch.device) -> Budgets:
     return Budgets(config.device_memory, host_budget(config.host_memory, device))
 
 
-def load_placement(checkpoint, config, device: torch.device, dtype: torch.dtype, schedule: str) -> dict:
-    """Tier per unit for the store, planned for the nominal workload (bs / n flags respected)."""
+def _engine_plan(checkpoint, config, device, dtype, schedule: str, work: Workload, **kw) -> PlanReport:
+    """make_plan for this engine's checkpoint, budgets, profile and policy flags."""
     shape = engine_shape(checkpoint)
     profile, source = _profile(checkpoint, config, shape, dtype, device)
+    return make_plan(
+        shape,
+        profile,
+        _budgets(config, device),
+        work,
+        dtype,
+        profile_from=source,
+        schedule=schedule,
+        batch_size=config.batch_size,
+        num_batches=config.num_batches,
+        num_hot=config.num_hot,
+        **kw,
+    )
+
+
+def load_placement(checkpoint, config, device: torch.device, dtype: torch.dtype, schedule: str) -> dict:
+    """Tier per unit for the store, planned for the nominal workload (bs / n flags respected)."""
     work = (
         NOMINAL
         if config.max_model_len is None
@@ -57,28 +74,12 @@ def load_placement(checkpoint, config, device: torch.device, dtype: torch.dtype,
             min(NOMINAL.prompt_len, config.max_model_len // 2), min(NOMINAL.gen_len, config.max_model_len // 4), 64
         )
     )
-
-    def plan(work: Workload):
-        return make_plan(
-            shape,
-            profile,
-            _budgets(config, device),
-            work,
-            dtype,
-            profile_from=source,
-            schedule=schedule,
-            batch_size=config.batch_size,
-            num_batches=config.num_batches,
-            num_hot=config.num_hot,
-            run_simulation=False,
-        )
-
     try:
-        return plan(work).plan.placement
+        return _engine_plan(checkpoint, config, device, dtype, schedule, work, run_simulation=False).plan.placement
     except KlotskiError:
         # A budget too small for the nominal workload's prefill may still run short prompts: place
         # for those (each run charges its own transients and moves experts to disk if it must).
-        return plan(SMALL).plan.placement
+        return _engine_plan(checkpoint, config, device, dtype, schedule, SMALL, run_simulation=False).plan.placement
 
 
 def run_policy(
@@ -94,24 +95,9 @@ def run_policy(
     table: CorrelationTable | None,
 ) -> tuple[Policy, dict]:
     """bs, n, K for this run within the store's placement, and the stats lines about the plan."""
-    shape = engine_shape(checkpoint)
-    profile, source = _profile(checkpoint, config, shape, dtype, device)
-    placement = placement or {k: DEVICE for k in shape.unit_bytes}
+    placement = placement or {k: DEVICE for k in checkpoint.spec.weight_keys()}
     work = Workload(prompt_len, gen_len, num_requests)
-    report = make_plan(
-        shape,
-        profile,
-        _budgets(config, device),
-        work,
-        dtype,
-        profile_from=source,
-        table=table,
-        schedule=schedule,
-        batch_size=config.batch_size,
-        num_batches=config.num_batches,
-        num_hot=config.num_hot,
-        placement=placement,
-    )
+    report = _engine_plan(checkpoint, config, device, dtype, schedule, work, table=table, placement=placement)
     return report.plan.policy, plan_stats(report)
 
 
