@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -96,16 +97,19 @@ def test_kv_bytes_match_the_runner(tiny_shape, io_costs):
     assert kv_cache_bytes(io_costs, 3, 2, 20) == 2 * per
 
 
-def test_memory_model_bounds_the_stores_peak(tmp_path):
+def test_memory_model_bounds_the_stores_peak(tmp_path, monkeypatch):
     """Run the engine under the planner's placement; the store's own peak (transients charged with
     the KV cache) stays within the model's."""
     from klotski import LLM, SamplingParams
     from klotski.commands.create_model import create_model
     from klotski.planner.engine_glue import engine_shape
+    from klotski.store import factory
+    from klotski.store.tiered import TieredStore
 
     model = create_model(tmp_path / "m", "mixtral", "tiny", layers=3, dtype="bfloat16")
+    # Cached copies (warm-up reads included) fill any room left up to the budget: the model bounds the need.
+    monkeypatch.setattr(factory, "TieredStore", functools.partial(TieredStore, cache=False))
     llm = LLM(str(model), offload_dir=str(tmp_path / "off"), device_memory="600KB", batch_size=2, num_batches=2)
-    llm.store.cache = False  # cached copies fill any room left up to the budget: the model bounds the need
     try:
         llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}] * 4, SamplingParams(max_tokens=5, ignore_eos=True))
         stats, placement = llm.last_stats, llm.store.placement

@@ -209,6 +209,7 @@ def _manual_store(model, tmp_path, room_of):
         TierPool("host", 0),
         Timeline(enabled=False),
         lanes=lanes,
+        warm=False,  # the test drives every read itself
     )
     return store, lanes, ckpt
 
@@ -435,7 +436,7 @@ def test_blobs_read_in_parts_give_the_same_tokens(model, resident_tokens, tmp_pa
     assert parts and 0 < sum(parts) <= stats["bytes_read"]["disk"]  # blobs came in parts (and rows too)
 
 
-def _store_with_room(model, tmp_path, room: int):
+def _store_with_room(model, tmp_path, room: int, warm: bool = False):
     """A TieredStore with every unit on disk, `room` device bytes and the real reader threads."""
     from klotski.checkpoint.reader import Checkpoint
     from klotski.store.offload import OffloadDir
@@ -446,7 +447,8 @@ def _store_with_room(model, tmp_path, room: int):
     ckpt = Checkpoint.open(model)
     offload = OffloadDir.prepare(ckpt, tmp_path / "off")
     placement = {k: "disk" for k in ckpt.spec.weight_keys()}
-    return TieredStore(ckpt, offload, placement, TierPool("device", room), TierPool("host", 0), Timeline(False)), ckpt
+    pools = TierPool("device", room), TierPool("host", 0)
+    return TieredStore(ckpt, offload, placement, *pools, Timeline(False), warm=warm), ckpt
 
 
 def _use(store, key):
@@ -514,3 +516,26 @@ def test_the_unit_cache_changes_bytes_read_not_tokens(model, resident_tokens, tm
     assert runs[True][0] == runs[False][0] == resident_tokens
     assert runs[True][1]["bytes_read"]["disk"] <= runs[False][1]["bytes_read"]["disk"]
     assert runs[True][1]["cache_hits"] > 0 and runs[False][1]["cache_hits"] == 0
+
+
+def test_warm_up_reads_land_as_copies_the_first_step_finds(model, tmp_path):
+    """While resident units load, the first disk units in execution order are read into free room
+    (never the embedding table, read by rows); they land as cached copies and serve the first fetch."""
+    import time
+
+    from klotski.models.spec import ATTN, EMBED, WeightKey
+
+    store, _ = _store_with_room(model, tmp_path, 4 * 2**20, warm=True)
+    try:
+        first = WeightKey(0, ATTN)
+        for _ in range(200):
+            if first in store._cached:
+                break
+            time.sleep(0.01)
+        assert first in store._cached and WeightKey(None, EMBED) not in store._cached
+        read = store.bytes_read["disk"]
+        _use(store, first)
+        assert store.stats()["cache_hits"] == 1 and store.bytes_read["disk"] == read
+        assert store.stats()["peak_bytes"]["device"] <= 4 * 2**20
+    finally:
+        store.close()

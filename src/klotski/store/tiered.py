@@ -34,7 +34,7 @@ import torch
 from klotski.checkpoint.reader import Checkpoint
 from klotski.config import format_bytes
 from klotski.errors import KlotskiError
-from klotski.models.spec import WeightKey
+from klotski.models.spec import EMBED, WeightKey
 from klotski.store.base import Handle, Weights
 from klotski.store.offload import OffloadDir
 from klotski.store.placement import placement_order
@@ -78,6 +78,7 @@ class Entry:
     weights: Weights | None = None
     error: BaseException | None = None
     parts: Parts | None = None
+    warm: bool = False  # read at load time into free room, to become a cached copy when it lands
 
 
 class ReaderPool:
@@ -167,6 +168,7 @@ class TieredStore:
     reserve: int = 0  # device bytes kept free for units in flight (the placement's working set)
     readers: int = 2  # transfer threads shared by the lanes (reads in flight at once)
     cache: bool = True  # keep released units in room no fetch wants (see the module docstring)
+    warm: bool = True  # with the cache: read the first disk units into free room while resident ones load
 
     def __post_init__(self):
         self._cond = threading.Condition()
@@ -182,6 +184,7 @@ class TieredStore:
         self._clock = 0
         self._last: dict[WeightKey, int] = {}
         self._gap: dict[WeightKey, float] = {}
+        self._cursor: WeightKey | None = None  # the unit claimed last
         self.cache_hits = 0
         self.cache_bytes = 0  # bytes not read thanks to cached copies
         self.bytes_read = {DISK: 0}
@@ -211,9 +214,8 @@ class TieredStore:
     # -- resident units ---------------------------------------------------------------------
     def _load_resident(self) -> None:
         """Load device- and host-placed units once, counting them against their tier."""
-        for key, tier in self.placement.items():
-            if tier == DISK:
-                continue
+        placed = [(key, tier) for key, tier in self.placement.items() if tier != DISK]
+        for key, tier in placed:  # every resident byte is counted before any warm-up read takes room
             pool = self.device_pool if tier == DEVICE else self.host_pool
             nbytes = self.checkpoint.unit_nbytes(key)
             if not pool.charge(nbytes, str(key)):
@@ -221,12 +223,32 @@ class TieredStore:
                     f"{key} ({format_bytes(nbytes)}) does not fit the {tier} budget "
                     f"({format_bytes(pool.budget or 0)}); raise --{tier}-memory or place less there"
                 )
+        self._warm_up()
+        for key, tier in placed:
             if self._cuda and tier == HOST:
                 blob = torch.empty(self._offload().blobs[key].padded, dtype=torch.uint8, pin_memory=True)
                 self._offload().read_raw(key, blob)
                 self._host_blobs[key] = blob
             else:
                 self._resident[key] = {k: t.to(self.device) for k, t in self.checkpoint.load_unit(key).items()}
+
+    def _warm_up(self) -> None:
+        """Start reading the first units the model runs from disk into room nothing holds yet, while the
+        resident units load: they land as cached copies, so the first step finds them in memory."""
+        if not (self.cache and self.warm) or self.offload is None:
+            return
+        blobs = self.offload.blobs
+        # The embedding table is never fetched whole (its rows are read per step).
+        on_disk = [k for k, t in self.placement.items() if t == DISK and k in blobs and k.part != EMBED]
+        first = sorted(on_disk, key=self._order.__getitem__)
+        with self._cond:
+            for key in first:
+                buf = self.device_pool.try_alloc(self.offload.blobs[key].padded)
+                if buf is None:
+                    return
+                entry = Entry(key, StoreHandle(key, self), "prefetch", warm=True)
+                self._entries[key] = entry
+                self._start(entry, buf)
 
     def _offload(self) -> OffloadDir:
         """The offload dir; only units placed off the device tiers (which need one) reach its callers."""
@@ -252,6 +274,8 @@ class TieredStore:
                 self.cache_hits += 1
                 self.cache_bytes += self._offload().blobs[key].padded
                 entry.handle.finish(self.timeline.now())
+            elif entry is not None and entry.warm:
+                entry.warm, entry.lane = False, lane  # wanted before its warm-up read landed: a plain fetch
             elif entry is None:
                 entry = Entry(key, StoreHandle(key, self), lane)
                 self._entries[key] = entry
@@ -346,6 +370,18 @@ class TieredStore:
         """A fetch's bytes are in: hand them to the consumer, or free the buffer if it was released."""
         with self._cond:
             self.bytes_read[source] += nbytes
+            if entry.warm:  # nobody asked for it yet: a cached copy (or nothing, if the read failed)
+                entry.warm = False
+                del self._entries[entry.key]
+                if error is None:
+                    entry.weights, entry.state = weights, State.CACHED
+                    self._cached[entry.key] = entry
+                else:
+                    entry.state = State.RELEASED
+                    self.device_pool.give_back(entry.buffer)
+                self._issue_deferred()
+                self._cond.notify_all()
+                return
             arrived = entry.state != State.RELEASED
             if arrived:
                 entry.weights, entry.error, entry.state = weights, error, State.READY
@@ -464,6 +500,7 @@ class TieredStore:
     def _note_use(self, key: WeightKey) -> None:
         """Count a claim: the unit's gap since its last one (averaged) and its last claim."""
         self._clock += 1
+        self._cursor = key
         if key in self._last:
             gap = self._clock - self._last[key]
             self._gap[key] = gap if key not in self._gap else 0.5 * (self._gap[key] + gap)
@@ -475,6 +512,10 @@ class TieredStore:
         group's experts, has no memory); a unit not reused yet: the longest gap seen, a step's worth
         at least. Arrival-order compute makes execution order a poor guide within a layer; gaps are not."""
         default = max(max(self._gap.values(), default=0.0), float(len(self._order)))
+        if key not in self._last:  # a warm-up read never claimed: its place in the first step, then stale
+            if self._clock > len(self._order):
+                return default
+            return float(self._distance(self._cursor, key) if self._cursor is not None else self._order[key])
         gap = self._gap.get(key)
         if gap is None:
             return default
@@ -499,7 +540,9 @@ class TieredStore:
         """Bytes of fetches in flight or landed and not yet claimed (lock held)."""
         offload = self._offload()
         return sum(
-            offload.blobs[e.key].padded for e in self._entries.values() if e.state in (State.INFLIGHT, State.READY)
+            offload.blobs[e.key].padded
+            for e in self._entries.values()
+            if e.state in (State.INFLIGHT, State.READY) and not e.warm
         )
 
     def _evict(self, entry: Entry) -> None:
@@ -523,9 +566,10 @@ class TieredStore:
         if key in self._resident:
             return
         with self._cond:
-            entry = self._entries.pop(key, None)
-            if entry is None:
+            entry = self._entries.get(key)
+            if entry is None or entry.warm:  # a warm-up read nobody asked for lands as a copy
                 return
+            del self._entries[key]
             if entry.state == State.INFLIGHT:
                 self._orphans += 1  # the lane frees it on arrival
             elif entry.state == State.DEFERRED:
