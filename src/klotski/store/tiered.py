@@ -602,9 +602,9 @@ class TieredStore:
                     pass
             if not pool.charge(nbytes, "kv"):
                 raise KlotskiError(
-                    f"the KV cache ({format_bytes(nbytes)}) does not fit the device budget "
-                    f"({format_bytes(pool.budget or 0)}, {format_bytes(pool.used)} in use); lower "
-                    "--batch-size or --num-batches, shorten max_tokens, or raise --device-memory"
+                    f"the KV cache and the prefill's transients ({format_bytes(nbytes)}) do not fit the device "
+                    f"budget ({format_bytes(pool.budget or 0)}, {format_bytes(pool.used)} in use); lower "
+                    "--batch-size or --num-batches, shorten the prompts or max_tokens, or raise --device-memory"
                 )
 
     def _demote_one(self) -> bool:
