@@ -24,7 +24,7 @@ import torch
 
 from klotski.errors import KlotskiError
 from klotski.paths import home
-from klotski.runtime.compute_dtype import cpu_name
+from klotski.runtime.compute_dtype import cpu_flags, cpu_name
 
 BUNDLED = {"env1": "env1-rtx3090.json", "env2": "env2-h800.json"}
 
@@ -152,11 +152,6 @@ def builtin_estimate(device: str = "cpu", dtype: torch.dtype | None = None) -> H
 
 
 # -- the cache ---------------------------------------------------------------------------------
-# The /proc/cpuinfo flags that change what a matmul costs here: a profile measured with AMX or
-# AVX-512 BF16 is wrong on a machine without them (and the cloud hands out both under one name).
-CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
-
-
 def machine_fingerprint(disk_dir: str | Path | None = None) -> dict:
     """What a measured profile is valid for: CPU model and flags, cores and threads, memory, torch,
     GPU, and the filesystem the disk tier reads from (`disk_dir`, else the profiles directory).
@@ -166,7 +161,7 @@ def machine_fingerprint(disk_dir: str | Path | None = None) -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": cpu_name(),
-        "cpu_flags": [f for f in CPU_FLAGS if f in _cpu_flags()],
+        "cpu_flags": cpu_flags(_read_text("/proc/cpuinfo")),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_bytes": _mem_total(),
@@ -179,14 +174,6 @@ def machine_fingerprint(disk_dir: str | Path | None = None) -> dict:
 def machine_id() -> dict:
     """The fingerprint of this machine with the profiles directory as its disk (the profile's record)."""
     return machine_fingerprint()
-
-
-def _cpu_flags() -> set[str]:
-    """The first processor's flags in /proc/cpuinfo (empty where there is none)."""
-    for line in _read_text("/proc/cpuinfo").splitlines():
-        if line.startswith(("flags", "Features")):  # x86, arm
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def _mem_total() -> int | None:

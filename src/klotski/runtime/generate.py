@@ -87,13 +87,13 @@ def run_group(
         longest,
         runner.prefill_expert_dtype,
     )
-    kv_bytes = sum(kv.nbytes for b in batches for kv in b.kv) + transients
-    store.charge_kv(kv_bytes)
+    charged = sum(kv.nbytes for b in batches for kv in b.kv) + transients
+    store.charge_kv(charged)
     try:
         return _generate(pipeline, sampler, batches, max_len, pad_id)
     finally:
         pipeline.drain()
-        store.uncharge_kv(kv_bytes)
+        store.uncharge_kv(charged)
         for b in batches:
             b.kv = []
 

@@ -243,7 +243,7 @@ class TieredStore:
         first = sorted(on_disk, key=self._order.__getitem__)
         with self._cond:
             for key in first:
-                buf = self.device_pool.try_alloc(self.offload.blobs[key].padded)
+                buf = self.device_pool.try_alloc(blobs[key].padded)
                 if buf is None:
                     return
                 entry = Entry(key, StoreHandle(key, self), "prefetch", warm=True)
@@ -292,7 +292,7 @@ class TieredStore:
             if self.cache and entry.lane != "ondemand" and self._read_ahead() + need > max(self.reserve, need):
                 return  # prefetches stay within the in-flight room; the room beyond it holds copies
             while (buf := self.device_pool.try_alloc(need)) is None:
-                if not self._drop_cached(entry.key, urgent=False):
+                if not self._drop_cached(urgent=False):
                     return
             self._deferred.remove(entry)
             self._start(entry, buf)
@@ -479,7 +479,7 @@ class TieredStore:
             self._deferred.remove(wanted)
         need = self._offload().blobs[wanted.key].padded
         while (buf := self.device_pool.try_alloc(need)) is None:
-            if self._drop_cached(wanted.key, urgent=True):
+            if self._drop_cached(urgent=True):
                 continue
             idle = [e for e in self._entries.values() if e.state == State.READY and e is not wanted]
             if not idle:
@@ -506,30 +506,29 @@ class TieredStore:
             self._gap[key] = gap if key not in self._gap else 0.5 * (self._gap[key] + gap)
         self._last[key] = self._clock
 
-    def _next_use(self, key: WeightKey) -> float:
+    def _next_use(self, key: WeightKey, unknown: float) -> float:
         """Claims until a cached unit is expected to be claimed again: its usual gap less the claims
         since its last one; once overdue, its gap again (reuse that is not periodic, like a small
-        group's experts, has no memory); a unit not reused yet: the longest gap seen, a step's worth
-        at least. Arrival-order compute makes execution order a poor guide within a layer; gaps are not."""
-        default = max(max(self._gap.values(), default=0.0), float(len(self._order)))
+        group's experts, has no memory); a unit claimed once: `unknown`. Arrival-order compute makes
+        execution order a poor guide within a layer; gaps are not."""
         if key not in self._last:  # a warm-up read never claimed: its place in the first step, then stale
             if self._clock > len(self._order):
-                return default
+                return unknown
             return float(self._distance(self._cursor, key) if self._cursor is not None else self._order[key])
         gap = self._gap.get(key)
         if gap is None:
-            return default
-        left = self._last.get(key, 0) + gap - self._clock
+            return unknown
+        left = self._last[key] + gap - self._clock
         return left if left > 0 else gap
 
-    def _drop_cached(self, wanted: WeightKey, urgent: bool) -> bool:
-        """Free one cached copy's buffer for `wanted` (lock held): the one expected to be needed last;
-        unless urgent (the pipeline waits for `wanted`), only one expected after `wanted` (which the
-        pipeline claims after the fetches already out)."""
+    def _drop_cached(self, urgent: bool) -> bool:
+        """Free one cached copy's buffer (lock held): the one expected to be needed last; unless
+        urgent (the pipeline waits for the read), only one expected after the fetches already out."""
         if not self._cached:
             return False
-        victim = max(self._cached.values(), key=lambda e: self._next_use(e.key))
-        if not urgent and self._next_use(victim.key) <= len(self._entries):
+        unknown = max(max(self._gap.values(), default=0.0), float(len(self._order)))  # a step's worth at least
+        victim, after = max(((e, self._next_use(e.key, unknown)) for e in self._cached.values()), key=lambda v: v[1])
+        if not urgent and after <= len(self._entries):
             return False
         del self._cached[victim.key]
         self.device_pool.give_back(victim.buffer)
@@ -597,7 +596,7 @@ class TieredStore:
         with self._cond:
             if pool.budget is not None:
                 while pool.held() + nbytes + self.reserve > pool.budget and self._cached:
-                    self._drop_cached(WeightKey(None, "kv"), urgent=True)
+                    self._drop_cached(urgent=True)
                 while pool.held() + nbytes + self.reserve > pool.budget and self._demote_one():
                     pass
             if not pool.charge(nbytes, "kv"):
