@@ -177,6 +177,7 @@ class TieredStore:
         self._resident: dict[WeightKey, Weights] = {}
         self.evictions = 0  # prefetched units dropped unused to make room (each is read again)
         self.demoted: list[WeightKey] = []  # resident units moved to disk to make room for a KV cache
+        self._charged = 0  # device bytes charged by charge_kv (KV caches, a group's transients)
         self._orphans = 0  # fetches released while in flight: their buffers return when they land
         self._cached: dict[WeightKey, Entry] = {}  # released units still holding their buffers
         # Reuse is measured in claims (the pipeline taking a fetched unit): a clock, each unit's last
@@ -373,7 +374,7 @@ class TieredStore:
             if entry.warm:  # nobody asked for it yet: a cached copy (or nothing, if the read failed)
                 entry.warm = False
                 del self._entries[entry.key]
-                if error is None:
+                if error is None and self.cache:  # (the cache may have been switched off since)
                     entry.weights, entry.state = weights, State.CACHED
                     self._cached[entry.key] = entry
                 else:
@@ -535,6 +536,15 @@ class TieredStore:
         victim.state, victim.buffer, victim.weights = State.RELEASED, None, None
         return True
 
+    def set_cache(self, on: bool) -> None:
+        """Switch the cached copies on or off (ablations); off drops the copies held now, warm-up ones too."""
+        with self._cond:
+            self.cache = on
+            while self._cached:
+                self._drop_cached(urgent=True)
+            self._issue_deferred()
+            self._cond.notify_all()
+
     def _read_ahead(self) -> int:
         """Bytes of fetches in flight or landed and not yet claimed (lock held)."""
         offload = self._offload()
@@ -591,20 +601,34 @@ class TieredStore:
         The KV cache comes before resident weights: when it does not fit beside them and the
         reserve, resident units are moved to disk (last in placement order first; they are fetched
         per use from then on), so a placement made before the workload was known never blocks a run.
+        Which units move depends only on the budget, the resident bytes, the charges and the reserve,
+        never on what happens to be in flight or cached at that moment (reads land on their own
+        schedule): those give way first — cached copies are dropped, warm-up reads waited for.
         """
         pool = self.device_pool
         with self._cond:
             if pool.budget is not None:
-                while pool.held() + nbytes + self.reserve > pool.budget and self._cached:
-                    self._drop_cached(urgent=True)
-                while pool.held() + nbytes + self.reserve > pool.budget and self._demote_one():
+                while self._fixed_bytes() + nbytes + self.reserve > pool.budget and self._demote_one():
                     pass
+                while pool.held() + nbytes > pool.budget:
+                    if self._cached:
+                        self._drop_cached(urgent=True)
+                    elif any(e.state == State.INFLIGHT for e in self._entries.values()):
+                        self._cond.wait()  # a read beyond the reserve (a warm-up): it lands as a copy
+                    elif not self._demote_one():
+                        break
             if not pool.charge(nbytes, "kv"):
                 raise KlotskiError(
                     f"the KV cache and the prefill's transients ({format_bytes(nbytes)}) do not fit the device "
                     f"budget ({format_bytes(pool.budget or 0)}, {format_bytes(pool.used)} in use); lower "
                     "--batch-size or --num-batches, shorten the prompts or max_tokens, or raise --device-memory"
                 )
+            self._charged += nbytes
+
+    def _fixed_bytes(self) -> int:
+        """Device bytes held by resident units and charges (lock held): what no read gives back."""
+        on_device = sum(self.checkpoint.unit_nbytes(k) for k in self._resident if self.placement.get(k) == DEVICE)
+        return on_device + self._charged
 
     def _demote_one(self) -> bool:
         """Move the resident device unit placed last (one with an offload blob) to disk; False if none."""
@@ -621,6 +645,8 @@ class TieredStore:
         return True
 
     def uncharge_kv(self, nbytes: int) -> None:
+        with self._cond:
+            self._charged -= nbytes
         self.device_pool.uncharge(nbytes)
 
     def stats(self) -> dict:
