@@ -460,3 +460,25 @@ def test_an_unusable_offload_dir_is_one_line(capsys, models, tmp_path):
 
 def test_errors_are_klotski_errors():
     assert issubclass(OffloadError, KlotskiError)
+
+
+def test_a_part_that_finds_its_blob_set_aside_reports_the_damage(models, tmp_path):
+    """A blob read in parts on two threads: the part that finds the damage sets the blob aside, and a
+    part that opens it after that reports the same damage, not a vanished file (which thread's error
+    reaches the run first is up to the schedule)."""
+    import mmap
+
+    off = OffloadDir.prepare(Checkpoint.open(models[0]), tmp_path / "off")
+    blob = off.blobs[EXPERT]
+    path = off.path / blob.file
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0xFF
+    path.write_bytes(data)
+    buf = mmap.mmap(-1, blob.padded)
+    half = blob.padded // 2 // blob.chunk * blob.chunk
+    with pytest.raises(OffloadError, match="fails its checksum") as first:
+        off.read_part(EXPERT, buf, 0, half)
+    assert not path.exists()  # set aside
+    with pytest.raises(OffloadError) as second:
+        off.read_part(EXPERT, buf, half, blob.padded)
+    assert str(second.value) == str(first.value)

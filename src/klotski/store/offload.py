@@ -240,6 +240,7 @@ class OffloadDir:
         self.lock = lock
         self._verified: set[WeightKey] = set()  # blobs read by rows whose whole checksum was streamed once
         self._lock = threading.Lock()
+        self._damage: dict[str, str] = {}  # blob file -> why this process set it aside
         self._direct = hasattr(os, "O_DIRECT")
 
     def close(self) -> None:
@@ -499,10 +500,7 @@ class OffloadDir:
         """A blob's bytes are all in buf (`got` of them read; each part checked as it landed)."""
         blob = self.blobs[key]
         if got < blob.nbytes:
-            raise OffloadError(
-                f"offload blob {self.path / blob.file} is truncated ({got} of {blob.nbytes} bytes); "
-                "it was set aside and the next run repacks it" + self._set_aside(blob)
-            )
+            raise self._damaged(blob, f"is truncated ({got} of {blob.nbytes} bytes); the run stopped")
         if self.after_read is not None:
             self.after_read(key)
 
@@ -522,10 +520,30 @@ class OffloadDir:
         return i * c
 
     def _corrupt(self, blob: Blob, at: int):
-        file = self.path / blob.file
-        raise OffloadError(
-            f"offload blob {file} fails its checksum at byte {at} (it changed on disk or is corrupt); "
-            "the run stopped" + self._set_aside(blob)
+        raise self._damaged(
+            blob, f"fails its checksum at byte {at} (it changed on disk or is corrupt); the run stopped"
+        )
+
+    def _damaged(self, blob: Blob, what: str) -> OffloadError:
+        """The error for a damaged blob, which is set aside. Remembered before the blob moves: another
+        read of it (a blob read in parts, on another thread) that then finds it gone reports this
+        damage, not a vanished file, whichever thread gets there first."""
+        head = f"offload blob {self.path / blob.file} {what}"
+        with self._lock:
+            self._damage[blob.file] = head
+        message = head + self._set_aside(blob)
+        with self._lock:
+            self._damage[blob.file] = message
+        return OffloadError(message)
+
+    def _vanished(self, file: Path, blob: Blob) -> OffloadError:
+        """A blob's file is gone: set aside as damaged by this process (that error), or removed."""
+        with self._lock:
+            why = self._damage.get(blob.file)
+        return OffloadError(
+            why
+            or f"offload blob {file} has vanished (the offload dir was removed during the run); "
+            "the run stopped and the next run repacks it"
         )
 
     def _set_aside(self, blob: Blob) -> str:
@@ -564,10 +582,7 @@ class OffloadDir:
         try:
             fd = os.open(file, os.O_RDONLY)
         except FileNotFoundError:
-            raise OffloadError(
-                f"offload blob {file} has vanished (the offload dir was removed during the run); "
-                "the next run repacks it"
-            ) from None
+            raise self._vanished(file, blob) from None
         try:
             self._verify_whole(blob, fd, file)
             if hasattr(os, "posix_fadvise") and len(rows) * ROW_READ_COST < tensor.nbytes:
@@ -601,10 +616,7 @@ class OffloadDir:
             lo, hi = run[0] * c, min((run[-1] + 1) * c, blob.nbytes)
             data = os.pread(fd, hi - lo, lo)
             if len(data) < hi - lo:
-                raise OffloadError(
-                    f"offload blob {self.path / blob.file} is truncated; the next run repacks it"
-                    + self._set_aside(blob)
-                )
+                raise self._damaged(blob, "is truncated")
             self._check_chunks(blob, memoryview(data), lo, lo, hi)
             for i in run:
                 chunks[i] = data[i * c - lo : min((i + 1) * c, blob.nbytes) - lo]
@@ -643,9 +655,7 @@ class OffloadDir:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # leave the page cache as it was
         if done < blob.nbytes:
-            raise OffloadError(
-                f"offload blob {file} is truncated ({done} of {blob.nbytes} bytes)" + self._set_aside(blob)
-            )
+            raise self._damaged(blob, f"is truncated ({done} of {blob.nbytes} bytes)")
         with self._lock:
             self._verified.add(blob.key)
 
@@ -662,10 +672,7 @@ class OffloadDir:
         try:
             fd = os.open(file, os.O_RDONLY | (os.O_DIRECT if self._direct else 0))
         except FileNotFoundError:
-            raise OffloadError(
-                f"offload blob {file} has vanished (the offload dir was removed during the run); "
-                "the run stopped and the next run repacks it"
-            ) from None
+            raise self._vanished(file, blob) from None
         except OSError:
             self._direct = False  # the filesystem refuses O_DIRECT (tmpfs, some overlays)
             return self._read(blob, buf, length, start)
