@@ -134,7 +134,7 @@ def builtin_estimate(device: str = "cpu", dtype: torch.dtype | None = None) -> H
             memory_gbps=5.0,
             op_overhead_s=100e-6,
             io_latency_s=200e-6,
-            machine=machine_id(),
+            machine=machine_fingerprint(),
             notes=uncalibrated,
         )
     return HardwareProfile(
@@ -146,7 +146,7 @@ def builtin_estimate(device: str = "cpu", dtype: torch.dtype | None = None) -> H
         peak_tflops=100.0,
         efficiency=0.5,
         memory_gbps=1000.0,
-        machine=machine_id(),
+        machine=machine_fingerprint(),
         notes="uncalibrated: a generic PCIe 4.0 GPU, not this machine; --hardware auto measures",
     )
 
@@ -169,11 +169,6 @@ def machine_fingerprint(disk_dir: str | Path | None = None) -> dict:
         "gpu": gpu,
         "disk": disk_identity(disk_dir or profiles_dir()),
     }
-
-
-def machine_id() -> dict:
-    """The fingerprint of this machine with the profiles directory as its disk (the profile's record)."""
-    return machine_fingerprint()
 
 
 def _mem_total() -> int | None:

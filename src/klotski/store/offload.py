@@ -536,13 +536,13 @@ class OffloadDir:
             self._damage[blob.file] = message
         return OffloadError(message)
 
-    def _vanished(self, file: Path, blob: Blob) -> OffloadError:
+    def _vanished(self, blob: Blob) -> OffloadError:
         """A blob's file is gone: set aside as damaged by this process (that error), or removed."""
         with self._lock:
             why = self._damage.get(blob.file)
         return OffloadError(
             why
-            or f"offload blob {file} has vanished (the offload dir was removed during the run); "
+            or f"offload blob {self.path / blob.file} has vanished (the offload dir was removed during the run); "
             "the run stopped and the next run repacks it"
         )
 
@@ -582,7 +582,7 @@ class OffloadDir:
         try:
             fd = os.open(file, os.O_RDONLY)
         except FileNotFoundError:
-            raise self._vanished(file, blob) from None
+            raise self._vanished(blob) from None
         try:
             self._verify_whole(blob, fd, file)
             if hasattr(os, "posix_fadvise") and len(rows) * ROW_READ_COST < tensor.nbytes:
@@ -672,7 +672,7 @@ class OffloadDir:
         try:
             fd = os.open(file, os.O_RDONLY | (os.O_DIRECT if self._direct else 0))
         except FileNotFoundError:
-            raise self._vanished(file, blob) from None
+            raise self._vanished(blob) from None
         except OSError:
             self._direct = False  # the filesystem refuses O_DIRECT (tmpfs, some overlays)
             return self._read(blob, buf, length, start)
