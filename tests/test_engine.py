@@ -42,6 +42,26 @@ def test_outputs_come_back_in_prompt_order(llm, tiny_mixtral):
         assert tokens(batched) == tokens(alone)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_prompts_logprobs_are_the_same_alone_and_in_any_batch(tiny_mixtral, dtype):
+    # Not only the tokens: the numbers themselves. Batch shapes change every matmul's row count and
+    # every attention call's padded size (layers/linear.py, layers/attention.py say why that matters).
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=5, ignore_eos=True)
+
+    def run(**policy):
+        outs = LLM(model=str(tiny_mixtral), dtype=dtype, **policy).generate(PROMPTS, params)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+    engine = LLM(model=str(tiny_mixtral), dtype=dtype, batch_size=1, num_batches=1)
+    alone = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for p in PROMPTS for o in engine.generate(p, params)]
+    for policy in (
+        {"batch_size": 4, "num_batches": 1},
+        {"batch_size": 2, "num_batches": 2},
+        {"batch_size": 1, "num_batches": 4},
+    ):
+        assert run(**policy) == alone, policy
+
+
 # -- sampling ------------------------------------------------------------------------------------
 def test_seeded_sampling_is_independent_of_batch(llm, tiny_mixtral):
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)

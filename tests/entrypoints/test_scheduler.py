@@ -78,9 +78,7 @@ def test_joining_and_leaving_sequences_match_their_alone_runs(tiny_mixtral, refe
         assert streamed[-1].finished and not any(u.finished for u in streamed[:-1])
         if p.logprobs is not None:
             got = [e for u in streamed for e in u.logprobs]
-            assert [sorted(e) for e in got] == [sorted(e) for e in alone.logprobs]
-            for e, r in zip(got, alone.logprobs):
-                assert all(abs(e[t] - r[t]) < 1e-5 for t in r)
+            assert got == alone.logprobs  # bit for bit, whatever shared the batch
 
 
 def test_echo_scores_every_prompt_position(tiny_mixtral, reference):

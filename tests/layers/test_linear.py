@@ -36,3 +36,26 @@ def test_same_dtype_and_small_weights_take_the_plain_path():
     x, w = torch.randn(2, 8), torch.randn(4, 8)
     assert torch.equal(lin.linear(x, w), F.linear(x, w))
     assert torch.equal(lin.linear(x, w.bfloat16()), F.linear(x, w.bfloat16().float()))
+
+
+# fp32 rounds differently at 1-3, 5-7 and 9-11 rows on this project's CPUs even at small shapes;
+# bf16 in a few outputs of 1 row, from about 1024 x 4096.
+@pytest.mark.parametrize(
+    "dtype, weight_dtype, shape",
+    [
+        (torch.float32, torch.float32, (600, 256)),
+        (torch.float32, torch.bfloat16, (600, 256)),  # the tiled upcast path
+        (torch.bfloat16, torch.bfloat16, (1024, 4096)),
+    ],
+)
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, weight_dtype, shape):
+    # A token's output must be the same alone, in a batch, or in a group of any size.
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=g).to(weight_dtype)
+    x = torch.randn(80, shape[1], generator=g).to(dtype)
+    every = lin.linear(x, w)
+    for rows in range(1, 41):
+        assert torch.equal(lin.linear(x[:rows], w), every[:rows]), f"{rows} rows"
+    for row in range(x.shape[0]):  # bf16 differs in few outputs: every row alone
+        assert torch.equal(lin.linear(x[row : row + 1], w), every[row : row + 1]), f"row {row} alone"
+    assert torch.equal(lin.linear(x[:3].view(1, 3, -1), w)[0], every[:3])  # leading dims too

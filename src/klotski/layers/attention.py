@@ -68,19 +68,55 @@ def write_kv(
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepInfo, spec: AttentionSpec) -> torch.Tensor:
-    """Masked attention of q [B, H, S, dk] over the cache; returns [B, S, H * dv]."""
-    length = step.max_total
-    k, v = k[:, :, :length].to(q.dtype), v[:, :, :length].to(q.dtype)
-    out = F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=step.mask(spec.sliding_window),
-        scale=spec.softmax_scale,
-        enable_gqa=spec.num_heads != spec.num_kv_heads,
-    )
-    b, h, s, dv = out.shape
-    return out.transpose(1, 2).reshape(b, s, h * dv)
+    """Masked attention of q [B, H, S, dk] over the cache; returns [B, S, H * dv].
+
+    A sequence's result must not depend on the other sequences of its batch. Padding to the
+    batch's longest row is masked out, yet a kernel's blocking follows the padded sizes and so does
+    its rounding; so each sequence attends over exactly its own keys with exactly its own queries,
+    and sequences alike in both share one call (docs/offloading.md, "Results independent of the
+    batch"). A padded query row gets zeros.
+    """
+    b, h, s, _ = q.shape
+    mask = step.mask(spec.sliding_window)  # [B, 1, S, max_total]
+    queries = (step.positions < step.total[:, None]).sum(dim=1)  # real queries lead each row
+    scale = spec.softmax_scale if spec.softmax_scale is not None else q.shape[-1] ** -0.5
+    out = q.new_zeros(b, s, h * v.shape[-1])
+    shapes = torch.stack([queries, step.total], dim=1).tolist()
+    for n, length in sorted({(x[0], x[1]) for x in shapes}):
+        if n == 0:  # nothing real in these rows this step
+            continue
+        rows = [i for i, x in enumerate(shapes) if x == [n, length]]
+        every = rows == list(range(b))
+        pick = slice(None) if every else torch.tensor(rows, device=q.device)
+        args = (q[pick, :, :n], k[pick, :, :length].to(q.dtype), v[pick, :, :length].to(q.dtype))
+        if n == 1:  # a decode step
+            part = decode_attention(*args, mask[pick, :, :1, :length], scale)
+        else:
+            part = F.scaled_dot_product_attention(
+                *args,
+                attn_mask=mask[pick, :, :n, :length],
+                scale=scale,
+                enable_gqa=spec.num_heads != spec.num_kv_heads,
+            )
+        out[slice(None) if every else rows, :n] = part.transpose(1, 2).reshape(len(rows), n, -1)
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of one query per row (q [B, H, 1, dk]; mask [B, 1, 1, L]) -> [B, H, 1, dv].
+
+    Written out because torch's CPU kernel rounds a decode row differently with the number of rows
+    in the call; batched matmuls over (row, kv head), the heads of a group as a matrix's rows, do
+    not. Softmax in fp32, as transformers' eager attention does.
+    """
+    b, h, _, dk = q.shape
+    hkv = k.shape[1]
+    scores = torch.matmul(q.reshape(b, hkv, h // hkv, dk), k.transpose(-1, -2)) * scale  # [B, Hkv, g, L]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(weights, v).reshape(b, h, 1, v.shape[-1])
 
 
 def gqa_attention(

@@ -15,6 +15,13 @@ from klotski.models.spec import ACTIVATIONS as ACTIVATION_NAMES
 TILE_ROWS = 512
 _tiles = threading.local()
 
+# A token's result must not depend on how many rows share its matmul (its batch, its group, the
+# other requests in flight), yet CPU GEMM kernels round differently for a few rows: measured with
+# torch 2.13 on an AMD EPYC (docs/offloading.md, "Results independent of the batch"), a row's fp32
+# result changes at 1-3, 5-7 and 9-11 rows against 4, 8 and 12 or more, bf16's at 1 row. So calls
+# of fewer than PAD_BELOW rows are padded with zero rows to a multiple of ROW_MULTIPLE.
+ROW_MULTIPLE, PAD_BELOW = 4, 12
+
 
 def tile_bytes(in_features: int, dtype: torch.dtype) -> int:
     """The reused upcast buffer's size for weights with `in_features` columns."""
@@ -30,6 +37,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows < PAD_BELOW and rows % ROW_MULTIPLE:
+        flat = x.reshape(rows, x.shape[-1])
+        padded = torch.cat([flat, flat.new_zeros(-rows % ROW_MULTIPLE, flat.shape[1])])
+        return _linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], -1)
+    return _linear(x, weight, bias)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     if weight.shape[0] <= TILE_ROWS or weight.device.type != "cpu":
