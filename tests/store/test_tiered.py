@@ -395,6 +395,50 @@ def test_which_units_leave_the_device_does_not_depend_on_read_timing(model, resi
     assert fast[0] > 0  # the budget did move units: the case under test
 
 
+def test_a_kv_charge_evicts_landed_prefetches_before_it_moves_a_resident_unit(model, tmp_path):
+    """Prefetches that landed and nobody claimed yet hold room beyond the reserve (the cache off
+    lets them): a KV charge that fits beside the resident units and the reserve evicts them, to be
+    read again when wanted, and moves no resident unit to disk (whether a read had landed when the
+    charge came would otherwise decide the placement for the rest of the run)."""
+    import time
+
+    from klotski.checkpoint.reader import Checkpoint
+    from klotski.models.spec import EXPERT, WeightKey
+    from klotski.store.offload import OffloadDir
+    from klotski.store.pool import TierPool
+    from klotski.store.tiered import TieredStore
+    from klotski.timeline import Timeline
+
+    ckpt = Checkpoint.open(model)
+    offload = OffloadDir.prepare(ckpt, tmp_path / "off")
+    kept = WeightKey(1, EXPERT, 0)
+    placement = {k: "disk" for k in ckpt.spec.weight_keys()} | {kept: "device"}
+    experts = [WeightKey(0, EXPERT, i) for i in range(3)]
+    blob = offload.blobs[experts[0]].padded
+    budget = ckpt.unit_nbytes(kept) + 3 * blob
+    pools = TierPool("device", budget), TierPool("host", 0)
+    store = TieredStore(ckpt, offload, placement, *pools, Timeline(False), warm=False)
+    store.set_cache(False)
+    try:
+        handles = [store.fetch(k) for k in experts]
+        for _ in range(500):
+            if all(h.done() for h in handles):
+                break
+            time.sleep(0.01)
+        assert all(h.done() for h in handles)
+        store.charge_kv(blob)
+        assert store.resident(kept) and store.stats()["demoted_to_disk"] == 0
+        assert store.evictions == 1 and not handles[2].done()  # the one the model runs last went
+        for key, handle in zip(experts, handles):
+            got = handle.wait()
+            want = ckpt.load_unit(key)
+            assert all(torch.equal(got[k], want[k]) for k in want)
+            store.release(key)
+        assert store.stats()["peak_bytes"]["device"] <= budget
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("how", ["row by row", "one scan"])
 def test_embedding_rows_are_read_where_the_table_sits(model, resident_tokens, tmp_path, monkeypatch, how):
     """A tight budget leaves the embedding table on disk (placed after the experts): each step reads

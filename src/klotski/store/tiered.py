@@ -602,8 +602,9 @@ class TieredStore:
         reserve, resident units are moved to disk (last in placement order first; they are fetched
         per use from then on), so a placement made before the workload was known never blocks a run.
         Which units move depends only on the budget, the resident bytes, the charges and the reserve,
-        never on what happens to be in flight or cached at that moment (reads land on their own
-        schedule): those give way first — cached copies are dropped, warm-up reads waited for.
+        never on what happens to be in flight, landed or cached at that moment (reads land on their
+        own schedule): those give way first — cached copies are dropped, landed fetches nobody has
+        claimed yet are evicted (read again when wanted), reads in flight waited for.
         """
         pool = self.device_pool
         with self._cond:
@@ -611,10 +612,13 @@ class TieredStore:
                 while self._fixed_bytes() + nbytes + self.reserve > pool.budget and self._demote_one():
                     pass
                 while pool.held() + nbytes > pool.budget:
+                    idle = [e for e in self._entries.values() if e.state == State.READY]
                     if self._cached:
                         self._drop_cached(urgent=True)
+                    elif idle:  # landed, not yet claimed: read again when wanted, the placement stays
+                        self._evict(max(idle, key=self._from_cursor))
                     elif any(e.state == State.INFLIGHT for e in self._entries.values()):
-                        self._cond.wait()  # a read beyond the reserve (a warm-up): it lands as a copy
+                        self._cond.wait()  # a read beyond the reserve (a warm-up, or with the cache off)
                     elif not self._demote_one():
                         break
             if not pool.charge(nbytes, "kv"):
@@ -624,6 +628,10 @@ class TieredStore:
                     "--batch-size or --num-batches, shorten the prompts or max_tokens, or raise --device-memory"
                 )
             self._charged += nbytes
+
+    def _from_cursor(self, entry: Entry) -> int:
+        """How far after the unit claimed last the model runs `entry`'s: the one needed last goes first."""
+        return self._distance(self._cursor, entry.key) if self._cursor is not None else self._order[entry.key]
 
     def _fixed_bytes(self) -> int:
         """Device bytes held by resident units and charges (lock held): what no read gives back."""
