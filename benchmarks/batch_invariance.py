@@ -6,7 +6,7 @@ way around it costs (docs/offloading.md, "Results independent of the batch").
 Prints, per dtype and weight shape, the row counts at which F.linear's rows differ from the same
 rows computed among 1100, with and without layers/linear.py's padding; then at which batch sizes a
 decode row of F.scaled_dot_product_attention differs from the same row among 64, against
-layers/attention.py's written-out decode attention; then the time of each at 1 row / 64 rows.
+layers/attention.py's written-out decode attention, and the time of each.
 """
 
 from __future__ import annotations
@@ -42,6 +42,20 @@ def _ms(fn, reps: int = 5) -> float:
     return best * 1e3
 
 
+def _decode_inputs(rows, heads, kv_heads, dim, length, dtype, g):
+    q = torch.randn(rows, heads, 1, dim, generator=g).to(dtype)
+    k, v = (torch.randn(rows, kv_heads, length, dim, generator=g).to(dtype) for _ in range(2))
+    return q, k, v, torch.ones(rows, 1, 1, length, dtype=torch.bool)
+
+
+def _sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _written_out(q, k, v, mask):
+    return decode_attention(q, k, v, mask, q.shape[-1] ** -0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -63,23 +77,24 @@ def main(argv: list[str] | None = None) -> int:
             )
     print("## decode attention: batch sizes whose rows differ from the same rows among 64")
     for dtype in (torch.bfloat16, torch.float32):
-        for heads, kv_heads, dim, length in [(32, 8, 128, 100), (32, 8, 128, 640), (16, 16, 64, 100)]:
-            q = torch.randn(64, heads, 1, dim, generator=g).to(dtype)
-            k, v = (torch.randn(64, kv_heads, length, dim, generator=g).to(dtype) for _ in range(2))
-            mask = torch.ones(64, 1, 1, length, dtype=torch.bool)
-
-            def sdpa(b, q=q, k=k, v=v, mask=mask, gqa=heads != kv_heads):
-                return F.scaled_dot_product_attention(q[:b], k[:b], v[:b], attn_mask=mask[:b], enable_gqa=gqa)
-
-            def ours(b, q=q, k=k, v=v, mask=mask, scale=dim**-0.5):
-                return decode_attention(q[:b], k[:b], v[:b], mask[:b], scale)
-
+        for heads, kv_heads, dim, length in [(32, 8, 128, 100), (16, 16, 64, 100)]:
+            q, k, v, mask = _decode_inputs(64, heads, kv_heads, dim, length, dtype, g)
             found = {}
-            for name, fn in (("sdpa", sdpa), ("written out", ours)):
-                every = fn(64)
-                found[name] = [b for b in (1, 2, 3, 4, 5, 8, 16) if not torch.equal(fn(b), every[:b])] or "none"
-                found[name + " ms at 64"] = round(_ms(lambda fn=fn: fn(64)), 2)
+            for name, fn in (("sdpa", _sdpa), ("written out", _written_out)):
+                every = fn(q, k, v, mask)
+                found[name] = [
+                    b for b in (1, 2, 3, 4, 5, 8, 16) if not torch.equal(fn(q[:b], k[:b], v[:b], mask[:b]), every[:b])
+                ] or "none"
             print(f"{str(dtype)[6:]:8s} H {heads} Hkv {kv_heads} d {dim} L {length}: {found}")
+    print("## decode attention, Mixtral's heads (32 over 8 kv heads, d 128): ms per call, SDPA / written out")
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows in (1, 8, 64):
+            cells = []
+            for length in (128, 512, 2048):
+                args = _decode_inputs(rows, 32, 8, 128, length, dtype, g)
+                a, b = _ms(lambda args=args: _sdpa(*args)), _ms(lambda args=args: _written_out(*args))
+                cells.append(f"L {length}: {a:.2f} / {b:.2f} ({a / b:.1f}x)")
+            print(f"{str(dtype)[6:]:8s} {rows:2d} rows: " + ", ".join(cells))
     return 0
 
 

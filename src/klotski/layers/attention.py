@@ -73,7 +73,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepInfo, spec
     A sequence's result must not depend on the other sequences of its batch. Padding to the
     batch's longest row is masked out, yet a kernel's blocking follows the padded sizes and so does
     its rounding; so each sequence attends over exactly its own keys with exactly its own queries,
-    and sequences alike in both share one call (docs/offloading.md, "Results independent of the
+    and neighbouring sequences alike in both share one call (docs/offloading.md, "Results independent of the
     batch"). A padded query row gets zeros.
     """
     b, h, s, _ = q.shape
@@ -82,23 +82,27 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepInfo, spec
     scale = spec.softmax_scale if spec.softmax_scale is not None else q.shape[-1] ** -0.5
     out = q.new_zeros(b, s, h * v.shape[-1])
     shapes = torch.stack([queries, step.total], dim=1).tolist()
-    for n, length in sorted({(x[0], x[1]) for x in shapes}):
+    # Runs of neighbouring rows alike: views of the cache, never a gathered copy of it.
+    lo = 0
+    while lo < b:
+        hi = lo + 1
+        while hi < b and shapes[hi] == shapes[lo]:
+            hi += 1
+        (n, length), rows = shapes[lo], slice(lo, hi)
+        lo = hi
         if n == 0:  # nothing real in these rows this step
             continue
-        rows = [i for i, x in enumerate(shapes) if x == [n, length]]
-        every = rows == list(range(b))
-        pick = slice(None) if every else torch.tensor(rows, device=q.device)
-        args = (q[pick, :, :n], k[pick, :, :length].to(q.dtype), v[pick, :, :length].to(q.dtype))
+        args = (q[rows, :, :n], k[rows, :, :length].to(q.dtype), v[rows, :, :length].to(q.dtype))
         if n == 1:  # a decode step
-            part = decode_attention(*args, mask[pick, :, :1, :length], scale)
+            part = decode_attention(*args, mask[rows, :, :1, :length], scale)
         else:
             part = F.scaled_dot_product_attention(
                 *args,
-                attn_mask=mask[pick, :, :n, :length],
+                attn_mask=mask[rows, :, :n, :length],
                 scale=scale,
                 enable_gqa=spec.num_heads != spec.num_kv_heads,
             )
-        out[slice(None) if every else rows, :n] = part.transpose(1, 2).reshape(len(rows), n, -1)
+        out[rows, :n] = part.transpose(1, 2).reshape(part.shape[0], n, -1)
     return out
 
 

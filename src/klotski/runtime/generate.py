@@ -71,21 +71,21 @@ def run_group(
 ) -> tuple[int, float]:
     """Generate until every sequence of the group stops; returns (forward steps, prefill seconds)."""
     runner, store = pipeline.runner, pipeline.store
+    context = 0  # the longest KV capacity: the keys a decode step attends to at most
     for b in batches:
         cap = min(max_len, max(len(s.prompt_ids) + s.params.max_tokens for s in b.seqs))
         b.kv = [runner.new_kv(len(b.seqs), cap) for _ in range(runner.spec.num_layers)]
+        context = max(context, cap)
     # The prefill's transients are counted with the KV cache: a budget that left them out would not
     # be a hard one (under a memory cap the run would be killed rather than told).
+    # A decode step's figure too (its attention scores grow with the context), as the planner counts.
     longest = max(len(s.prompt_ids) for b in batches for s in b.seqs)
     rows = max(len(b.seqs) for b in batches)
-    transients = step_transient_bytes(
-        runner.spec,
-        runner.dtype,
-        sum(len(b.seqs) for b in batches) * longest,
-        rows,
-        longest,
-        longest,
-        runner.prefill_expert_dtype,
+    sequences = sum(len(b.seqs) for b in batches)
+    spec, dtype, upcast = runner.spec, runner.dtype, runner.prefill_expert_dtype
+    transients = max(
+        step_transient_bytes(spec, dtype, sequences * longest, rows, longest, longest, upcast),
+        step_transient_bytes(spec, dtype, sequences, rows, 1, context),
     )
     charged = sum(kv.nbytes for b in batches for kv in b.kv) + transients
     store.charge_kv(charged)

@@ -47,8 +47,11 @@ def step_transient_bytes(
     a = spec.attention
     heads = max(a.num_heads, 1)
     tokens = batch_rows * batch_len
-    # q, k, v and the output of the batch's new tokens, and its mask; the CPU's fused attention works
-    # through the scores in blocks, so they are not held whole
+    # q, k, v and the output of the batch's new tokens, and its mask; a prefill's fused attention works
+    # through the scores in blocks, so they are not held whole, but a decode step's written-out
+    # attention (layers/attention.py) holds them: in the compute dtype, in fp32, and cast back
     attention = tokens * heads * (2 * a.qk_head_dim + 2 * a.v_head_dim) * item + tokens * context
+    if batch_len == 1:
+        attention += tokens * heads * context * (2 * item + 4)
     logits = batch_rows * spec.vocab_size * 4
     return hidden + expert + attention + logits
