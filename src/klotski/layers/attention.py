@@ -7,7 +7,7 @@ positions. Masks make padding invisible, so a sequence's result never depends on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,22 @@ class StepInfo:
     total: torch.Tensor
     max_total: int
     mask_cache: dict
+    _runs: list[tuple[slice, int, int]] | None = field(default=None)
+
+    def runs(self) -> list[tuple[slice, int, int]]:
+        """(rows, real queries, keys) for each run of neighbouring rows alike in both; the same in
+        every layer, so computed once (a device sync on CUDA)."""
+        if self._runs is None:
+            queries = (self.positions < self.total[:, None]).sum(dim=1)  # real queries lead each row
+            shapes = torch.stack([queries, self.total], dim=1).tolist()
+            self._runs, lo = [], 0
+            while lo < len(shapes):
+                hi = lo + 1
+                while hi < len(shapes) and shapes[hi] == shapes[lo]:
+                    hi += 1
+                self._runs.append((slice(lo, hi), *shapes[lo]))
+                lo = hi
+        return self._runs
 
     def mask(self, window: int | None) -> torch.Tensor:
         """Boolean attention mask [B, 1, S, L]: causal, within each row's length, within the window."""
@@ -73,23 +89,14 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepInfo, spec
     A sequence's result must not depend on the other sequences of its batch. Padding to the
     batch's longest row is masked out, yet a kernel's blocking follows the padded sizes and so does
     its rounding; so each sequence attends over exactly its own keys with exactly its own queries,
-    and neighbouring sequences alike in both share one call (docs/offloading.md, "Results independent of the
-    batch"). A padded query row gets zeros.
+    and neighbouring sequences alike in both share one call (docs/offloading.md, "Results
+    independent of the batch"). A padded query row gets zeros.
     """
     b, h, s, _ = q.shape
     mask = step.mask(spec.sliding_window)  # [B, 1, S, max_total]
-    queries = (step.positions < step.total[:, None]).sum(dim=1)  # real queries lead each row
     scale = spec.softmax_scale if spec.softmax_scale is not None else q.shape[-1] ** -0.5
     out = q.new_zeros(b, s, h * v.shape[-1])
-    shapes = torch.stack([queries, step.total], dim=1).tolist()
-    # Runs of neighbouring rows alike: views of the cache, never a gathered copy of it.
-    lo = 0
-    while lo < b:
-        hi = lo + 1
-        while hi < b and shapes[hi] == shapes[lo]:
-            hi += 1
-        (n, length), rows = shapes[lo], slice(lo, hi)
-        lo = hi
+    for rows, n, length in step.runs():  # views of the cache, never a gathered copy of it
         if n == 0:  # nothing real in these rows this step
             continue
         args = (q[rows, :, :n], k[rows, :, :length].to(q.dtype), v[rows, :, :length].to(q.dtype))
