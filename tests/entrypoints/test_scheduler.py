@@ -81,6 +81,33 @@ def test_joining_and_leaving_sequences_match_their_alone_runs(tiny_mixtral, refe
             assert got == alone.logprobs  # bit for bit, whatever shared the batch
 
 
+def test_each_step_charges_its_transients_and_gives_them_back(tiny_mixtral):
+    """The server counts a step's transients against the budget as generate does (beside the KV
+    cache, runtime/transients.py's figure: the prefill's, then a decode step's), and every byte
+    charged is given back once the request is done."""
+    from klotski.runtime.transients import step_transient_bytes
+
+    llm = LLM(str(tiny_mixtral), batch_size=1, num_batches=1)
+    charges, returned = [], []
+    charge, uncharge = llm.store.charge_kv, llm.store.uncharge_kv
+    llm.store.charge_kv = lambda n: (charges.append(n), charge(n))[1]
+    llm.store.uncharge_kv = lambda n: (returned.append(n), uncharge(n))[1]
+    sched = Scheduler(llm, max_wait_ms=0)
+    sched.start()
+    ids = llm.tokenizer.encode("The library opened at nine")
+    handles = sched.submit(
+        [(ids, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), None)], lambda h, u: None
+    )
+    _wait(handles)
+    assert sched.shutdown(5)
+    spec, dtype, p, cap = llm.runner.spec, llm.runner.dtype, len(ids), len(ids) + 3
+    kv = llm.runner.kv_bytes_per_token() * cap * spec.num_layers
+    decode = step_transient_bytes(spec, dtype, 1, 1, 1, cap)
+    prefill = max(step_transient_bytes(spec, dtype, p, 1, p, cap, llm.runner.prefill_expert_dtype), decode)
+    assert charges == [kv, prefill, decode, decode]  # the KV cache, then one charge per step
+    assert sorted(returned) == sorted(charges)
+
+
 def test_echo_scores_every_prompt_position(tiny_mixtral, reference):
     llm = LLM(str(tiny_mixtral), batch_size=4, num_batches=1)
     sched = Scheduler(llm, max_wait_ms=20)

@@ -33,6 +33,7 @@ from klotski.errors import KlotskiError
 from klotski.layers.attention import KVBlock
 from klotski.runtime.generate import GroupBatch, Sequence, decode_step, prefill_step, sample_batch
 from klotski.runtime.pipeline import Pipeline
+from klotski.runtime.transients import step_transient_bytes
 from klotski.sampling import SamplingParams
 from klotski.timeline import Timeline
 
@@ -334,7 +335,14 @@ class Scheduler:
                 steps.append(decode_step(b, 0))
         # No step follows when nothing waits and every sequence reaches max_tokens now: prefetch nothing.
         final = final and all(len(s.stopper.token_ids) + 1 >= s.params.max_tokens for b in batches for s in b.seqs)
-        logits = self.pipeline.forward(steps, final=final)
+        # The step's transients count against the budget beside the KV caches, as generate's do (a
+        # budget that left them out would not be a hard one); a KlotskiError fails the group's step.
+        transients = self._transient_bytes(batches, steps)
+        self.llm.store.charge_kv(transients)
+        try:
+            logits = self.pipeline.forward(steps, final=final)
+        finally:
+            self.llm.store.uncharge_kv(transients)
         tokens = 0
         for b, step, lg in zip(batches, steps, logits):
             if b.prefill and step.last is None:
@@ -357,6 +365,20 @@ class Scheduler:
                     self._emit(h, now)
             self._cond.notify_all()
         return wall
+
+    def _transient_bytes(self, batches: list[LiveBatch], steps) -> int:
+        """runtime/transients.py's figure for this step: every batch's new tokens, the largest batch,
+        the longest KV capacity (the experts' upcast tile when a prefill computes them in another
+        dtype); at least a decode step's, whose attention scores grow with the capacity."""
+        runner = self.llm.runner
+        widths = [int(step.token_ids.shape[1]) for step in steps]
+        rows, cap = max(len(b.seqs) for b in batches), max(b.cap for b in batches)
+        upcast = runner.prefill_expert_dtype if any(b.prefill for b in batches) else None
+        tokens = sum(len(b.seqs) * w for b, w in zip(batches, widths))
+        return max(
+            step_transient_bytes(runner.spec, runner.dtype, tokens, rows, max(widths), cap, upcast),
+            step_transient_bytes(runner.spec, runner.dtype, sum(len(b.seqs) for b in batches), rows, 1, cap),
+        )
 
     # -- boundary -------------------------------------------------------------------------------
     def _leave(self) -> None:
