@@ -100,3 +100,31 @@ def test_reads_slow_compute_by_the_profiles_contention(tiny_shape, io_bound):
     loud = _run(tiny_shape, OpCosts(tiny_shape, shared, torch.float32), "klotski")
     assert loud.summary["compute_busy_s"] > quiet.summary["compute_busy_s"]
     assert loud.wall_s > quiet.wall_s
+
+
+def test_embedding_rows_from_disk_cost_their_checksum_chunks(tiny_shape, io_costs):
+    """The simulated prompts are all token 0; a batch's rows are still priced as spread over the
+    vocabulary, each read with the checksum chunk it lies in (as store/offload.py reads them): more
+    tokens cost more, and a row costs its chunk, not its own bytes. bytes_read stays the rows' bytes,
+    as the real store counts them."""
+    import torch
+
+    from klotski.models.spec import EMBED, WeightKey
+    from klotski.planner.simulate import SimStore, VirtualClock
+    from klotski.store.offload import check_chunk
+    from klotski.timeline import Timeline
+
+    embed = WeightKey(None, EMBED)
+    placement = {k: DEVICE for k in tiny_shape.unit_bytes} | {embed: DISK}
+    table, vocab = tiny_shape.unit_bytes[embed], tiny_shape.spec.vocab_size
+
+    def read(tokens):
+        clock = VirtualClock()
+        store = SimStore(tiny_shape, placement, io_costs, clock, Timeline(clock=clock))
+        store.gather(embed, "weight", torch.zeros(tokens, dtype=torch.long))
+        return clock.t, store.bytes_read[DISK]
+
+    one, many = read(1), read(64)
+    rate = io_costs.disk_gbps * 1e9
+    assert one[0] >= check_chunk(embed, table) / rate and one[1] == table // vocab
+    assert many[0] > one[0] and table // vocab < many[1] <= 64 * table // vocab

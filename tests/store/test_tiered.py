@@ -439,6 +439,46 @@ def test_a_kv_charge_evicts_landed_prefetches_before_it_moves_a_resident_unit(mo
         store.close()
 
 
+@pytest.mark.parametrize("settle", [True, False])
+def test_room_a_demotion_leaves_takes_the_disk_units_that_fit(model, tmp_path, settle):
+    """A group's charge pushes the last-placed expert to disk, which frees more than the charge
+    needed: a smaller disk unit that now fits beside it (placed earlier) moves onto the device, as a
+    placement made for this workload would have put it. Only for a charge held for a run of steps
+    (settle), never for one that comes and goes each step."""
+    from klotski.checkpoint.reader import Checkpoint
+    from klotski.models.spec import EXPERT, MOE, WeightKey
+    from klotski.store.offload import OffloadDir
+    from klotski.store.placement import placement_order
+    from klotski.store.pool import TierPool
+    from klotski.store.tiered import TieredStore
+    from klotski.timeline import Timeline
+
+    ckpt = Checkpoint.open(model)
+    offload = OffloadDir.prepare(ckpt, tmp_path / "off")
+    order = placement_order(ckpt.spec)
+    last = [k for k in order if k.part == EXPERT][-1]
+    router = WeightKey(0, MOE)
+    placement = {k: "disk" for k in order} | {k: "device" for k in order if k.part not in (EXPERT, "embed")}
+    placement |= {router: "disk", last: "device"}
+    expert = ckpt.unit_nbytes(last)
+    assert ckpt.unit_nbytes(router) < expert // 2
+    fixed = sum(ckpt.unit_nbytes(k) for k, t in placement.items() if t == "device")
+    pools = TierPool("device", fixed + expert // 2), TierPool("host", 0)
+    store = TieredStore(ckpt, offload, placement, *pools, Timeline(False), warm=False)
+    try:
+        store.charge_kv(expert, settle=settle)
+        assert store.demoted == [last]
+        if settle:
+            assert store.promoted == [router] and store.resident(router) and store.placement[router] == "device"
+            got, want = store.fetch(router).wait(), ckpt.load_unit(router)
+            assert all(torch.equal(got[k], want[k]) for k in want)
+        else:
+            assert store.promoted == [] and not store.resident(router)
+        assert store.device_pool.used <= store.device_pool.budget
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("how", ["row by row", "one scan"])
 def test_embedding_rows_are_read_where_the_table_sits(model, resident_tokens, tmp_path, monkeypatch, how):
     """A tight budget leaves the embedding table on disk (placed after the experts): each step reads

@@ -29,6 +29,7 @@ from klotski.runtime.pipeline import Pipeline
 from klotski.runtime.schedule import get_schedule
 from klotski.sampling import Sampler, SamplingParams
 from klotski.store.base import Handle
+from klotski.store.offload import ROW_WINDOW, check_chunk
 from klotski.store.tiers import DEVICE, DISK, HOST
 from klotski.timeline import Timeline
 from klotski.tokenizer import StopChecker
@@ -309,20 +310,33 @@ class SimStore:
         self._issue()
 
     def gather(self, key: WeightKey, name: str, ids: torch.Tensor) -> torch.Tensor:
-        """Embedding rows: free when resident, else a small read of the distinct ids' rows, waited for."""
+        """Embedding rows: free when resident, else a read of the rows' checksum chunks, waited for.
+
+        The simulated prompts are all token 0, so the ids say nothing: a batch's tokens are taken as
+        spread over the vocabulary (an upper estimate for natural text, which repeats tokens), and
+        from disk each row costs the checksum chunk it lies in (store/offload.py reads and checks
+        whole chunks: 64 KiB for Mixtral's table, eight 8 KiB rows)."""
         if not self._resident(key):
-            p, rows, tier = self.costs.profile, len(torch.unique(ids)), self.placement[key]
-            nbytes = rows * self.shape.unit_bytes[key] // self.shape.spec.vocab_size
+            p, tier, table = self.costs.profile, self.placement[key], self.shape.unit_bytes[key]
+            vocab = self.shape.spec.vocab_size
+            rows = _distinct(ids.numel(), vocab)
+            nbytes = moved = round(rows * table / vocab)  # the store counts the rows' bytes as read
+            reads = 1
+            if tier == DISK:
+                chunk = max(check_chunk(key, table), table // vocab)
+                touched = _distinct(rows, -(-table // chunk))
+                moved, reads = min(table, round(touched * chunk)), math.ceil(touched / ROW_WINDOW)
             # The compute thread reads the rows itself, beside the lanes' queued reads (not behind them).
             begin, rate = self.clock.t, self.costs.disk_gbps if tier == DISK else p.host_to_device_gbps
-            end = begin + p.io_latency_s + nbytes / (rate * 1e9)
+            end = begin + reads * p.io_latency_s + moved / (rate * 1e9)
             self.bytes_read[tier] += nbytes
-            self.timeline.add("ondemand", "read", begin, end, layer=key.layer, bytes=nbytes)
+            self.timeline.add("ondemand", "read", begin, end, layer=key.layer, bytes=moved)
             self.clock.advance_to(end)
         return torch.zeros(*ids.shape, 1)
 
-    def charge_kv(self, nbytes: int) -> None:
-        """KV on the device counts against the budget, as in the real store; host KV does not."""
+    def charge_kv(self, nbytes: int, settle: bool = False) -> None:
+        """KV on the device counts against the budget, as in the real store; host KV does not (the
+        plan's placement already fits its group, so nothing moves)."""
         if self.kv_tier != DEVICE:
             return
         self.used += nbytes
@@ -364,6 +378,11 @@ class SimResult:
             "predicted_io_busy_s_per_lane": self.summary["io_busy_s_per_lane"],
             "predicted_peak_device": self.peak_device,
         }
+
+
+def _distinct(draws: float, size: int) -> float:
+    """Expected distinct values among `draws` uniform draws from `size`."""
+    return size * (1 - (1 - 1 / size) ** draws) if size > 0 else 0.0
 
 
 def simulate(

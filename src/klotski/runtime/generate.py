@@ -88,7 +88,7 @@ def run_group(
         step_transient_bytes(spec, dtype, sequences, rows, 1, context),
     )
     charged = sum(kv.nbytes for b in batches for kv in b.kv) + transients
-    store.charge_kv(charged)
+    store.charge_kv(charged, settle=True)
     try:
         return _generate(pipeline, sampler, batches, max_len, pad_id)
     finally:

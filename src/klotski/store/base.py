@@ -122,8 +122,9 @@ class WeightStore(Protocol):
     def wait_any(self, handles: list[Handle]) -> Handle:
         """Block until one of the handles is usable; return it (the pipeline's arrival-order seam)."""
 
-    def charge_kv(self, nbytes: int) -> None:
-        """Count a KV cache allocation against the device budget (raise KlotskiError if it cannot fit)."""
+    def charge_kv(self, nbytes: int, settle: bool = False) -> None:
+        """Count a KV cache allocation against the device budget (raise KlotskiError if it cannot fit);
+        settle: the charge is held for a run of steps, so the placement may adjust to it."""
 
     def uncharge_kv(self, nbytes: int) -> None:
         """The KV cache of `nbytes` is freed."""
@@ -148,7 +149,7 @@ class ResidentStore:
         self.bytes_read = {"checkpoint": 0}
         self.timeline = Timeline(enabled=False)  # nothing is transferred
 
-    def charge_kv(self, nbytes: int) -> None:
+    def charge_kv(self, nbytes: int, settle: bool = False) -> None:
         """KV cache is not budgeted when everything is resident."""
 
     def uncharge_kv(self, nbytes: int) -> None:

@@ -68,6 +68,7 @@ CHECK_CHUNK = 4 * 2**20
 ROW_CHECK_CHUNK = 64 * 1024
 ROW_READERS = 16  # concurrent row reads (embedding lookups off the device)
 ROW_READ_COST = 64 * 1024  # bytes of sequential reading one random row read is worth
+ROW_WINDOW = 16  # row reads in flight at once (the planner's simulator counts a latency per window)
 LOCK_WAIT_S = float(os.environ.get("KLOTSKI_OFFLOAD_WAIT_S", 1800))  # waiting for another process's repack
 STALE_WAIT_S = 5.0  # a dir that needs repacking while another process reads it: give up after this
 _ROW_POOL: ThreadPoolExecutor | None = None
@@ -621,7 +622,7 @@ class OffloadDir:
             for i in run:
                 chunks[i] = data[i * c - lo : min((i + 1) * c, blob.nbytes) - lo]
 
-        window = 16
+        window = ROW_WINDOW
         for w in range(0, len(runs), window):
             group = runs[w : w + window]
             if len(group) == 1:

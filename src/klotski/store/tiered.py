@@ -177,6 +177,7 @@ class TieredStore:
         self._resident: dict[WeightKey, Weights] = {}
         self.evictions = 0  # prefetched units dropped unused to make room (each is read again)
         self.demoted: list[WeightKey] = []  # resident units moved to disk to make room for a KV cache
+        self.promoted: list[WeightKey] = []  # disk units moved onto the device into room a demotion left
         self._charged = 0  # device bytes charged by charge_kv (KV caches, a group's transients)
         self._orphans = 0  # fetches released while in flight: their buffers return when they land
         self._cached: dict[WeightKey, Entry] = {}  # released units still holding their buffers
@@ -595,7 +596,7 @@ class TieredStore:
             self._issue_deferred()
             self._cond.notify_all()
 
-    def charge_kv(self, nbytes: int) -> None:
+    def charge_kv(self, nbytes: int, settle: bool = False) -> None:
         """Count a KV cache allocation against the device budget, keeping the in-flight reserve free.
 
         The KV cache comes before resident weights: when it does not fit beside them and the
@@ -605,6 +606,10 @@ class TieredStore:
         never on what happens to be in flight, landed or cached at that moment (reads land on their
         own schedule): those give way first — cached copies are dropped, landed fetches nobody has
         claimed yet are evicted (read again when wanted), reads in flight waited for.
+
+        settle: a charge held for a whole run of steps (a generate group's), after which disk units
+        that now fit move onto the device (`_promote`); never for charges that come and go each step
+        (the server's transients), which would move the same units back and forth.
         """
         pool = self.device_pool
         with self._cond:
@@ -628,6 +633,8 @@ class TieredStore:
                     "--batch-size or --num-batches, shorten the prompts or max_tokens, or raise --device-memory"
                 )
             self._charged += nbytes
+            if settle and pool.budget is not None and self.demoted:
+                self._promote()
 
     def _from_cursor(self, entry: Entry) -> int:
         """How far after the unit claimed last the model runs `entry`'s: the one needed last goes first."""
@@ -637,6 +644,40 @@ class TieredStore:
         """Device bytes held by resident units and charges (lock held): what no read gives back."""
         on_device = sum(self.checkpoint.unit_nbytes(k) for k in self._resident if self.placement.get(k) == DEVICE)
         return on_device + self._charged
+
+    def _promote(self) -> None:
+        """Disk units that fit, in placement order, beside the resident units, the charges and the
+        reserve move onto the device (lock held). A demotion frees a whole unit where the charge may
+        have needed less: the load-time placement, made for a nominal workload, kept an expert the
+        run's KV cache pushed out, while the embedding table (placed last, smaller) would have fit and
+        saves its row reads every step. By the budget alone, as demotions are."""
+        pool = self.device_pool
+        assert pool.budget is not None
+        for key in sorted(self.placement, key=lambda k: self._placed.get(k, len(self._placed))):
+            if self.placement[key] != DISK or key in self._entries:
+                continue
+            need = self.checkpoint.unit_nbytes(key)
+            if self._fixed_bytes() + self.reserve + need > pool.budget:
+                continue
+            if key in self._cached:  # its cached copy goes: the resident tensors replace it
+                copy = self._cached.pop(key)
+                self.device_pool.give_back(copy.buffer)
+                copy.state, copy.buffer, copy.weights = State.RELEASED, None, None
+            while pool.held() + need > pool.budget:
+                idle = [e for e in self._entries.values() if e.state == State.READY]
+                if self._cached:
+                    self._drop_cached(urgent=True)
+                elif idle:
+                    self._evict(max(idle, key=self._from_cursor))
+                elif any(e.state == State.INFLIGHT for e in self._entries.values()):
+                    self._cond.wait()
+                else:
+                    break
+            if not pool.charge(need, str(key)):
+                continue
+            self._resident[key] = {k: t.to(self.device) for k, t in self.checkpoint.load_unit(key).items()}
+            self.placement[key] = DEVICE
+            self.promoted.append(key)
 
     def _demote_one(self) -> bool:
         """Move the resident device unit placed last (one with an offload blob) to disk; False if none."""
@@ -668,6 +709,7 @@ class TieredStore:
             "cache_hits": self.cache_hits,
             "bytes_from_cache": self.cache_bytes,
             "demoted_to_disk": len(self.demoted),
+            "promoted_to_device": len(self.promoted),
             "fresh_buffers": self.device_pool.fresh,
             "peak_bytes": {DEVICE: self.device_pool.peak, HOST: self.host_pool.peak},
             "budgets": {DEVICE: self.device_pool.budget, HOST: self.host_pool.budget},
