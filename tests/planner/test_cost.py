@@ -121,3 +121,26 @@ def test_memory_model_bounds_the_stores_peak(tmp_path, monkeypatch):
     assert m.weights[DEVICE] == resident
     assert stats["bytes_read"]["disk"] > 0
     assert resident + m.kv_cache <= stats["peak_bytes"]["device"] <= m.device_store_peak
+
+
+def test_a_measured_fit_never_predicts_faster_than_the_roofline(tiny_shape):
+    """Fits are linear over small sizes (weight-read bound), so far beyond them they can fall below
+    what the profile's own peak allows; the cost is then the roofline, and where the fit is slower
+    (small sizes, fixed overheads), the fit."""
+    import dataclasses
+
+    from klotski.planner.profile import HardwareProfile
+
+    base = builtin_estimate("cpu", torch.float32)
+    key = f"{tiny_shape.shape_key()}|float32"
+    flat = {"a": 1e-3, "b": 0.0, "c": 0.0}  # as a fit over weight-bound sizes comes out
+    ops = {key: {"attention": flat, "expert": {"a": 1e-3, "b": 0.0}, "head": {"a": 1e-3, "b": 0.0}}}
+    profile = HardwareProfile(**(dataclasses.asdict(base) | {"source": "measured", "ops": ops}))
+    costs = OpCosts(tiny_shape, profile, torch.float32)
+    roofline = OpCosts(tiny_shape, base, torch.float32)
+    assert costs.fits  # the measured fits are used
+    big = 10**6
+    assert costs.attention(big, 1, 16) == roofline.attention(big, 1, 16) > 1e-3
+    assert costs.expert(big) == roofline.expert(big) > 1e-3
+    assert costs.head(big) == roofline.head(big) > 1e-3
+    assert costs.expert(1) == max(1e-3, roofline.expert(1))
