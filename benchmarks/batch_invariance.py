@@ -12,14 +12,13 @@ layers/attention.py's written-out decode attention, and the time of each.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
 from klotski.layers import linear as lin
 from klotski.layers.attention import decode_attention
-from klotski.runtime.compute_dtype import cpu_flags, cpu_name
+from klotski.runtime.compute_dtype import best_time, cpu_flags, cpu_name
 
 ROWS = [*range(1, 17), 31, 32, 33, 100, 1000]
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096), (256, 128)]
@@ -32,14 +31,8 @@ def _rows_that_differ(fn, x: torch.Tensor, w: torch.Tensor) -> list[int]:
     ]
 
 
-def _ms(fn, reps: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+def _ms(fn) -> float:
+    return best_time(fn, 5) * 1e3
 
 
 def _decode_inputs(rows, heads, kv_heads, dim, length, dtype, g):

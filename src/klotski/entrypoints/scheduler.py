@@ -33,7 +33,7 @@ from klotski.errors import KlotskiError
 from klotski.layers.attention import KVBlock
 from klotski.runtime.generate import GroupBatch, Sequence, decode_step, prefill_step, sample_batch
 from klotski.runtime.pipeline import Pipeline
-from klotski.runtime.transients import step_transient_bytes
+from klotski.runtime.transients import charged_transient_bytes
 from klotski.sampling import SamplingParams
 from klotski.timeline import Timeline
 
@@ -375,9 +375,9 @@ class Scheduler:
         rows, cap = max(len(b.seqs) for b in batches), max(b.cap for b in batches)
         upcast = runner.prefill_expert_dtype if any(b.prefill for b in batches) else None
         tokens = sum(len(b.seqs) * w for b, w in zip(batches, widths))
-        return max(
-            step_transient_bytes(runner.spec, runner.dtype, tokens, rows, max(widths), cap, upcast),
-            step_transient_bytes(runner.spec, runner.dtype, sum(len(b.seqs) for b in batches), rows, 1, cap),
+        sequences = sum(len(b.seqs) for b in batches)
+        return charged_transient_bytes(
+            runner.spec, runner.dtype, tokens, sequences, rows, max(widths), cap, cap, upcast
         )
 
     # -- boundary -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from klotski.planner.profile import HardwareProfile
 from klotski.planner.shapes import ModelShape
 from klotski.runtime.model import ModelRunner
 from klotski.runtime.schedule import Schedule
-from klotski.runtime.transients import step_transient_bytes
+from klotski.runtime.transients import charged_transient_bytes, step_transient_bytes
 from klotski.store.placement import inflight_parts, working_set
 from klotski.store.tiers import DEVICE, DISK, HOST
 
@@ -306,7 +306,10 @@ def memory_model(
         kv_cache_bytes(costs, bs, n, prompt_len + gen_len),
         kv_tier,
         0 if resident else inflight_bytes(costs.shape, k, placement),
-        # The store charges the prefill's transients for the whole group (runtime/generate.run_group).
-        max(activation_bytes(costs, bs, n, 1, prompt_len + gen_len), activation_bytes(costs, bs, n, prompt_len)),
+        # What runtime/generate.run_group charges for the whole group: the prefill's transients, at
+        # least a decode step's at the group's full context.
+        charged_transient_bytes(
+            costs.shape.spec, costs.dtype, n * bs * prompt_len, n * bs, bs, prompt_len, prompt_len, prompt_len + gen_len
+        ),
         activation_bytes(costs, bs, n, prompt_len),
     )

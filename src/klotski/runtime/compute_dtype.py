@@ -68,7 +68,8 @@ def cpu_flags(cpuinfo: str | None = None) -> list[str]:
     return []
 
 
-def _best_time(fn, reps: int = 3) -> float:
+def best_time(fn, reps: int = 3) -> float:
+    """Seconds of fn's fastest call of `reps`, after one warm-up call."""
     fn()
     best = float("inf")
     for _ in range(reps):
@@ -83,7 +84,7 @@ def measure(storage: torch.dtype) -> dict[str, float]:
     w = (torch.randn(PROBE_OUT, PROBE_IN) * 0.02).to(storage)  # [out, in], used as x @ w.T
     x = torch.randn(PROBE_TOKENS, PROBE_IN)
     low = x.to(storage)
-    return {"native": _best_time(lambda: low @ w.T), "upcast_fp32": _best_time(lambda: x @ w.float().T)}
+    return {"native": best_time(lambda: low @ w.T), "upcast_fp32": best_time(lambda: x @ w.float().T)}
 
 
 # Row counts of an expert call in a decode step of a small group and in a prefill.
@@ -101,8 +102,8 @@ def measure_expert(storage: torch.dtype, hidden: int, intermediate: int) -> dict
         x = torch.randn(rows, hidden)
         low = x.to(storage)
         out[phase] = {
-            "native": _best_time(lambda low=low: low @ w.T, 2),
-            "upcast_fp32": _best_time(lambda x=x: linear(x, w), 2),
+            "native": best_time(lambda low=low: low @ w.T, 2),
+            "upcast_fp32": best_time(lambda x=x: linear(x, w), 2),
         }
     return out
 

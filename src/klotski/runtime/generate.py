@@ -15,7 +15,7 @@ from klotski.errors import NumericalError
 from klotski.layers.attention import StepInfo
 from klotski.outputs import CompletionOutput, FinishReason
 from klotski.runtime.pipeline import BatchStep, Pipeline
-from klotski.runtime.transients import step_transient_bytes
+from klotski.runtime.transients import charged_transient_bytes
 from klotski.sampling import Sampler, SamplingParams
 from klotski.tokenizer import StopChecker
 
@@ -71,21 +71,27 @@ def run_group(
 ) -> tuple[int, float]:
     """Generate until every sequence of the group stops; returns (forward steps, prefill seconds)."""
     runner, store = pipeline.runner, pipeline.store
-    context = 0  # the longest KV capacity: the keys a decode step attends to at most
+    capacity = 0  # the longest KV capacity: the keys a decode step attends to at most
     for b in batches:
         cap = min(max_len, max(len(s.prompt_ids) + s.params.max_tokens for s in b.seqs))
         b.kv = [runner.new_kv(len(b.seqs), cap) for _ in range(runner.spec.num_layers)]
-        context = max(context, cap)
+        capacity = max(capacity, cap)
     # The prefill's transients are counted with the KV cache: a budget that left them out would not
     # be a hard one (under a memory cap the run would be killed rather than told).
     # A decode step's figure too (its attention scores grow with the context), as the planner counts.
     longest = max(len(s.prompt_ids) for b in batches for s in b.seqs)
     rows = max(len(b.seqs) for b in batches)
     sequences = sum(len(b.seqs) for b in batches)
-    spec, dtype, upcast = runner.spec, runner.dtype, runner.prefill_expert_dtype
-    transients = max(
-        step_transient_bytes(spec, dtype, sequences * longest, rows, longest, longest, upcast),
-        step_transient_bytes(spec, dtype, sequences, rows, 1, context),
+    transients = charged_transient_bytes(
+        runner.spec,
+        runner.dtype,
+        sequences * longest,
+        sequences,
+        rows,
+        longest,
+        longest,
+        capacity,
+        runner.prefill_expert_dtype,
     )
     charged = sum(kv.nbytes for b in batches for kv in b.kv) + transients
     store.charge_kv(charged, settle=True)

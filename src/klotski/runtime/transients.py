@@ -55,3 +55,23 @@ def step_transient_bytes(
         attention += tokens * heads * context * (2 * item + 4)
     logits = batch_rows * spec.vocab_size * 4
     return hidden + expert + attention + logits
+
+
+def charged_transient_bytes(
+    spec: ModelSpec,
+    dtype: torch.dtype,
+    tokens: int,
+    sequences: int,
+    batch_rows: int,
+    batch_len: int,
+    context: int,
+    capacity: int,
+    expert_dtype: torch.dtype | None = None,
+) -> int:
+    """What a charge for steps of this shape holds: the step's own figure (`tokens` new tokens over
+    `sequences`, the largest batch `batch_rows` x `batch_len`, attending `context` keys), and never
+    less than a decode step's at `capacity` keys, whose attention scores grow with the context."""
+    return max(
+        step_transient_bytes(spec, dtype, tokens, batch_rows, batch_len, context, expert_dtype),
+        step_transient_bytes(spec, dtype, sequences, batch_rows, 1, capacity),
+    )

@@ -532,10 +532,14 @@ class TieredStore:
         victim, after = max(((e, self._next_use(e.key, unknown)) for e in self._cached.values()), key=lambda v: v[1])
         if not urgent and after <= len(self._entries):
             return False
-        del self._cached[victim.key]
-        self.device_pool.give_back(victim.buffer)
-        victim.state, victim.buffer, victim.weights = State.RELEASED, None, None
+        self._drop_copy(victim.key)
         return True
+
+    def _drop_copy(self, key: WeightKey) -> None:
+        """Free a cached copy's buffer (lock held)."""
+        copy = self._cached.pop(key)
+        self.device_pool.give_back(copy.buffer)
+        copy.state, copy.buffer, copy.weights = State.RELEASED, None, None
 
     def set_cache(self, on: bool) -> None:
         """Switch the cached copies on or off (ablations); off drops the copies held now, warm-up ones too."""
@@ -616,16 +620,8 @@ class TieredStore:
             if pool.budget is not None:
                 while self._fixed_bytes() + nbytes + self.reserve > pool.budget and self._demote_one():
                     pass
-                while pool.held() + nbytes > pool.budget:
-                    idle = [e for e in self._entries.values() if e.state == State.READY]
-                    if self._cached:
-                        self._drop_cached(urgent=True)
-                    elif idle:  # landed, not yet claimed: read again when wanted, the placement stays
-                        self._evict(max(idle, key=self._from_cursor))
-                    elif any(e.state == State.INFLIGHT for e in self._entries.values()):
-                        self._cond.wait()  # a read beyond the reserve (a warm-up, or with the cache off)
-                    elif not self._demote_one():
-                        break
+                while not self._give_way(nbytes) and self._demote_one():
+                    pass
             if not pool.charge(nbytes, "kv"):
                 raise KlotskiError(
                     f"the KV cache and the prefill's transients ({format_bytes(nbytes)}) do not fit the device "
@@ -635,6 +631,25 @@ class TieredStore:
             self._charged += nbytes
             if settle and pool.budget is not None and self.demoted:
                 self._promote()
+
+    def _give_way(self, need: int) -> bool:
+        """Free device room for `need` more bytes from what reads hold beyond the fixed bytes (lock
+        held): cached copies are dropped, landed fetches nobody claimed yet are evicted (read again
+        when wanted, the placement stays), reads in flight (a warm-up, or with the cache off) are
+        waited for. False when only resident units and charges are left and it still does not fit."""
+        pool = self.device_pool
+        assert pool.budget is not None
+        while pool.held() + need > pool.budget:
+            idle = [e for e in self._entries.values() if e.state == State.READY]
+            if self._cached:
+                self._drop_cached(urgent=True)
+            elif idle:
+                self._evict(max(idle, key=self._from_cursor))
+            elif any(e.state == State.INFLIGHT for e in self._entries.values()):
+                self._cond.wait()
+            else:
+                return False
+        return True
 
     def _from_cursor(self, entry: Entry) -> int:
         """How far after the unit claimed last the model runs `entry`'s: the one needed last goes first."""
@@ -653,27 +668,15 @@ class TieredStore:
         saves its row reads every step. By the budget alone, as demotions are."""
         pool = self.device_pool
         assert pool.budget is not None
-        for key in sorted(self.placement, key=lambda k: self._placed.get(k, len(self._placed))):
+        for key in sorted(self.placement, key=self._placed.__getitem__):
             if self.placement[key] != DISK or key in self._entries:
                 continue
             need = self.checkpoint.unit_nbytes(key)
             if self._fixed_bytes() + self.reserve + need > pool.budget:
                 continue
             if key in self._cached:  # its cached copy goes: the resident tensors replace it
-                copy = self._cached.pop(key)
-                self.device_pool.give_back(copy.buffer)
-                copy.state, copy.buffer, copy.weights = State.RELEASED, None, None
-            while pool.held() + need > pool.budget:
-                idle = [e for e in self._entries.values() if e.state == State.READY]
-                if self._cached:
-                    self._drop_cached(urgent=True)
-                elif idle:
-                    self._evict(max(idle, key=self._from_cursor))
-                elif any(e.state == State.INFLIGHT for e in self._entries.values()):
-                    self._cond.wait()
-                else:
-                    break
-            if not pool.charge(need, str(key)):
+                self._drop_copy(key)
+            if not self._give_way(need) or not pool.charge(need, str(key)):
                 continue
             self._resident[key] = {k: t.to(self.device) for k, t in self.checkpoint.load_unit(key).items()}
             self.placement[key] = DEVICE
