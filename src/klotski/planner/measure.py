@@ -30,16 +30,21 @@ from klotski.planner.profile import (
 )
 from klotski.planner.shapes import ModelShape
 from klotski.runtime.model import ModelRunner
+from klotski.store.tiered import READERS, SPLIT_MIN
 
 # B = sequences, S = new tokens per sequence, C = context, D = hidden, T = tokens
 
-# 256: a prefill batch's tokens per expert (bs 64 x 16 tokens x top-2 / 8); the fit is linear, so
-# a range ending at 128 mispredicted those calls by +50% at Mixtral-8x7B's shapes.
-EXPERT_TOKENS = (1, 8, 32, 128, 256)
+# Up to a prefill group's tokens per expert (n 2 x bs 64 x 16 tokens x top-2 / 8 = 512): the fit is
+# linear, and a range ending at 128 mispredicted 256-token calls by +50% at Mixtral-8x7B's shapes,
+# one ending at 256 512-token calls by -13% (427 ms against 490 measured, AMD EPYC, 2 threads).
+EXPERT_TOKENS = (1, 8, 32, 128, 256, 512)
 CONTENTION_TOKENS = (8, 128)  # a decode-sized and a prefill-sized expert call
 GATE_TOKENS = (1, 64, 512)
 HEAD_TOKENS = (1, 16, 64)
-ATTENTION_POINTS = ((1, 1, 128), (8, 1, 512), (32, 1, 128), (1, 64, 64), (2, 64, 64))  # (B, S, C)
+# (B, S, C): decode at 1-64 rows and prefill up to a 1024-token batch. Without the 64-row points the
+# T and T*C terms could not be told apart: the fit put all on T*C and gave a 64 x 16-token prefill
+# 77 ms against 290 measured, a 64-row decode 13 ms against 22.
+ATTENTION_POINTS = ((1, 1, 128), (8, 1, 512), (32, 1, 128), (64, 1, 32), (1, 64, 64), (2, 64, 64), (64, 16, 16))
 
 
 @dataclass(frozen=True)
@@ -74,16 +79,23 @@ def measure_profile(
     fresh scratch file of at least two blobs (one file for the disk rate and the contention)."""
     chunk = max(-(-max(shape.expert_bytes(), 1) // 4096) * 4096, 4096)
     size = max(effort.disk_bytes // chunk, 2) * chunk
+    split = device == "cpu" and chunk >= 2 * SPLIT_MIN  # as the store's reader threads share a blob
     with scratch_file(disk_dir, size, chunk, "klotski-profile-") as scratch:
-        disk, method = timed_read(scratch, size, chunk)
-        log(f"disk -> memory: {disk:.2f} GB/s ({method}, {chunk} bytes per read)")
+        disk, method = timed_read(scratch, size, chunk, READERS, split)
+        log(f"disk -> memory: {disk:.2f} GB/s ({method}, {READERS} reader threads, blobs of {chunk} bytes)")
         h2d = measure_host_to_device(effort.host_to_device_bytes)
         ops = measure_ops(shape, dtype, device, effort.reps, log=log, min_s=effort.min_op_s)
         profile = _measured(shape, dtype, device, disk, method, h2d, ops, machine_fingerprint(disk_dir))
         if device == "cpu":  # reads and compute share the cores and memory: measure how they slow each other
             contention = [
                 measure_contention(
-                    expert_call(shape, dtype, device, t), None, size, chunk, effort.contention_s, path=scratch
+                    expert_call(shape, dtype, device, t),
+                    size,
+                    chunk,
+                    effort.contention_s,
+                    READERS,
+                    path=scratch,
+                    split=split,
                 )
                 for t in CONTENTION_TOKENS
             ]
@@ -91,7 +103,7 @@ def measure_profile(
             profile.disk_gbps_beside_compute = float(np.mean([c["disk_gbps_beside_compute"] for c in contention]))
             log(
                 f"beside compute: ops x{profile.compute_slowdown_under_io:.2f} slower while reading, "
-                f"disk {profile.disk_gbps_beside_compute:.2f} GB/s (two lanes)"
+                f"disk {profile.disk_gbps_beside_compute:.2f} GB/s ({READERS} reader threads)"
             )
     return profile
 
@@ -166,26 +178,26 @@ def expert_call(shape: ModelShape, dtype: torch.dtype, device: str, tokens: int)
 
 
 class _Timer:
-    """Best wall time of a callable after one warm-up (synchronising CUDA): at least `reps` calls,
-    more while they took under `min_s` in all (cheap ops get many tries, costly ones `reps`)."""
+    """Median wall time of a callable after one warm-up (synchronising CUDA): at least `reps`
+    calls, more while they took under `min_s` in all (cheap ops get many tries, costly ones
+    `reps`). The median, not the best: a run's time is a sum of many calls, and the best of a few
+    on a shared machine was 10-20% under a run's typical call."""
 
     def __init__(self, device: str, reps: int, min_s: float = 0.0):
         self.cuda, self.reps, self.min_s = device.startswith("cuda"), max(reps, 1), min_s
 
     def __call__(self, fn) -> float:
         fn()
-        best, calls, spent = float("inf"), 0, 0.0
-        while calls < self.reps or (spent < self.min_s and calls < 50):
-            calls += 1
+        times: list[float] = []
+        while len(times) < self.reps or (sum(times) < self.min_s and len(times) < 50):
             if self.cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             fn()
             if self.cuda:
                 torch.cuda.synchronize()
-            took = time.perf_counter() - start
-            best, spent = min(best, took), spent + took
-        return best
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
 
 
 def _weights(shape: ModelShape, key: WeightKey, device: str) -> dict[str, torch.Tensor]:

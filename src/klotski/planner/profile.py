@@ -25,6 +25,7 @@ import torch
 from klotski.errors import KlotskiError
 from klotski.paths import home
 from klotski.runtime.compute_dtype import cpu_flags, cpu_name
+from klotski.store.offload import ALIGN, CHECK_CHUNK, READ_CHUNK, chunk_crcs
 
 BUNDLED = {"env1": "env1-rtx3090.json", "env2": "env2-h800.json"}
 
@@ -244,15 +245,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # -- measuring links -----------------------------------------------------------------------------
-def measure_disk(
-    directory: str | Path | None = None, size: int = 256 << 20, chunk: int = 16 << 20
-) -> tuple[float, str]:
-    """Disk -> memory bandwidth (GB/s) with O_DIRECT reads of a fresh temp file; (GB/s, method)."""
-    chunk = min(chunk, size)
-    with scratch_file(directory, size, chunk, "klotski-disk-") as name:
-        return timed_read(name, size, chunk)
-
-
 @contextlib.contextmanager
 def scratch_file(directory: str | Path | None, size: int, chunk: int, prefix: str):
     """A fresh file of size // chunk random chunks, synced to disk, removed afterwards.
@@ -283,51 +275,69 @@ def _mkstemp(directory: Path, prefix: str) -> tuple[int, str]:
         return tempfile.mkstemp(dir=profiles_dir(), prefix=prefix, suffix=".bin")
 
 
-def timed_read(name: str, size: int, chunk: int) -> tuple[float, str]:
-    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
-    try:
-        fd, method = os.open(name, os.O_RDONLY | os.O_DIRECT), "O_DIRECT"
-    except (OSError, AttributeError):  # tmpfs and some filesystems refuse O_DIRECT
-        fd, method = os.open(name, os.O_RDONLY), "buffered after fadvise(DONTNEED)"
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    try:
-        start, done = time.perf_counter(), 0
-        while done < size:
-            n = os.preadv(fd, [buf], done)
-            if n <= 0:
-                break
-            done += n
-        return done / (time.perf_counter() - start) / 1e9, method
-    finally:
-        os.close(fd)
-        buf.close()
+def store_ranges(size: int, blob: int, readers: int, split: bool) -> list[list[tuple[int, int]]]:
+    """Per reader thread, the byte ranges it reads of a file of size // blob blobs, as the store's
+    reader threads share them: each thread its part of every blob (`split`: the store splits a
+    large blob on the CPU, see store/tiered.py) or every readers-th whole blob."""
+    blobs = [(k * blob, (k + 1) * blob) for k in range(max(size // blob, 1))]
+    if not split or blob < readers * ALIGN:
+        return [blobs[i::readers] or blobs[:1] for i in range(readers)]
+    cuts = [blob * i // readers // ALIGN * ALIGN for i in range(readers)] + [blob]
+    return [[(lo + cuts[i], lo + cuts[i + 1]) for lo, _ in blobs] for i in range(readers)]
+
+
+def timed_read(name: str, size: int, blob: int, readers: int = 2, split: bool = True) -> tuple[float, str]:
+    """Disk -> memory GB/s reading `size` bytes of `name` as the store reads blobs of `blob` bytes:
+    `readers` threads at once, O_DIRECT preads of READ_CHUNK, every checksum chunk hashed
+    (`store_ranges` says which thread reads what); (GB/s, method)."""
+    lanes = [_Reader(name, ranges) for ranges in store_ranges(size, blob, readers, split)]
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        for lane in lanes:
+            stack.enter_context(lane)
+        while sum(r.bytes for r in lanes) < size and all(r.running for r in lanes):
+            time.sleep(0.002)
+    return sum(r.bytes for r in lanes) / (time.perf_counter() - start) / 1e9, lanes[0].method
 
 
 class _Reader:
-    """A thread that reads a file over and over with O_DIRECT (as the store's lanes do) until stopped."""
+    """A thread that reads its byte ranges of a file over and over, as one of the store's reader
+    threads reads blobs (O_DIRECT, READ_CHUNK per pread, each checksum chunk hashed with the
+    store's hash), until stopped."""
 
-    def __init__(self, name: str, size: int, chunk: int, start: int = 0):
+    def __init__(self, name: str, ranges: list[tuple[int, int]]):
         import threading
 
-        self.name, self.size, self.chunk, self.start = name, size, chunk, start % max(size, 1)
-        self.bytes, self.seconds = 0, 0.0
+        self.name, self.ranges = name, ranges
+        self.bytes, self.seconds, self.method, self.running = 0, 0.0, "O_DIRECT", True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
-        buf = mmap.mmap(-1, self.chunk)
+        piece = min(READ_CHUNK, max(hi - lo for lo, hi in self.ranges))
+        buf = mmap.mmap(-1, piece)  # page-aligned, as O_DIRECT needs
+        view = memoryview(buf)
         try:
             fd = os.open(self.name, os.O_RDONLY | os.O_DIRECT)
-        except (OSError, AttributeError):
-            fd = os.open(self.name, os.O_RDONLY)
-        start, offset = time.perf_counter(), self.start
+        except (OSError, AttributeError):  # tmpfs and some filesystems refuse O_DIRECT
+            fd, self.method = os.open(self.name, os.O_RDONLY), "buffered after fadvise(DONTNEED)"
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        start = time.perf_counter()
         try:
             while not self._stop.is_set():
-                n = os.preadv(fd, [buf], offset)
-                self.bytes += max(n, 0)
-                self.seconds = time.perf_counter() - start  # up to the last completed read
-                offset = 0 if n <= 0 or offset + n >= self.size else offset + n
+                for lo, hi in self.ranges:
+                    at = lo
+                    while at < hi and not self._stop.is_set():
+                        n = os.preadv(fd, [view[: min(piece, hi - at)]], at)
+                        if n <= 0:
+                            return
+                        chunk_crcs(view[:n], n, CHECK_CHUNK)  # the store checks every byte it reads
+                        at += n
+                        self.bytes += n
+                        self.seconds = time.perf_counter() - start  # up to the last completed read
         finally:
+            self.running = False
+            view.release()
             os.close(fd)
             buf.close()
 
@@ -346,38 +356,37 @@ class _Reader:
 
 def measure_contention(
     op,
-    directory: str | Path | None = None,
-    size: int = 256 << 20,
-    chunk: int = 16 << 20,
+    size: int,
+    blob: int,
     seconds: float = 0.5,
     readers: int = 2,
-    path: str | None = None,
+    path: str = "",
+    split: bool = True,
 ) -> dict:
     """How much disk reads slow `op` (a compute callable), and the disk rate beside it.
 
-    `readers` threads read `chunk` bytes per pread, as the store's lanes read one blob each.
-    Returns {"compute_slowdown_under_io": op time with the readers running / alone (>= 1),
-    "disk_gbps_beside_compute": the readers' total rate while `op` runs back to back}.
-    `path`: an existing file of `size` bytes to read instead of writing a fresh one.
+    `readers` threads read `path` (a file of `size` bytes, blobs of `blob` bytes) as the store's
+    reader threads do (see `timed_read`). Returns {"compute_slowdown_under_io": op time with the
+    readers running / alone (>= 1), "disk_gbps_beside_compute": the readers' total rate while
+    `op` runs back to back}.
     """
-    chunk = min(chunk, size)
-    with contextlib.nullcontext(path) if path else scratch_file(directory, size, chunk, "klotski-contention-") as name:
-        op()  # warm-up
-        alone = _op_times(op, seconds)
-        lanes = [_Reader(name, size, chunk, start=i * chunk) for i in range(readers)]
+    op()  # warm-up
+    alone = _op_times(op, seconds)
+    lanes = [_Reader(path, ranges) for ranges in store_ranges(size, blob, readers, split)]
+    for r in lanes:
+        r.__enter__()
+    try:
+        busy = _op_times(op, seconds)
+        least = 2 * min(hi - lo for lane in lanes for lo, hi in lane.ranges)  # two whole parts a lane
+        while min(r.bytes for r in lanes) < least and all(r.running for r in lanes):
+            busy += _op_times(op, 0.0)
+    finally:
         for r in lanes:
-            r.__enter__()
-        try:
-            busy = _op_times(op, seconds)
-            while sum(r.bytes for r in lanes) < 2 * readers * chunk:  # at least two whole reads a lane
-                busy += _op_times(op, 0.0)
-        finally:
-            for r in lanes:
-                r.__exit__()
-        return {
-            "compute_slowdown_under_io": max(1.0, float(np.median(busy) / np.median(alone))),
-            "disk_gbps_beside_compute": sum(r.gbps for r in lanes),
-        }
+            r.__exit__()
+    return {
+        "compute_slowdown_under_io": max(1.0, float(np.median(busy) / np.median(alone))),
+        "disk_gbps_beside_compute": sum(r.gbps for r in lanes),
+    }
 
 
 def _op_times(op, seconds: float) -> list[float]:

@@ -43,6 +43,7 @@ from klotski.store.tiers import DEVICE, DISK, HOST
 from klotski.timeline import Timeline
 
 SPLIT_MIN = 64 * 2**20  # a blob of at least twice this is read in parts, one per reader thread
+READERS = 2  # transfer threads shared by the lanes (the planner's profile reads the disk with as many)
 
 
 class State(Enum):
@@ -166,7 +167,7 @@ class TieredStore:
     lanes: dict[str, Lane] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     reserve: int = 0  # device bytes kept free for units in flight (the placement's working set)
-    readers: int = 2  # transfer threads shared by the lanes (reads in flight at once)
+    readers: int = READERS  # transfer threads shared by the lanes (reads in flight at once)
     cache: bool = True  # keep released units in room no fetch wants (see the module docstring)
     warm: bool = True  # with the cache: read the first disk units into free room while resident ones load
 

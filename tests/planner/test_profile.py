@@ -1,0 +1,66 @@
+"""The profile reads the disk the way the store's reader threads do, so the rate it measures is the
+rate a run's reads get (same threads, same split of a blob, same pread size, every byte hashed)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from klotski.planner import profile
+from klotski.store import offload
+from klotski.store.tiered import READERS, SPLIT_MIN
+
+BLOB = 1 << 20
+
+
+def test_a_large_blob_is_read_in_one_part_per_reader_thread():
+    lanes = profile.store_ranges(4 * BLOB, BLOB, 2, split=True)
+    assert lanes == [
+        [(0, BLOB // 2), (BLOB, 3 * BLOB // 2), (2 * BLOB, 5 * BLOB // 2), (3 * BLOB, 7 * BLOB // 2)],
+        [(BLOB // 2, BLOB), (3 * BLOB // 2, 2 * BLOB), (5 * BLOB // 2, 3 * BLOB), (7 * BLOB // 2, 4 * BLOB)],
+    ]
+
+
+def test_small_blobs_are_read_whole_by_alternate_threads():
+    assert profile.store_ranges(3 * BLOB, BLOB, 2, split=False) == [[(0, BLOB), (2 * BLOB, 3 * BLOB)], [(BLOB, 2 * BLOB)]]
+    # one blob: both threads read it (a thread never idles on an empty list of ranges)
+    assert profile.store_ranges(BLOB, BLOB, 2, split=False) == [[(0, BLOB)], [(0, BLOB)]]
+
+
+def test_the_profile_reads_with_as_many_threads_as_the_store():
+    from klotski.store.tiered import TieredStore
+
+    assert TieredStore.__dataclass_fields__["readers"].default == READERS
+    assert SPLIT_MIN % offload.ALIGN == 0
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    path = tmp_path / "scratch.bin"
+    path.write_bytes(os.urandom(4 * BLOB))
+    return str(path)
+
+
+def test_a_timed_read_hashes_every_byte_it_reads_in_store_sized_pieces(scratch, monkeypatch):
+    hashed, pieces = [], []
+    real = profile.chunk_crcs
+
+    def counting(view, n, chunk):
+        hashed.append(n)
+        pieces.append(len(view))
+        return real(view, n, chunk)
+
+    monkeypatch.setattr(profile, "chunk_crcs", counting)
+    monkeypatch.setattr(profile, "READ_CHUNK", BLOB // 4)
+    gbps, method = profile.timed_read(scratch, 4 * BLOB, BLOB, readers=2, split=True)
+    assert gbps > 0 and method in ("O_DIRECT", "buffered after fadvise(DONTNEED)")
+    assert sum(hashed) >= 4 * BLOB  # all of it, each piece checked as it landed
+    assert max(pieces) <= BLOB // 4  # no pread bigger than the store's
+
+
+def test_contention_reads_beside_the_op_until_each_thread_read_two_parts(scratch):
+    calls = []
+    result = profile.measure_contention(lambda: calls.append(1), 4 * BLOB, BLOB, 0.01, 2, path=scratch)
+    assert result["compute_slowdown_under_io"] >= 1.0 and result["disk_gbps_beside_compute"] > 0
+    assert len(calls) >= 7  # a warm-up and at least three calls in each phase
