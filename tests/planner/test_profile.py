@@ -23,7 +23,8 @@ def test_a_large_blob_is_read_in_one_part_per_reader_thread():
 
 
 def test_small_blobs_are_read_whole_by_alternate_threads():
-    assert profile.store_ranges(3 * BLOB, BLOB, 2, split=False) == [[(0, BLOB), (2 * BLOB, 3 * BLOB)], [(BLOB, 2 * BLOB)]]
+    lanes = profile.store_ranges(3 * BLOB, BLOB, 2, split=False)
+    assert lanes == [[(0, BLOB), (2 * BLOB, 3 * BLOB)], [(BLOB, 2 * BLOB)]]
     # one blob: both threads read it (a thread never idles on an empty list of ranges)
     assert profile.store_ranges(BLOB, BLOB, 2, split=False) == [[(0, BLOB)], [(0, BLOB)]]
 
