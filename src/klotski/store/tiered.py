@@ -666,9 +666,9 @@ class TieredStore:
         reserve move onto the device (lock held). The load-time placement was made for a nominal
         workload (planner/engine_glue.py): a run whose KV cache and transients take less than it
         left room for, or whose charge demoted a whole unit where it needed less, has room a disk
-        unit fits in. The embedding table, placed last and smaller than an expert, then stops
-        reading rows from disk every step (0.8 s of a 1024-token prefill batch's waits on the
-        plan_vs_measured workload). By the budget alone, as demotions are."""
+        unit fits in: on the plan_vs_measured workload an expert, which the planner's placement for
+        that run keeps off the disk too (5 experts read a step, not 6). By the budget alone, as
+        demotions are."""
         pool = self.device_pool
         assert pool.budget is not None
         for key in sorted(self.placement, key=self._placed.__getitem__):
