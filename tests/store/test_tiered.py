@@ -645,34 +645,3 @@ def test_warm_up_reads_land_as_copies_the_first_step_finds(model, tmp_path):
         assert store.stats()["peak_bytes"]["device"] <= 4 * 2**20
     finally:
         store.close()
-
-
-def test_a_group_that_charges_less_than_the_placement_left_room_for_takes_the_disk_units_that_fit(model, tmp_path):
-    """The load-time placement keeps room for a nominal workload's KV cache; a group that needs less
-    (no demotion at all) moves a disk unit that fits in the rest onto the device."""
-    from klotski.checkpoint.reader import Checkpoint
-    from klotski.models.spec import MOE, WeightKey
-    from klotski.store.offload import OffloadDir
-    from klotski.store.placement import placement_order
-    from klotski.store.pool import TierPool
-    from klotski.store.tiered import TieredStore
-    from klotski.timeline import Timeline
-
-    ckpt = Checkpoint.open(model)
-    offload = OffloadDir.prepare(ckpt, tmp_path / "off")
-    order = placement_order(ckpt.spec)
-    router = WeightKey(0, MOE)
-    placement = {k: "disk" for k in order} | {k: "device" for k in order if k.part not in ("expert", "embed")}
-    placement[router] = "disk"
-    fixed = sum(ckpt.unit_nbytes(k) for k, t in placement.items() if t == "device")
-    nominal = 4 * ckpt.unit_nbytes(router)  # what the placement left free for the KV cache
-    pools = TierPool("device", fixed + nominal), TierPool("host", 0)
-    store = TieredStore(ckpt, offload, placement, *pools, Timeline(False), warm=False)
-    try:
-        store.charge_kv(nominal - ckpt.unit_nbytes(router), settle=True)
-        assert store.demoted == [] and store.promoted == [router] and store.placement[router] == "device"
-        got, want = store.fetch(router).wait(), ckpt.load_unit(router)
-        assert all(torch.equal(got[k], want[k]) for k in want)
-        assert store.device_pool.used <= store.device_pool.budget
-    finally:
-        store.close()

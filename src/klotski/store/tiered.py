@@ -630,7 +630,7 @@ class TieredStore:
                     "--batch-size or --num-batches, shorten the prompts or max_tokens, or raise --device-memory"
                 )
             self._charged += nbytes
-            if settle and pool.budget is not None:
+            if settle and pool.budget is not None and self.demoted:
                 self._promote()
 
     def _give_way(self, need: int) -> bool:
@@ -663,12 +663,10 @@ class TieredStore:
 
     def _promote(self) -> None:
         """Disk units that fit, in placement order, beside the resident units, the charges and the
-        reserve move onto the device (lock held). The load-time placement was made for a nominal
-        workload (planner/engine_glue.py): a run whose KV cache and transients take less than it
-        left room for, or whose charge demoted a whole unit where it needed less, has room a disk
-        unit fits in: on the plan_vs_measured workload an expert, which the planner's placement for
-        that run keeps off the disk too (5 experts read a step, not 6). By the budget alone, as
-        demotions are."""
+        reserve move onto the device (lock held). A demotion frees a whole unit where the charge may
+        have needed less: the load-time placement, made for a nominal workload, kept an expert the
+        run's KV cache pushed out, while the embedding table (placed last, smaller) would have fit and
+        saves its row reads every step. By the budget alone, as demotions are."""
         pool = self.device_pool
         assert pool.budget is not None
         for key in sorted(self.placement, key=self._placed.__getitem__):
