@@ -65,3 +65,23 @@ def test_contention_reads_beside_the_op_until_each_thread_read_two_parts(scratch
     result = profile.measure_contention(lambda: calls.append(1), 4 * BLOB, BLOB, 0.01, 2, path=scratch)
     assert result["compute_slowdown_under_io"] >= 1.0 and result["disk_gbps_beside_compute"] > 0
     assert len(calls) >= 7  # a warm-up and at least three calls in each phase
+
+
+def test_reads_are_predicted_at_the_harmonic_mean_of_the_profiles_disk_readings(tiny_shape, io_bound):
+    """Alone and beside compute are the same read pattern seconds apart on a drifting disk: a plan
+    reads at their harmonic mean, not at whichever was measured last."""
+    import dataclasses
+
+    import torch
+
+    from klotski.models.spec import EXPERT, WeightKey
+    from klotski.planner.cost import OpCosts
+    from klotski.store.tiers import DISK
+
+    both = dataclasses.replace(io_bound, disk_gbps=1.0, disk_gbps_beside_compute=2.0)
+    alone = dataclasses.replace(io_bound, disk_gbps=1.0, disk_gbps_beside_compute=None)
+    assert both.pipeline_disk_gbps == pytest.approx(4 / 3) and alone.pipeline_disk_gbps == 1.0
+    key = WeightKey(0, EXPERT, 0)
+    nbytes = tiny_shape.padded(key)
+    got = OpCosts(tiny_shape, both, torch.float32).transfer(nbytes, DISK)
+    assert got == pytest.approx(both.io_latency_s + nbytes / (4 / 3 * 1e9))

@@ -116,7 +116,7 @@ def measure_quick(shape: ModelShape, dtype: torch.dtype, device: str, disk_dir: 
 
 def profile_summary(profile: HardwareProfile, shape: ModelShape, dtype: torch.dtype) -> str:
     """'disk 1.10 GB/s, expert 16 tokens 40.0 ms': the two figures a plan here mostly rests on."""
-    disk = profile.disk_gbps_beside_compute or profile.disk_gbps
+    disk = profile.pipeline_disk_gbps
     parts = [f"disk {disk:.2f} GB/s"]
     expert = profile.fits(shape.shape_key(), dtype).get("expert")
     if expert is not None:

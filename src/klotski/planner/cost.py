@@ -35,7 +35,7 @@ class OpCosts:
         self.source = "measured fits" if self.fits else "roofline from peak figures"
         # Reads and compute overlap in the pipeline; where they share a CPU each slows the other.
         self.compute_slowdown_under_io = profile.compute_slowdown_under_io
-        self.disk_gbps = profile.disk_gbps_beside_compute or profile.disk_gbps  # the rate the pipeline sees
+        self.disk_gbps = profile.pipeline_disk_gbps  # the rate the pipeline's reads are predicted at
 
     def _roof(self, flops: float, nbytes: float) -> float:
         p = self.profile

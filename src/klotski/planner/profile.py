@@ -57,9 +57,9 @@ class HardwareProfile:
     op_overhead_s: float = 20e-6  # fixed cost per op (kernel launches, Python dispatch)
     io_latency_s: float = 50e-6  # fixed cost per transfer
     # The pipeline overlaps reads with compute; on a small CPU machine each slows the other.
-    # Measured by `klotski profile` the way the store reads (two lanes, one pread per expert blob)
-    # beside the expert op run back to back: op time with reads running / alone, and the disk rate
-    # then (None: use disk_gbps). A GPU's copy engines do not contend: 1.0 / None there.
+    # Measured by `klotski profile` the way the store reads (profile.timed_read) beside the expert
+    # op run back to back: op time with reads running / alone, and the disk rate then (None: not
+    # measured). A GPU's copy engines do not contend: 1.0 / None there.
     compute_slowdown_under_io: float = 1.0
     disk_gbps_beside_compute: float | None = None
     device_memory: int | None = None
@@ -67,6 +67,17 @@ class HardwareProfile:
     machine: dict = field(default_factory=dict)
     ops: dict = field(default_factory=dict)  # "<shape key>|<dtype>" -> op name -> OpFit fields
     notes: str = ""
+
+    @property
+    def pipeline_disk_gbps(self) -> float:
+        """The disk rate a run's reads are predicted at: the harmonic mean of the rates the profile
+        read (alone, and beside compute where measured), the same read pattern seconds apart. One
+        reading of a second or less held for no run on a disk whose rate moved by a third between
+        seconds (0.85-1.39 GB/s alone and 1.09-1.54 beside compute across eight quick profiles of
+        2026-12-01, beside compute higher in six); the harmonic mean is the rate of a fixed
+        amount of bytes split evenly over the readings' moments."""
+        rates = [r for r in (self.disk_gbps, self.disk_gbps_beside_compute) if r]
+        return len(rates) / sum(1.0 / r for r in rates) if rates else self.disk_gbps
 
     def fits(self, shape_key: str, dtype: torch.dtype) -> dict[str, OpFit]:
         """Measured op fits for these shapes and this dtype (empty when not measured)."""
