@@ -73,8 +73,8 @@ class HardwareProfile:
         """The disk rate a run's reads are predicted at: the harmonic mean of the rates the profile
         read (alone, and beside compute where measured), the same read pattern seconds apart. One
         reading of a second or less held for no run on a disk whose rate moved by a third between
-        seconds (0.85-1.39 GB/s alone and 1.09-1.54 beside compute across eight quick profiles of
-        2026-12-01, beside compute higher in six); the harmonic mean is the rate of a fixed
+        seconds (0.85-1.39 GB/s alone and 1.09-1.57 beside compute across ten quick profiles of
+        2026-12-01, beside compute higher in eight); the harmonic mean is the rate of a fixed
         amount of bytes split evenly over the readings' moments."""
         rates = [r for r in (self.disk_gbps, self.disk_gbps_beside_compute) if r]
         return len(rates) / sum(1.0 / r for r in rates) if rates else self.disk_gbps
