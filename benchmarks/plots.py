@@ -116,8 +116,15 @@ def load_trace(path: Path) -> list[dict]:
 
 
 def block_window(events: list[dict]) -> tuple[float, float, int]:
-    """(start, end, layer) of the last MoE layer's block in the last full decode step."""
-    starts = sorted(e["start"] for e in events if e["kind"] == "embed" and e.get("batch", 0) == 0)
+    """(start, end, layer) of the last MoE layer's block in the last full decode step.
+
+    A step starts at batch 0's first embed span; with the table resident the row gather and the
+    embedding are two spans of that name, so a start counts only once an attention ran since the last."""
+    attention = sorted(e["start"] for e in events if e["kind"] == "attention")
+    starts: list[float] = []
+    for s in sorted(e["start"] for e in events if e["kind"] == "embed" and e.get("batch", 0) == 0):
+        if not starts or any(starts[-1] < a < s for a in attention):
+            starts.append(s)
     step = starts[-2] if len(starts) > 1 else starts[0]
     stop = starts[-1] if len(starts) > 1 else float("inf")
     inside = [e for e in events if step <= e["start"] < stop and e["lane"] == "compute" and "layer" in e]
