@@ -85,3 +85,19 @@ def test_reads_are_predicted_at_the_harmonic_mean_of_the_profiles_disk_readings(
     nbytes = tiny_shape.padded(key)
     got = OpCosts(tiny_shape, both, torch.float32).transfer(nbytes, DISK)
     assert got == pytest.approx(both.io_latency_s + nbytes / (4 / 3 * 1e9))
+
+
+def test_a_reader_that_cannot_read_stops_the_measurement_with_its_error(tmp_path):
+    """A reader thread that fails (here: the file is gone) is not waited for forever, nor is its
+    rate taken as zero: the measuring call raises what stopped it."""
+    with pytest.raises(OSError):
+        profile.timed_read(str(tmp_path / "missing.bin"), 4 * BLOB, BLOB, readers=2, split=True)
+
+
+def test_contention_stops_every_reader_when_one_fails(tmp_path):
+    import threading
+
+    before = threading.active_count()
+    with pytest.raises(OSError):
+        profile.measure_contention(lambda: None, 4 * BLOB, BLOB, 0.01, 2, path=str(tmp_path / "missing.bin"))
+    assert threading.active_count() == before

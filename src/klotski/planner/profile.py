@@ -321,10 +321,19 @@ class _Reader:
 
         self.name, self.ranges = name, ranges
         self.bytes, self.seconds, self.method, self.running = 0, 0.0, "O_DIRECT", True
+        self.error: BaseException | None = None  # what stopped the thread, raised by __exit__
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
+        try:
+            self._read()
+        except BaseException as exc:  # noqa: BLE001 - handed to the measuring thread by __exit__
+            self.error = exc
+        finally:
+            self.running = False
+
+    def _read(self) -> None:
         piece = min(READ_CHUNK, max(hi - lo for lo, hi in self.ranges))
         buf = mmap.mmap(-1, piece)  # page-aligned, as O_DIRECT needs
         view = memoryview(buf)
@@ -347,7 +356,6 @@ class _Reader:
                         self.bytes += n
                         self.seconds = time.perf_counter() - start  # up to the last completed read
         finally:
-            self.running = False
             view.release()
             os.close(fd)
             buf.close()
@@ -359,6 +367,8 @@ class _Reader:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        if self.error is not None:
+            raise self.error
 
     @property
     def gbps(self) -> float:
@@ -371,7 +381,8 @@ def measure_contention(
     blob: int,
     seconds: float = 0.5,
     readers: int = 2,
-    path: str = "",
+    *,
+    path: str,
     split: bool = True,
 ) -> dict:
     """How much disk reads slow `op` (a compute callable), and the disk rate beside it.
@@ -384,16 +395,13 @@ def measure_contention(
     op()  # warm-up
     alone = _op_times(op, seconds)
     lanes = [_Reader(path, ranges) for ranges in store_ranges(size, blob, readers, split)]
-    for r in lanes:
-        r.__enter__()
-    try:
+    with contextlib.ExitStack() as stack:  # every thread stopped and joined, whichever one failed
+        for lane in lanes:
+            stack.enter_context(lane)
         busy = _op_times(op, seconds)
         least = 2 * min(hi - lo for lane in lanes for lo, hi in lane.ranges)  # two whole parts a lane
         while min(r.bytes for r in lanes) < least and all(r.running for r in lanes):
             busy += _op_times(op, 0.0)
-    finally:
-        for r in lanes:
-            r.__exit__()
     return {
         "compute_slowdown_under_io": max(1.0, float(np.median(busy) / np.median(alone))),
         "disk_gbps_beside_compute": sum(r.gbps for r in lanes),
