@@ -482,3 +482,27 @@ def test_a_part_that_finds_its_blob_set_aside_reports_the_damage(models, tmp_pat
     with pytest.raises(OffloadError) as second:
         off.read_part(EXPERT, buf, half, blob.padded)
     assert str(second.value) == str(first.value)
+
+
+@pytest.mark.parametrize("how", ["vanish", "flip"])
+def test_a_failed_read_leaves_no_view_on_its_buffer(models, tmp_path, how):
+    """While the error is still held (the run keeps the first part's error; its traceback keeps the
+    reading frame alive), the buffer it read into can be unmapped: the pool unmaps free buffers to
+    make room, and a view left in that frame made it raise BufferError (seen in a fresh-clone CI run:
+    test_failed_reads_stop_the_run[vanish-vanished-in-parts])."""
+    import mmap
+
+    off = OffloadDir.prepare(Checkpoint.open(models[0]), tmp_path / "off")
+    blob = off.blobs[EXPERT]
+    path = off.path / blob.file
+    if how == "vanish":
+        path.unlink()
+    else:
+        data = bytearray(path.read_bytes())
+        data[10] ^= 0xFF
+        path.write_bytes(data)
+    buf = mmap.mmap(-1, blob.padded)
+    with pytest.raises(OffloadError) as held:
+        off.read_part(EXPERT, buf, 0, blob.padded)
+    assert held.value.__traceback__ is not None
+    buf.close()  # BufferError ("cannot close exported pointers exist") with a view left behind

@@ -592,6 +592,7 @@ class OffloadDir:
         except OSError as exc:
             raise OffloadError(f"reading offload blob {file} failed: {exc.strerror}") from None
         finally:
+            view.release()
             os.close(fd)
         if self.after_read is not None:
             self.after_read(key)
@@ -669,7 +670,6 @@ class OffloadDir:
         """pread bytes [start, length) of a blob, checking each piece's chunks as it lands: O_DIRECT
         when possible (no page-cache copy), else buffered; returns the bytes read."""
         file = self.path / blob.file
-        view = (buf.numpy().data if isinstance(buf, torch.Tensor) else memoryview(buf))[:length]
         try:
             fd = os.open(file, os.O_RDONLY | (os.O_DIRECT if self._direct else 0))
         except FileNotFoundError:
@@ -677,6 +677,10 @@ class OffloadDir:
         except OSError:
             self._direct = False  # the filesystem refuses O_DIRECT (tmpfs, some overlays)
             return self._read(blob, buf, length, start)
+        # Released on the way out, error or not: the error's traceback keeps this frame alive, and a
+        # view left in it pins the buffer, which the pool then cannot unmap (BufferError) once the
+        # failed fetch gave the buffer back.
+        view = (buf.numpy().data if isinstance(buf, torch.Tensor) else memoryview(buf))[:length]
         try:
             done = checked = start
             while done < length:
@@ -692,6 +696,7 @@ class OffloadDir:
                 return self._read(blob, buf, length, start)
             raise OffloadError(f"reading offload blob {file} failed: {exc.strerror}") from None
         finally:
+            view.release()
             os.close(fd)
 
 
