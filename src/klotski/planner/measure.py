@@ -30,7 +30,7 @@ from klotski.planner.profile import (
 )
 from klotski.planner.shapes import ModelShape
 from klotski.runtime.model import ModelRunner
-from klotski.store.tiered import READERS, SPLIT_MIN
+from klotski.store.tiered import READERS, reads_in_parts
 
 # B = sequences, S = new tokens per sequence, C = context, D = hidden, T = tokens
 
@@ -79,7 +79,7 @@ def measure_profile(
     fresh scratch file of at least two blobs (one file for the disk rate and the contention)."""
     chunk = max(-(-max(shape.expert_bytes(), 1) // 4096) * 4096, 4096)
     size = max(effort.disk_bytes // chunk, 2) * chunk
-    split = device == "cpu" and chunk >= 2 * SPLIT_MIN  # as the store's reader threads share a blob
+    split = reads_in_parts(chunk, READERS, device != "cpu")  # as the store's reader threads share a blob
     with scratch_file(disk_dir, size, chunk, "klotski-profile-") as scratch:
         disk, method = timed_read(scratch, size, chunk, READERS, split)
         log(f"disk -> memory: {disk:.2f} GB/s ({method}, {READERS} reader threads, blobs of {chunk} bytes)")

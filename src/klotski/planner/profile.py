@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from klotski.errors import KlotskiError
+from klotski.models.spec import EXPERT, WeightKey
 from klotski.paths import home
 from klotski.runtime.compute_dtype import cpu_flags, cpu_name
-from klotski.store.offload import ALIGN, CHECK_CHUNK, READ_CHUNK, chunk_crcs
+from klotski.store.offload import CHECK_CHUNK, READ_CHUNK, check_chunk, chunk_crcs
+from klotski.store.tiered import part_cuts
 
 BUNDLED = {"env1": "env1-rtx3090.json", "env2": "env2-h800.json"}
 
@@ -288,27 +290,35 @@ def _mkstemp(directory: Path, prefix: str) -> tuple[int, str]:
 
 def store_ranges(size: int, blob: int, readers: int, split: bool) -> list[list[tuple[int, int]]]:
     """Per reader thread, the byte ranges it reads of a file of size // blob blobs, as the store's
-    reader threads share them: each thread its part of every blob (`split`: the store splits a
-    large blob on the CPU, see store/tiered.py) or every readers-th whole blob."""
+    reader threads share them: each thread its part of every blob, cut where the store cuts an
+    expert blob of that size (`split`: store.tiered.reads_in_parts), or every readers-th whole blob."""
     blobs = [(k * blob, (k + 1) * blob) for k in range(max(size // blob, 1))]
-    if not split or blob < readers * ALIGN:
+    if not split:
         return [blobs[i::readers] or blobs[:1] for i in range(readers)]
-    cuts = [blob * i // readers // ALIGN * ALIGN for i in range(readers)] + [blob]
-    return [[(lo + cuts[i], lo + cuts[i + 1]) for lo, _ in blobs] for i in range(readers)]
+    cuts = part_cuts(blob, readers, check_chunk(WeightKey(0, EXPERT, 0), blob))
+    return [[(lo + a, lo + b) for lo, _ in blobs] for a, b in zip(cuts, cuts[1:])]
 
 
 def timed_read(name: str, size: int, blob: int, readers: int = 2, split: bool = True) -> tuple[float, str]:
     """Disk -> memory GB/s reading `size` bytes of `name` as the store reads blobs of `blob` bytes:
     `readers` threads at once, O_DIRECT preads of READ_CHUNK, every checksum chunk hashed
     (`store_ranges` says which thread reads what); (GB/s, method)."""
-    lanes = [_Reader(name, ranges) for ranges in store_ranges(size, blob, readers, split)]
     start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        for lane in lanes:
-            stack.enter_context(lane)
+    with _reading(name, size, blob, readers, split) as lanes:
         while sum(r.bytes for r in lanes) < size and all(r.running for r in lanes):
             time.sleep(0.002)
     return sum(r.bytes for r in lanes) / (time.perf_counter() - start) / 1e9, lanes[0].method
+
+
+@contextlib.contextmanager
+def _reading(name: str, size: int, blob: int, readers: int, split: bool):
+    """The reader threads of `store_ranges`, running; on the way out every one is stopped and
+    joined, and the first error one of them met is raised."""
+    lanes = [_Reader(name, ranges) for ranges in store_ranges(size, blob, readers, split)]
+    with contextlib.ExitStack() as stack:
+        for lane in lanes:
+            stack.enter_context(lane)
+        yield lanes
 
 
 class _Reader:
@@ -394,10 +404,7 @@ def measure_contention(
     """
     op()  # warm-up
     alone = _op_times(op, seconds)
-    lanes = [_Reader(path, ranges) for ranges in store_ranges(size, blob, readers, split)]
-    with contextlib.ExitStack() as stack:  # every thread stopped and joined, whichever one failed
-        for lane in lanes:
-            stack.enter_context(lane)
+    with _reading(path, size, blob, readers, split) as lanes:
         busy = _op_times(op, seconds)
         least = 2 * min(hi - lo for lane in lanes for lo, hi in lane.ranges)  # two whole parts a lane
         while min(r.bytes for r in lanes) < least and all(r.running for r in lanes):

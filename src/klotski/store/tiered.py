@@ -46,6 +46,18 @@ SPLIT_MIN = 64 * 2**20  # a blob of at least twice this is read in parts, one pe
 READERS = 2  # transfer threads shared by the lanes (the planner's profile reads the disk with as many)
 
 
+def reads_in_parts(nbytes: int, readers: int, cuda: bool) -> bool:
+    """Whether a blob of `nbytes` is read in one part per reader thread (planner/profile.py reads
+    its scratch blobs by the same rule)."""
+    return not cuda and readers >= 2 and nbytes >= 2 * SPLIT_MIN
+
+
+def part_cuts(nbytes: int, readers: int, grid: int) -> list[int]:
+    """Where a blob read in parts is cut: one part per reader thread, on its checksum grid (each part
+    checks its own chunks on its own thread); [0, ..., nbytes]."""
+    return sorted({nbytes * i // readers // grid * grid for i in range(readers)} | {nbytes})
+
+
 class State(Enum):
     """Where a non-resident unit's fetch stands: DEFERRED -> INFLIGHT -> READY -> CLAIMED; RELEASED
     once the pipeline dropped it (an eviction sends a READY one back to DEFERRED)."""
@@ -304,15 +316,12 @@ class TieredStore:
         entry.state, entry.buffer = State.INFLIGHT, buf
         entry.handle.reset()
         blob = self._offload().blobs[entry.key]
-        if self._cuda or self.readers < 2 or blob.padded < 2 * SPLIT_MIN:
+        if not reads_in_parts(blob.padded, self.readers, self._cuda):
             self.lanes[entry.lane].submit(lambda: self._read(entry))
             return
         # A large blob is read in one part per reader thread: with two buffers in flight one is
         # being computed on while the other arrives, and one stream alone leaves the disk idle.
-        # Cuts on the blob's checksum grid: each part checks its own chunks on its own thread.
-        cuts = sorted(
-            {blob.padded * i // self.readers // blob.chunk * blob.chunk for i in range(self.readers)} | {blob.padded}
-        )
+        cuts = part_cuts(blob.padded, self.readers, blob.chunk)
         entry.parts = Parts(len(cuts) - 1)
         for lo, hi in zip(cuts, cuts[1:]):
             self.lanes[entry.lane].submit(partial(self._read_part, entry, lo, hi))
