@@ -3,9 +3,11 @@
 Builds llama.cpp once and converts the checkpoint to GGUF once (both cached outside the repository),
 then runs, each in its own capped process: llama-batched-bench in f16 and bf16 at every batch size,
 and `klotski generate` at the same prompt/output lengths (32-token prompts as prompt_token_ids,
-EOS ignored) at every batch size. Writes benchmarks/results/peers/latest.json (latest.json's run
-schema) with klotski's traces beside it, archiving the previous result, and prints the table. The
-load average is recorded with every run: the machine is shared.
+EOS ignored) at every batch size, the runs at one sequence count one after another. Writes
+benchmarks/results/peers/latest.json (latest.json's run schema, plus the curve: each engine's best
+per sequence count, the ratio, issue 17's target and the ceiling the cap allows) with klotski's
+traces beside it, archiving the previous result, and prints both tables. The load average is
+recorded with every run: the machine is shared.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from benchmarks import cgroup, machine, results
@@ -109,6 +113,69 @@ def rebound(runs: list[dict], args, config: dict, figures: dict) -> None:
             run |= lower_bound(run, args, config, figures)
 
 
+TARGETS = {1: 1.0, **{s: 2.0 for s in (8, 16, 32, 64, 128, 256)}}  # issue 17: klotski / llama.cpp
+
+
+def curve(runs: list[dict], args, config: dict) -> list[dict]:
+    """Per sequence count both engines ran: each one's fastest run (any dtype, any bs x n), the ratio,
+    issue 17's target, and the ceiling: llama.cpp's bytes read over the bytes the cap forces (must_read),
+    the ratio an engine that read only the forced bytes would reach at llama.cpp's own read rate
+    (both are disk-bound under the cap). A target above the ceiling cannot be met by reading less."""
+    best: dict[tuple[str, int], dict] = {}
+    for r in runs:
+        if "error" in r or not r.get("tokens_per_s"):
+            continue
+        key = (r["engine"], r["sequences"])
+        if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
+            best[key] = r
+    rows = []
+    for s in sorted({seq for engine, seq in best if engine == "llama.cpp"}):
+        llama, ours = best[("llama.cpp", s)], best.get(("klotski", s))
+        forced = must_read(config, args.weights_bytes, args.cap, s, args.prompt_len, args.gen_len)
+        ratio = ours["tokens_per_s"] / llama["tokens_per_s"] if ours else None
+        target = TARGETS.get(s)
+        rows.append(
+            {
+                "sequences": s,
+                "llama_cpp": {"dtype": llama["schedule"], "tokens_per_s": llama["tokens_per_s"]},
+                "klotski": None
+                if ours is None
+                else {"bs_x_n": f"{ours['batch_size']}x{ours['num_batches']}", "tokens_per_s": ours["tokens_per_s"]},
+                "ratio": ratio,
+                "target": target,
+                "met": None if ratio is None or target is None else ratio >= target,
+                "llama_bytes_read": llama["bytes_read"],
+                "klotski_bytes_read": ours["bytes_read"] if ours else None,
+                "bytes_must_read": forced,
+                "ceiling": llama["bytes_read"] / forced if llama.get("bytes_read") and forced else None,
+            }
+        )
+    return rows
+
+
+def curve_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| sequences | llama.cpp tok/s (dtype) | klotski tok/s (bs x n) | ratio | target | GB read llama.cpp / "
+        "klotski / forced by the cap | ceiling |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        k = r["klotski"]
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        target = "-" if r["target"] is None else f">= {r['target']:.0f}x ({'met' if r['met'] else 'not met'})"
+        gb = " / ".join(
+            "-" if v is None else f"{v / 1e9:.1f}"
+            for v in (r["llama_bytes_read"], r["klotski_bytes_read"], r["bytes_must_read"])
+        )
+        ceiling = "-" if r["ceiling"] is None else f"{r['ceiling']:.2f}x"
+        ours = "-" if k is None else f"{k['tokens_per_s']:.2f} ({k['bs_x_n']})"
+        lines.append(
+            f"| {r['sequences']} | {r['llama_cpp']['tokens_per_s']:.2f} ({r['llama_cpp']['dtype']}) | {ours} | "
+            f"{ratio} | {target} | {gb} | {ceiling} |"
+        )
+    return "\n".join(lines)
+
+
 def rescore(args) -> int:
     """--rescore: the bounds of a finished peers.json recomputed (rebound) from its own figures."""
     try:
@@ -122,8 +189,10 @@ def rescore(args) -> int:
     config = json.loads((Path(settings["checkpoint"]) / "config.json").read_text())
     figures.setdefault("disk_gbps_samples", [figures["disk_gbps"]])
     rebound(result["runs"], args, config, figures)
+    result["curve"] = curve(result["runs"], args, config)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result))
+    print(curve_markdown(result["curve"]))
     print(f"rescored {args.out} at {figures['disk_gbps']:.2f} GB/s ({figures['disk_rate_source']})")
     return 0
 
@@ -347,20 +416,40 @@ def _prepare(args) -> tuple[Path, dict[str, Path]]:
     return llama.parent.parent / "build" / "bin" / "llama-batched-bench", models
 
 
+def _jobs(args, binary: Path, models: dict[str, Path], config: dict, rep: int) -> list[tuple[int, str, Callable]]:
+    """One repeat's runs as (sequences, label, run), those at one sequence count next to each other (llama.cpp's
+    dtypes, then klotski's grid entries; reversed on odd repeats): the disk's rate drifts by up to 2x over
+    minutes here, and a ratio is only as fair as the moments its two runs shared."""
+    jobs: list[tuple[int, str, Callable]] = []
+    for dtype, path in models.items():
+        for bs in [int(b) for b in args.llama_batch_sizes.split(",")]:
+            jobs.append((bs, f"llama.cpp {dtype}", partial(run_llama, binary, path, dtype, bs, args)))
+    for prompts, bs, n in _klotski_grid(args.klotski_grid):
+        name = f"{bs}x{n}" if bs else f"plan{prompts}"
+        run = partial(
+            run_klotski,
+            args.checkpoint,
+            prompts,
+            bs,
+            n,
+            args.schedule,
+            args,
+            config,
+            args.out.parent / f"peers-klotski-{name}",
+        )
+        jobs.append((prompts, f"klotski {name}", run))
+    groups: dict[int, list] = {}
+    for job in jobs:
+        groups.setdefault(job[0], []).append(job)
+    return [job for s in sorted(groups) for job in (groups[s] if rep % 2 == 0 else groups[s][::-1])]
+
+
 def _sweep(args, binary: Path, models: dict[str, Path], config: dict, save) -> list[dict]:
     """Every llama.cpp and klotski run, each saved as it finishes (a long sweep survives a kill)."""
     runs = json.loads(args.keep.read_text())["runs"] if args.keep else []
     for rep in range(args.repeats):
-        for dtype, path in models.items():
-            for bs in [int(b) for b in args.llama_batch_sizes.split(",")]:
-                runs.append(run_llama(binary, path, dtype, bs, args) | {"repeat": rep})
-                _echo(runs[-1])
-                save(runs)
-        for prompts, bs, n in _klotski_grid(args.klotski_grid):
-            trace = args.out.parent / f"peers-klotski-{f'{bs}x{n}' if bs else f'plan{prompts}'}"
-            runs.append(
-                run_klotski(args.checkpoint, prompts, bs, n, args.schedule, args, config, trace) | {"repeat": rep}
-            )
+        for _, _, run in _jobs(args, binary, models, config, rep):
+            runs.append(run() | {"repeat": rep})
             _echo(runs[-1])
             save(runs)
     return runs
@@ -408,15 +497,18 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
 
-    def save(runs: list[dict]) -> None:
-        args.out.write_text(json.dumps({"machine": figures, "config": settings, "runs": runs}, indent=1) + "\n")
+    def save(runs: list[dict], **extra) -> None:
+        out = {"machine": figures, "config": settings, "runs": runs, **extra}
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
 
     runs = _sweep(args, binary, models, config, save)
     figures["disk_gbps_samples"] = [figures["disk_gbps"], machine.disk_bandwidth(files)["disk_gbps"]]
     rebound(runs, args, config, figures)
     settings["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    save(runs)
+    rows = curve(runs, args, config)
+    save(runs, curve=rows)
     print(markdown({"runs": runs}))
+    print(curve_markdown(rows))
     print(f"wrote {args.out}")
     return 0
 

@@ -94,3 +94,78 @@ def test_bytes_the_cap_forces_follow_the_experts_a_step_uses():
     assert one == pytest.approx(must_read(config, weights, cap, 1, 32, 1) + 15 * decode)
     assert one < 0.4 * 16 * (weights - cap)
     assert must_read(config, weights, 100 * weights, 128, 32, 16) == 0  # everything fits: nothing is forced
+
+
+def test_the_curve_takes_each_engines_fastest_run_and_the_ceiling_the_cap_allows():
+    from argparse import Namespace
+
+    from benchmarks.peers import run
+
+    config = {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 2,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "torch_dtype": "bfloat16",
+    }
+    expert = 3 * 4096 * 14336 * 2
+    args = Namespace(prompt_len=32, gen_len=16, weights_bytes=16 * expert + 0.7e9, cap=3 * 2**30)
+
+    def row(engine, schedule, s, tps, read, bs=None, n=1):
+        return {
+            "engine": engine,
+            "schedule": schedule,
+            "sequences": s,
+            "tokens_per_s": tps,
+            "bytes_read": read,
+            "batch_size": bs or s,
+            "num_batches": n,
+        }
+
+    runs = [
+        row("llama.cpp", "f16", 8, 2.0, 90e9),
+        row("llama.cpp", "bf16", 8, 3.0, 80e9),  # the faster dtype is the one compared
+        row("klotski", "klotski", 8, 4.5, 60e9),
+        row("klotski", "klotski", 8, 5.0, 65e9),
+        row("klotski", "klotski (planner)", 1, 9.0, 1e9),  # no llama.cpp run at 1: no row
+        row("llama.cpp", "bf16", 256, 20.0, 170e9),
+        row("klotski", "klotski", 256, 50.0, 80e9, bs=128, n=2),
+        {"engine": "klotski", "schedule": "klotski", "sequences": 256, "error": "rc=137"},
+        row("llama.cpp", "bf16", 32, 9.0, 110e9),  # klotski did not run at 32
+    ]
+    eight, thirty_two, big = run.curve(runs, args, config)
+    assert eight["llama_cpp"] == {"dtype": "bf16", "tokens_per_s": 3.0}
+    assert eight["klotski"]["tokens_per_s"] == 5.0 and eight["ratio"] == pytest.approx(5 / 3)
+    assert eight["target"] == 2.0 and eight["met"] is False
+    forced = run.must_read(config, args.weights_bytes, args.cap, 8, 32, 16)
+    assert eight["bytes_must_read"] == forced and eight["ceiling"] == pytest.approx(80e9 / forced)
+    assert thirty_two["klotski"] is None and thirty_two["ratio"] is None and thirty_two["met"] is None
+    assert big["klotski"]["bs_x_n"] == "128x2" and big["met"] is True
+    table = run.curve_markdown([eight, thirty_two, big])
+    assert "| 8 | 3.00 (bf16) | 5.00 (8x1) | 1.67x | >= 2x (not met) |" in table
+    assert "| 32 | 9.00 (bf16) | - | - |" in table
+
+
+def test_runs_at_one_sequence_count_are_next_to_each_other_and_alternate_by_repeat(tmp_path):
+    from argparse import Namespace
+
+    from benchmarks.peers import run
+
+    args = Namespace(
+        llama_batch_sizes="1,8,256",
+        klotski_grid="1x1,128x2,8x1,plan8",
+        out=tmp_path / "latest.json",
+        checkpoint=tmp_path,
+        schedule="klotski",
+    )
+    models = {"f16": tmp_path / "f16.gguf", "bf16": tmp_path / "bf16.gguf"}
+    first = [(s, label) for s, label, _ in run._jobs(args, tmp_path / "bench", models, {}, rep=0)]
+    assert first == [
+        (1, "llama.cpp f16"), (1, "llama.cpp bf16"), (1, "klotski 1x1"),
+        (8, "llama.cpp f16"), (8, "llama.cpp bf16"), (8, "klotski 8x1"), (8, "klotski plan8"),
+        (256, "llama.cpp f16"), (256, "llama.cpp bf16"), (256, "klotski 128x2"),
+    ]  # fmt: skip
+    second = [(s, label) for s, label, _ in run._jobs(args, tmp_path / "bench", models, {}, rep=1)]
+    assert second[:3] == [(1, "klotski 1x1"), (1, "llama.cpp bf16"), (1, "llama.cpp f16")]
+    assert sorted(second) == sorted(first)
