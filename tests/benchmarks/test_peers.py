@@ -14,6 +14,16 @@ main: n_kv_max = 6144, n_batch = 2048, n_ubatch = 512, flash_attn = -1, is_pp_sh
 llama_perf_context_print:        load time =    1234.56 ms
 """
 
+# The benchmark checkpoint's config.json fields must_read looks at (Mixtral-8x7B shapes, 2 layers).
+MIXTRAL_2L = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 2,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "torch_dtype": "bfloat16",
+}
+
 
 def test_parse_batched_bench_reads_the_row_and_ignores_the_log():
     (row,) = parse_batched_bench(TABLE)
@@ -76,14 +86,7 @@ def test_bounds_use_the_fastest_disk_rate_a_klotski_run_showed():
 def test_bytes_the_cap_forces_follow_the_experts_a_step_uses():
     from benchmarks.peers.run import must_read
 
-    config = {
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 2,
-        "num_local_experts": 8,
-        "num_experts_per_tok": 2,
-        "torch_dtype": "bfloat16",
-    }
+    config = MIXTRAL_2L
     expert = 3 * 4096 * 14336 * 2
     weights, cap = 16 * expert + 0.7e9, 3 * 2**30
     # 128 sequences use every expert every step: the rig's bound, weights - cap a step.
@@ -101,14 +104,7 @@ def test_the_curve_takes_each_engines_fastest_run_and_the_ceiling_the_cap_allows
 
     from benchmarks.peers import run
 
-    config = {
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 2,
-        "num_local_experts": 8,
-        "num_experts_per_tok": 2,
-        "torch_dtype": "bfloat16",
-    }
+    config = MIXTRAL_2L
     expert = 3 * 4096 * 14336 * 2
     args = Namespace(prompt_len=32, gen_len=16, weights_bytes=16 * expert + 0.7e9, cap=3 * 2**30)
 
