@@ -27,7 +27,7 @@ from klotski.models.spec import EXPERT, WeightKey
 from klotski.paths import home
 from klotski.runtime.compute_dtype import cpu_flags, cpu_name
 from klotski.store.offload import CHECK_CHUNK, READ_CHUNK, check_chunk, chunk_crcs
-from klotski.store.tiered import part_cuts
+from klotski.store.tiered import READERS, part_cuts
 
 BUNDLED = {"env1": "env1-rtx3090.json", "env2": "env2-h800.json"}
 
@@ -299,7 +299,7 @@ def store_ranges(size: int, blob: int, readers: int, split: bool) -> list[list[t
     return [[(lo + a, lo + b) for lo, _ in blobs] for a, b in zip(cuts, cuts[1:])]
 
 
-def timed_read(name: str, size: int, blob: int, readers: int = 2, split: bool = True) -> tuple[float, str]:
+def timed_read(name: str, size: int, blob: int, readers: int = READERS, split: bool = True) -> tuple[float, str]:
     """Disk -> memory GB/s reading `size` bytes of `name` as the store reads blobs of `blob` bytes:
     `readers` threads at once, O_DIRECT preads of READ_CHUNK, every checksum chunk hashed
     (`store_ranges` says which thread reads what); (GB/s, method)."""
@@ -390,7 +390,7 @@ def measure_contention(
     size: int,
     blob: int,
     seconds: float = 0.5,
-    readers: int = 2,
+    readers: int = READERS,
     *,
     path: str,
     split: bool = True,
